@@ -1,0 +1,275 @@
+"""Parameters and MACs per layer and in total, dense against factorized (eqs. (3)-(7)).
+
+MACs come from torch's own counter (`torch.utils.flop_counter.FlopCounterMode`, MACs = FLOPs / 2):
+one forward of the model measures every layer as it runs; a factorized layer is also measured as
+its dense original and as its deployable realisation (`SVDLayer.to_factorized`) on the meta device.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .layers import TWINS, SVDLayer, layer_from_spec
+from .surgery import surgery_report
+
+__all__ = ["LayerRow", "Summary", "summarize", "count_params"]
+
+
+@dataclass
+class LayerRow:
+    """One Conv/Linear layer in a `Summary`.
+
+    Attributes:
+        name: Qualified module name.
+        kind: Dense layer type ("Conv2d", "Linear", ...).
+        status: "factorized", "dense" or "skipped" (with `note`).
+        scheme: Matricization of a factorized layer.
+        matrix: (h, w) of the factorized matrix M.
+        rank: Current rank r_l (tau after pruning).
+        full_rank: theta_l = min(h, w).
+        dense_params: Parameters of the dense layer (bias included).
+        params: Parameters now: r(h + w + 1) + bias when factorized (eqs. (3)/(6)).
+        dense_macs: MACs of the dense layer for the example input.
+        macs: MACs now (the realisation of `SVDLayer.to_factorized` when factorized).
+        compression: R(r) of eqs. (4)/(7) (1 - params/dense_params without biases).
+        max_compression: R(1), the most a factorized layer can save.
+        note: Why a layer is skipped, or why its scheme differs from the config.
+    """
+
+    name: str
+    kind: str
+    status: str
+    scheme: str | None = None
+    matrix: tuple[int, int] | None = None
+    rank: int | None = None
+    full_rank: int | None = None
+    dense_params: int = 0
+    params: int = 0
+    dense_macs: int = 0
+    macs: int = 0
+    compression: float = 0.0
+    max_compression: float | None = None
+    note: str | None = None
+
+
+@dataclass
+class Summary:
+    """Per-layer and total parameters and MACs of a model, dense against now.
+
+    Attributes:
+        model: Class name of the model.
+        rows: One row per Conv/Linear layer, in forward order.
+        dense_params: Parameters of the dense model.
+        params: Parameters of the model as it is.
+        dense_macs: MACs of the dense model for the example input.
+        macs: MACs of the model as deployed (factorized layers realised by `to_factorized`).
+        input_shape: Shapes of the example inputs.
+    """
+
+    model: str
+    rows: list[LayerRow] = field(default_factory=list)
+    dense_params: int = 0
+    params: int = 0
+    dense_macs: int = 0
+    macs: int = 0
+    input_shape: list[list[int]] = field(default_factory=list)
+
+    @property
+    def params_removed(self) -> float:
+        """Fraction of the dense model's parameters removed (negative when it grew)."""
+        return 1.0 - self.params / self.dense_params if self.dense_params else 0.0
+
+    @property
+    def macs_removed(self) -> float:
+        """Fraction of the dense model's MACs removed (negative when it grew)."""
+        return 1.0 - self.macs / self.dense_macs if self.dense_macs else 0.0
+
+    @property
+    def mean_rank(self) -> float:
+        """Mean rank over factorized layers (0 when none)."""
+        ranks = [r.rank for r in self.rows if r.status == "factorized"]
+        return sum(ranks) / len(ranks) if ranks else 0.0
+
+    def ranks(self) -> dict[str, int]:
+        """Qualified name -> rank of every factorized layer."""
+        return {r.name: r.rank for r in self.rows if r.status == "factorized"}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict with totals and rows."""
+        out = asdict(self)
+        out.update(params_removed=self.params_removed, macs_removed=self.macs_removed, mean_rank=self.mean_rank)
+        return out
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """JSON text of `to_dict`."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def to_table(self, title: str | None = None):
+        """A rich Table of the rows and totals."""
+        from rich.table import Table
+
+        table = Table(title=title or f"{self.model}: dense -> now", show_footer=True)
+        table.add_column("layer", footer="total")
+        table.add_column("type")
+        table.add_column("scheme")
+        table.add_column("M (h x w)", justify="right")
+        table.add_column("rank", justify="right", footer=f"mean {self.mean_rank:.1f}")
+        table.add_column("params", justify="right",
+                         footer=f"{_si(self.dense_params)} -> {_si(self.params)} ({self.params_removed:+.1%})")
+        table.add_column("MACs", justify="right",
+                         footer=f"{_si(self.dense_macs)} -> {_si(self.macs)} ({self.macs_removed:+.1%})")
+        table.add_column("R(r) eq.4/7", justify="right")
+        table.add_column("note")
+        for r in self.rows:
+            table.add_row(
+                r.name, r.kind, r.scheme or "-",
+                f"{r.matrix[0]}x{r.matrix[1]}" if r.matrix else "-",
+                f"{r.rank}/{r.full_rank}" if r.rank is not None else "-",
+                f"{_si(r.dense_params)} -> {_si(r.params)}" if r.status == "factorized" else _si(r.params),
+                f"{_si(r.dense_macs)} -> {_si(r.macs)}" if r.status == "factorized" else _si(r.macs),
+                f"{r.compression:+.1%}" if r.status == "factorized" else "-",
+                r.note or "",
+            )
+        return table
+
+    def __str__(self) -> str:
+        from rich.console import Console
+
+        console = Console(width=160, record=True, file=_NullFile())
+        console.print(self.to_table())
+        return console.export_text()
+
+
+class _NullFile:
+    """A write-only sink for rich's recording console."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def _si(n: float) -> str:
+    """Compact number: 1.2K, 3.4M, 5.6G."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of unique parameters (shared ones counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def summarize(model: nn.Module, example_inputs: Any) -> Summary:
+    """Per-layer and total parameters and MACs of `model`, dense against its current state.
+
+    Works on dense and factorized models. MACs are for the given inputs (pass a batch of one for
+    per-sample figures). Runs one forward pass in eval mode without gradients.
+
+    Args:
+        model: A model, factorized by `factorize` or not.
+        example_inputs: A tensor or a tuple of positional inputs.
+
+    Returns:
+        The Summary (``.to_table()`` for rich, ``.to_json()`` for machines).
+    """
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    layer_types = tuple(TWINS) + (SVDLayer,)
+    measured: dict[str, tuple[int, tuple[int, ...]]] = {}
+    counter = FlopCounterMode(display=False)
+    handles = []
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def pre(module, args):
+        module._dprp_flops0 = counter.get_total_flops()
+
+    def post(module, args, output):
+        flops = counter.get_total_flops() - module.__dict__.pop("_dprp_flops0")
+        name = names[id(module)]
+        if name not in measured:
+            measured[name] = (flops, tuple(args[0].shape))
+        else:  # a shared module called again: add its work, keep the first input shape
+            measured[name] = (measured[name][0] + flops, measured[name][1])
+
+    for m in model.modules():
+        if isinstance(m, layer_types):
+            handles.append(m.register_forward_pre_hook(pre))
+            handles.append(m.register_forward_hook(post))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), counter:
+            model(*inputs)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    total_flops = counter.get_total_flops()
+
+    report = surgery_report(model)
+    rows: list[LayerRow] = []
+    layer_flops = 0
+    for name, (flops, shape) in measured.items():
+        module = model.get_submodule(name)
+        layer_flops += flops
+        rows.append(_row(name, module, flops, shape, report))
+    for name, reason in (report.skipped.items() if report else ()):
+        if name not in measured and isinstance(model.get_submodule(name), layer_types):
+            module = model.get_submodule(name)
+            p = sum(t.numel() for t in module.parameters())
+            rows.append(LayerRow(name=name, kind=type(module).__name__, status="skipped", dense_params=p,
+                                 params=p, note=reason))
+    other_macs = (total_flops - layer_flops) // 2
+    params_now = count_params(model)
+    svd = [m for m in {id(m): m for m in model.modules() if isinstance(m, SVDLayer)}.values()]
+    dense_params = params_now - sum(m.factor_param_count() for m in svd) + sum(m.dense_param_count() for m in svd)
+    return Summary(
+        model=type(model).__name__,
+        rows=rows,
+        dense_params=dense_params,
+        params=params_now,
+        dense_macs=other_macs + sum(r.dense_macs for r in rows),
+        macs=other_macs + sum(r.macs for r in rows),
+        input_shape=[list(t.shape) for t in inputs if isinstance(t, torch.Tensor)],
+    )
+
+
+def _row(name: str, module: nn.Module, flops: int, shape: tuple[int, ...], report) -> LayerRow:
+    """The LayerRow of one measured layer."""
+    if not isinstance(module, SVDLayer):
+        params = sum(p.numel() for p in module.parameters(recurse=False))
+        note = report.skipped.get(name) if report else None
+        return LayerRow(name=name, kind=type(module).__name__, status="skipped" if note else "dense",
+                        dense_params=params, params=params, dense_macs=flops // 2, macs=flops // 2, note=note)
+    dense_macs = _meta_macs(_meta_layer(module, module.rank).to_dense(), shape)
+    unit_macs = _meta_macs(_meta_layer(module, 1).to_factorized(), shape)
+    return LayerRow(
+        name=name, kind=module.dense_type.__name__, status="factorized", scheme=module.scheme,
+        matrix=module.matrix_shape, rank=module.rank, full_rank=module.full_rank,
+        dense_params=module.dense_param_count(), params=module.factor_param_count(),
+        dense_macs=dense_macs, macs=unit_macs * module.rank, compression=module.compression_rate(),
+        max_compression=module.compression_rate(1), note=report.notes.get(name) if report else None,
+    )
+
+
+def _meta_layer(layer: SVDLayer, rank: int) -> SVDLayer:
+    """A shape-only copy of `layer` at `rank` on the meta device."""
+    return layer_from_spec({**layer.spec(), "rank": rank}, device="meta", dtype=layer.U.dtype)
+
+
+def _meta_macs(module: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """MACs of one forward of `module` on a meta tensor of `input_shape` (realisations are linear in r)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        module(torch.empty(input_shape, device="meta"))
+    return counter.get_total_flops() // 2
+

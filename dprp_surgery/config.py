@@ -1,0 +1,300 @@
+"""The one configuration object of DPRP: surgery, losses, pruning and training knobs.
+
+Every field carries the paper's symbol (Sharma et al., IEEE Access 2025) in its comment and docs.
+Configs are frozen, keyword-only, validated on construction and round-trip through JSON/YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+CONFIG_VERSION = 1
+
+SCHEMES = ("paper", "channel", "spatial")
+REGULARIZERS = ("dprp", "l1", "l2", "funnel", "none")
+LAYER_TYPES = ("Linear", "Conv1d", "Conv2d")
+OPTIMIZERS = ("sgd", "adamw")
+LR_SCHEDULES = ("plateau", "cosine", "constant")
+PRUNE_UNITS = ("epoch", "step")
+
+
+def _check(cond: bool, name: str, value: Any, want: str) -> None:
+    """Raise a ValueError naming the field, the value received and what is accepted."""
+    if not cond:
+        raise ValueError(f"DPRPConfig.{name}={value!r} is invalid: {want}.")
+
+
+def _choice(name: str, value: Any, options: tuple[str, ...]) -> None:
+    """Check that a string field is one of the options, suggesting the closest."""
+    if value in options:
+        return
+    close = difflib.get_close_matches(str(value), options, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"DPRPConfig.{name}={value!r} is unknown; use one of {', '.join(options)}.{hint}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DPRPConfig:
+    """Configuration of surgery, losses, rank pruning and training (eqs. (1)-(17), Sec. IV-B).
+
+    Defaults reproduce the paper's CIFAR-10 ResNet-20 setting (Sec. IV-B and Table I). Named
+    presets (`DPRPConfig.preset`) give the fine-tune recipe for pretrained models and the tuned
+    settings of the reproduction.
+
+    Attributes:
+        scheme: Matricization of k x k convolutions: "paper" (M in R^{SC x L1L2}, eqs. (1)-(2)),
+            "channel" (S x C L1 L2: a k x k conv to r channels then a 1x1 conv) or "spatial"
+            ((S L2) x (C L1): a (1 x L1) conv then an (L2 x 1) conv). Linear and 1x1 convs always
+            use out x in; grouped convs always use "paper". See docs/method.md.
+        include: Module-name globs (fnmatch) of layers to factorize.
+        exclude: Module-name globs of layers to leave dense; wins over `include`.
+        layer_types: Which dense types to replace: any of "Linear", "Conv1d", "Conv2d".
+        min_compressible: A layer is factorized only if its compression rate at rank 1
+            (R(1) of eqs. (4)/(7)) exceeds this value; layers where no rank can save parameters
+            are then skipped and reported. ``None`` forces every selected layer in.
+        epochs: Training epochs (the paper trains 300 from scratch).
+        batch_size: Mini-batch size (256 in Sec. IV-B).
+        lr: Initial learning rate (0.1 in Sec. IV-B).
+        momentum: SGD momentum (0.9).
+        weight_decay: Weight decay of non-factor parameters (1e-4).
+        factor_weight_decay: Weight decay of U and V; ``None`` uses `weight_decay`.
+        sigma_weight_decay: Weight decay of the singular values s; ``None`` uses `weight_decay`.
+        sigma_lr_scale: Learning-rate multiplier of the singular values s.
+        optimizer: "sgd" (the paper) or "adamw".
+        lr_schedule: "plateau" (ReduceLROnPlateau on the classification loss, the paper),
+            "cosine" (cosine annealing over `epochs`) or "constant".
+        lr_factor: ReduceLROnPlateau factor (0.1).
+        lr_patience: ReduceLROnPlateau patience in epochs (10).
+        warmup_epochs: Linear warm-up of the learning rate over this many epochs.
+        lambda_str: lambda_str of eq. (8), weight of the structure loss (1).
+        mu_orth: mu_orth, weight of L_orth (eq. (10)) inside L_str (1000).
+        mu_sort: mu_sort, weight of L_sort (eq. (11)) inside L_str (1).
+        lambda_comp: lambda_comp of eq. (8) (Table I: 0.1 for CIFAR-10 ResNet-20); it is also
+            lambda_reg of eq. (14) for the ablation regularizers.
+        epsilon: Pruning threshold epsilon of tau_l (Sec. III-C.3; Table I: 0.1).
+        regularizer: "dprp" (eqs. (8)-(12)), or an ablation of eq. (14): "l1" (15), "l2" (16),
+            "funnel" (17), "none".
+        delta: delta of the funnel regularizer, eq. (17).
+        reg_warmup_epochs: Epochs over which lambda_str and lambda_comp ramp linearly from 0.
+        epsilon_start: If set, epsilon grows geometrically from this value to `epsilon` over
+            `epsilon_ramp_epochs` epochs (a schedule for epsilon); ``None`` keeps it fixed.
+        epsilon_ramp_epochs: Length of the epsilon schedule.
+        min_rank: No layer is pruned below this rank.
+        prune_every: Rank pruning runs every `prune_every` `prune_unit`s.
+        prune_unit: "epoch" (default, as Sec. III-D) or "step".
+        prune_start_epoch: First epoch (0-based) in which pruning may run.
+        seed: Seed of every random number generator (data order, augmentation, init).
+        device: "auto" (CUDA when available), "cpu" or "cuda[:N]".
+        amp: Mixed precision on CUDA.
+        label_smoothing: Label smoothing of the cross-entropy application loss.
+        version: Schema version, written into JSON/YAML.
+    """
+
+    # --- surgery (Sec. III-B) ---
+    scheme: str = "paper"
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    layer_types: tuple[str, ...] = LAYER_TYPES
+    min_compressible: float | None = 0.0
+    # --- optimisation (Sec. IV-B) ---
+    epochs: int = 300
+    batch_size: int = 256
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    factor_weight_decay: float | None = None
+    sigma_weight_decay: float | None = None
+    sigma_lr_scale: float = 1.0
+    optimizer: str = "sgd"
+    lr_schedule: str = "plateau"
+    lr_factor: float = 0.1
+    lr_patience: int = 10
+    warmup_epochs: int = 0
+    # --- losses (Sec. III-C, eqs. (8)-(17)) ---
+    lambda_str: float = 1.0
+    mu_orth: float = 1000.0
+    mu_sort: float = 1.0
+    lambda_comp: float = 0.1
+    epsilon: float = 0.1
+    regularizer: str = "dprp"
+    delta: float = 1e-3
+    reg_warmup_epochs: int = 0
+    epsilon_start: float | None = None
+    epsilon_ramp_epochs: int = 0
+    # --- pruning (Sec. III-D) ---
+    min_rank: int = 1
+    prune_every: int = 1
+    prune_unit: str = "epoch"
+    prune_start_epoch: int = 0
+    # --- run ---
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = False
+    label_smoothing: float = 0.0
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        for name in ("include", "exclude", "layer_types"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = (value,)
+            _check(isinstance(value, (tuple, list)), name, value, "give a list of strings")
+            object.__setattr__(self, name, tuple(str(v) for v in value))
+        _choice("scheme", self.scheme, SCHEMES)
+        _choice("regularizer", self.regularizer, REGULARIZERS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _choice("prune_unit", self.prune_unit, PRUNE_UNITS)
+        for t in self.layer_types:
+            _choice("layer_types", t, LAYER_TYPES)
+        _check(len(self.layer_types) > 0, "layer_types", self.layer_types, "name at least one layer type")
+        for name in ("epochs", "batch_size", "min_rank", "prune_every"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v >= 1, name, v, "must be an integer >= 1")
+        for name in ("lr_patience", "warmup_epochs", "reg_warmup_epochs", "epsilon_ramp_epochs",
+                     "prune_start_epoch", "seed"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v >= 0, name, v, "must be an integer >= 0")
+        for name in ("lr", "sigma_lr_scale", "delta"):
+            v = getattr(self, name)
+            _check(_finite(v) and v > 0, name, v, "must be a finite number > 0")
+        for name in ("momentum", "weight_decay", "lambda_str", "mu_orth", "mu_sort", "lambda_comp",
+                     "label_smoothing"):
+            v = getattr(self, name)
+            _check(_finite(v) and v >= 0, name, v, "must be a finite number >= 0")
+        for name in ("factor_weight_decay", "sigma_weight_decay"):
+            v = getattr(self, name)
+            _check(v is None or (_finite(v) and v >= 0), name, v, "must be None or a number >= 0")
+        _check(_finite(self.epsilon) and 0 < self.epsilon < 1, "epsilon", self.epsilon,
+               "the pruning threshold epsilon must lie in (0, 1)")
+        _check(self.epsilon_start is None or (_finite(self.epsilon_start) and 0 < self.epsilon_start < 1),
+               "epsilon_start", self.epsilon_start, "must be None or lie in (0, 1)")
+        _check(_finite(self.lr_factor) and 0 < self.lr_factor < 1, "lr_factor", self.lr_factor,
+               "must lie in (0, 1)")
+        _check(self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "must be < 1")
+        _check(self.min_compressible is None or _finite(self.min_compressible), "min_compressible",
+               self.min_compressible, "must be None or a finite number")
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+               "device", self.device, "use 'auto', 'cpu' or 'cuda[:N]'")
+        _check(self.version == CONFIG_VERSION, "version", self.version,
+               f"this dprp_surgery reads config version {CONFIG_VERSION}")
+
+    # ------------------------------------------------------------------ round trips
+    def replace(self, **changes: Any) -> DPRPConfig:
+        """Return a copy with some fields changed (validated like the constructor)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-ready dict of every field (tuples become lists)."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DPRPConfig:
+        """Build a config from a dict, rejecting unknown keys with a suggestion."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a DPRPConfig must be a mapping of field names to values, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        for key in data:
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"unknown DPRPConfig field {key!r}.{hint}")
+        return cls(**data)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """Serialise to JSON; also write it to `path` when given."""
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> DPRPConfig:
+        """Parse JSON text, or read a .json file."""
+        text = _read_if_path(text_or_path)
+        return cls.from_dict(json.loads(text))
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        """Serialise to YAML (needs PyYAML); also write it to `path` when given."""
+        yaml = _yaml()
+        text = yaml.safe_dump(self.to_dict(), sort_keys=True)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_yaml(cls, text_or_path: str | Path) -> DPRPConfig:
+        """Parse YAML text, or read a .yaml/.yml file."""
+        data = _yaml().safe_load(_read_if_path(text_or_path))
+        return cls.from_dict(data or {})
+
+    @classmethod
+    def load(cls, path: str | Path) -> DPRPConfig:
+        """Read a config file; the format follows the suffix (.json, .yaml, .yml)."""
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"config file {str(p)!r} does not exist")
+        if p.suffix == ".json":
+            return cls.from_json(p)
+        if p.suffix in (".yaml", ".yml"):
+            return cls.from_yaml(p)
+        raise ValueError(f"config file {str(p)!r}: use a .json, .yaml or .yml file")
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> DPRPConfig:
+        """A named preset, optionally with fields overridden.
+
+        Presets:
+            "paper": the paper's "proposed 2" CIFAR-10 ResNet-20 setting (Table I), from scratch.
+            "paper-proposed1": "proposed 1" of Sec. IV-C (lambda_comp 0.5, epsilon 0.01).
+            "finetune": the paper's losses for a pretrained model: 10 epochs, lr 0.01, cosine.
+        """
+        if name not in PRESETS:
+            close = difflib.get_close_matches(name, PRESETS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown preset {name!r}; use one of {', '.join(PRESETS)}.{hint}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "paper-proposed1": {"lambda_comp": 0.5, "epsilon": 0.01},
+    "finetune": {"epochs": 10, "lr": 0.01, "lr_schedule": "cosine", "batch_size": 128},
+}
+
+
+def _finite(v: Any) -> bool:
+    """True for a real finite number (bools excluded)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _read_if_path(text_or_path: str | Path) -> str:
+    """Return file contents when given an existing path, else the text itself."""
+    if isinstance(text_or_path, Path) or (
+        isinstance(text_or_path, str) and "\n" not in text_or_path and Path(text_or_path).is_file()
+    ):
+        return Path(text_or_path).read_text()
+    return str(text_or_path)
+
+
+def _yaml():
+    """Import PyYAML with a clear error if it is missing."""
+    try:
+        import yaml
+    except ImportError as exc:  # pragma: no cover - pyyaml is a dependency
+        raise ValueError("YAML configs need PyYAML: pip install pyyaml") from exc
+    return yaml
+
+
+__all__ = ["DPRPConfig", "CONFIG_VERSION", "SCHEMES", "REGULARIZERS", "PRESETS"]

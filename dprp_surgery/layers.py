@@ -1,0 +1,527 @@
+"""SVD-factorized twins of nn.Linear, nn.Conv1d and nn.Conv2d (paper Sec. III-B, eqs. (1)-(7)).
+
+A twin holds the factors of its reshaped weight M = U diag(s) V^T as parameters
+``U (h x r)``, ``s (r)``, ``V (w x r)`` plus the dense layer's bias. How the dense weight is reshaped
+into M is the *matricization scheme*:
+
+* ``"paper"``   : M in R^{(S*C) x (L2*L1)}, row (s, c), column (l2, l1): eqs. (1)-(2).
+* ``"channel"`` : M in R^{S x (C*L2*L1)}: a k x k conv C -> r, then a 1x1 conv r -> S.
+* ``"spatial"`` : M in R^{(S*L2) x (C*L1)}: a (1 x L1) conv C -> r, then an (L2 x 1) conv r -> S.
+
+Linear layers use M = W (out x in), which is the "channel" scheme of a kernel of size 1.
+
+Layers own both conversions: ``SVDConv2d.from_dense(conv)`` / ``.to_dense()``, and
+``.to_factorized()`` which realises the factors with standard torch.nn layers only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.utils import _ntuple, _reverse_repeat_tuple
+
+__all__ = [
+    "SVDLayer",
+    "SVDLinear",
+    "SVDConv1d",
+    "SVDConv2d",
+    "Scheme",
+    "MATRICIZATIONS",
+    "TWINS",
+    "resolve_scheme",
+    "twin_for",
+    "layer_from_spec",
+]
+
+
+# ----------------------------------------------------------------------------- schemes
+class Scheme:
+    """A matricization: how a dense weight tensor maps to the matrix M that is factorized."""
+
+    name: ClassVar[str]
+
+    def matrix_shape(self, weight_shape: tuple[int, ...]) -> tuple[int, int]:
+        """(h, w) of M for a weight of this shape."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def to_matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        """Reshape a dense weight into M."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def to_weight(self, matrix: torch.Tensor, weight_shape: tuple[int, ...]) -> torch.Tensor:
+        """Inverse of `to_matrix`."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+
+class PaperScheme(Scheme):
+    """M in R^{(S*C) x (L2*L1)} with i = (s-1)C + c, j = (l2-1)L1 + l1 (eq. (1))."""
+
+    name = "paper"
+
+    def matrix_shape(self, weight_shape):
+        return weight_shape[0] * weight_shape[1], math.prod(weight_shape[2:])
+
+    def to_matrix(self, weight):
+        return weight.reshape(self.matrix_shape(tuple(weight.shape)))
+
+    def to_weight(self, matrix, weight_shape):
+        return matrix.reshape(weight_shape)
+
+
+class ChannelScheme(Scheme):
+    """M in R^{S x (C*L2*L1)}: output channels against everything else (also Linear: out x in)."""
+
+    name = "channel"
+
+    def matrix_shape(self, weight_shape):
+        return weight_shape[0], math.prod(weight_shape[1:])
+
+    def to_matrix(self, weight):
+        return weight.reshape(weight.shape[0], -1)
+
+    def to_weight(self, matrix, weight_shape):
+        return matrix.reshape(weight_shape)
+
+
+class SpatialScheme(Scheme):
+    """M in R^{(S*L2) x (C*L1)}, row (s, l2), column (c, l1) (Jaderberg et al., scheme 2)."""
+
+    name = "spatial"
+
+    def matrix_shape(self, weight_shape):
+        s, c, kh, kw = weight_shape
+        return s * kh, c * kw
+
+    def to_matrix(self, weight):
+        s, c, kh, kw = weight.shape
+        return weight.permute(0, 2, 1, 3).reshape(s * kh, c * kw)
+
+    def to_weight(self, matrix, weight_shape):
+        s, c, kh, kw = weight_shape
+        return matrix.reshape(s, kh, c, kw).permute(0, 2, 1, 3)
+
+
+MATRICIZATIONS: dict[str, Scheme] = {cls.name: cls() for cls in (PaperScheme, ChannelScheme, SpatialScheme)}
+
+
+def resolve_scheme(module: nn.Module, requested: str) -> tuple[str, str | None]:
+    """The scheme actually used for `module` when `requested` is asked for, and why it differs.
+
+    Linear layers and 1x1 convs always use out x in ("channel"); grouped convs always use "paper"
+    (the only scheme that keeps groups apart); "spatial" needs a 2-D kernel.
+    """
+    if requested not in MATRICIZATIONS:
+        raise ValueError(f"unknown scheme {requested!r}; use one of {', '.join(MATRICIZATIONS)}")
+    if isinstance(module, nn.Linear):
+        return "channel", None if requested == "channel" else "Linear layers use out x in"
+    groups = getattr(module, "groups", 1)
+    kernel = tuple(module.kernel_size)
+    if groups > 1:
+        if requested == "paper":
+            return "paper", None
+        return "paper", f"groups={groups}: only the paper scheme keeps groups apart"
+    if math.prod(kernel) == 1:
+        return "channel", None if requested == "channel" else "1x1 kernels use out x in"
+    if requested == "spatial" and len(kernel) != 2:
+        return "channel", "the spatial scheme needs a 2-D kernel"
+    return requested, None
+
+
+# ----------------------------------------------------------------------------- base layer
+class SVDLayer(nn.Module):
+    """Base of the factorized twins: W = reshape(U diag(s) V^T) (eqs. (2) and (5)).
+
+    Attributes:
+        U: Left factor, h x r (U_l).
+        s: Singular values, r (sigma_l; the diagonal of Sigma_l).
+        V: Right factor, w x r (V_l).
+        bias: The dense layer's bias, unchanged.
+        scheme: Name of the matricization.
+        full_rank: theta = min(h, w), the rank at initialisation.
+    """
+
+    dense_type: ClassVar[type[nn.Module]]
+    weight_shape: tuple[int, ...]
+
+    def _init_factors(self, scheme: str, rank: int | None, bias: bool, device, dtype) -> None:
+        """Allocate U, s, V (uninitialised) and the bias for the given rank."""
+        self.scheme = scheme
+        h, w = MATRICIZATIONS[scheme].matrix_shape(self.weight_shape)
+        self.full_rank = min(h, w)
+        rank = self.full_rank if rank is None else int(rank)
+        if not 1 <= rank <= self.full_rank:
+            raise ValueError(f"rank={rank} is out of range: use 1 <= rank <= min(h, w) = {self.full_rank}")
+        kw = {"device": device, "dtype": dtype}
+        self.U = nn.Parameter(torch.empty(h, rank, **kw))
+        self.s = nn.Parameter(torch.empty(rank, **kw))
+        self.V = nn.Parameter(torch.empty(w, rank, **kw))
+        self.bias = nn.Parameter(torch.empty(self.weight_shape[0], **kw)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise as the SVD of a dense layer's default (kaiming-uniform) weight."""
+        if self.U.device.type == "meta":  # shapes only (accounting, loading)
+            return
+        dense = torch.empty(self.weight_shape, device=self.U.device, dtype=self.U.dtype)
+        nn.init.kaiming_uniform_(dense, a=math.sqrt(5))
+        self._set_from_weight(dense)
+        if self.bias is not None:
+            fan_in = math.prod(self.weight_shape[1:])
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @torch.no_grad()
+    def _set_from_weight(self, weight: torch.Tensor) -> None:
+        """Set U, s, V to the leading `rank` components of the SVD of the reshaped weight."""
+        matrix = MATRICIZATIONS[self.scheme].to_matrix(weight.detach()).to(torch.float32)
+        if matrix.shape[0] >= matrix.shape[1]:
+            u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+            v = vh.T
+        else:  # LAPACK is about twice as fast on the tall orientation
+            v, s, uh = torch.linalg.svd(matrix.T, full_matrices=False)
+            u = uh.T
+        r = self.rank
+        self.U.copy_(u[:, :r])
+        self.s.copy_(s[:r])
+        self.V.copy_(v[:, :r])
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def rank(self) -> int:
+        """r_l, the current number of components."""
+        return self.s.shape[0]
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """(h, w) of the factorized matrix M."""
+        return self.U.shape[0], self.V.shape[0]
+
+    def dense_param_count(self) -> int:
+        """Parameters of the dense layer, bias included (P_c or P_f plus bias)."""
+        return math.prod(self.weight_shape) + (0 if self.bias is None else self.bias.numel())
+
+    def factor_param_count(self, rank: int | None = None) -> int:
+        """Trainable parameters at `rank` (default: current), bias included: r(h + w + 1) + bias."""
+        h, w = self.matrix_shape
+        r = self.rank if rank is None else rank
+        return r * (h + w + 1) + (0 if self.bias is None else self.bias.numel())
+
+    def compression_rate(self, rank: int | None = None) -> float:
+        """R(r) = 1 - r(h + w + 1) / (h w), eqs. (4) and (7) (bias excluded, as in the paper)."""
+        h, w = self.matrix_shape
+        r = self.rank if rank is None else rank
+        return 1.0 - r * (h + w + 1) / (h * w)
+
+    # ------------------------------------------------------------------ weights
+    def dense_weight(self) -> torch.Tensor:
+        """The dense weight U diag(s) V^T reshaped back to the layer's weight shape."""
+        matrix = (self.U * self.s) @ self.V.T
+        return MATRICIZATIONS[self.scheme].to_weight(matrix, self.weight_shape)
+
+    @torch.no_grad()
+    def truncate_(self, keep: int) -> SVDLayer:
+        """Keep the `keep` leading components in place (U[:, :k], s[:k], V[:, :k]).
+
+        The Parameter objects stay the same (only their data shrinks), so optimizers keep
+        referring to them; their gradients are sliced alike. Returns self.
+        """
+        keep = int(keep)
+        if not 1 <= keep <= self.rank:
+            raise ValueError(f"truncate_({keep}) is out of range: keep must be in [1, {self.rank}]")
+        if keep == self.rank:
+            return self
+        for p, dim in ((self.U, 1), (self.s, 0), (self.V, 1)):
+            p.data = p.data.narrow(dim, 0, keep).clone()
+            if p.grad is not None:
+                p.grad = p.grad.narrow(dim, 0, keep).clone()
+        return self
+
+    def spec(self) -> dict:
+        """JSON-ready constructor arguments (type, hyper-parameters, scheme, rank); see `layer_from_spec`."""
+        return {"type": type(self).__name__, **self._hparams(), "bias": self.bias is not None, "rank": self.rank}
+
+    def extra_repr(self) -> str:
+        h, w = self.matrix_shape
+        return f"{self._dense_repr()}, scheme={self.scheme}, rank={self.rank}/{self.full_rank}, M={h}x{w}"
+
+    # ------------------------------------------------------------------ hooks for subclasses
+    def _hparams(self) -> dict:
+        """Constructor hyper-parameters other than bias and rank."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def _dense_repr(self) -> str:
+        """Hyper-parameters in the dense layer's repr style."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def to_dense(self) -> nn.Module:
+        """The dense layer this twin computes, with identical hyper-parameters."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def to_factorized(self) -> nn.Sequential:
+        """The factors realised with standard torch.nn layers (Sigma folded into the U side)."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    @classmethod
+    def from_dense(cls, module: nn.Module, scheme: str = "paper", rank: int | None = None) -> SVDLayer:
+        """Factorize a dense layer at `rank` (default full rank theta), preserving its function."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+
+# ----------------------------------------------------------------------------- Linear
+class SVDLinear(SVDLayer):
+    """Factorized nn.Linear: W = U diag(s) V^T with U (out x r), V (in x r) (eq. (5))."""
+
+    dense_type = nn.Linear
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rank: int | None = None,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_shape = (out_features, in_features)
+        self._init_factors("channel", rank, bias, device, dtype)
+
+    @classmethod
+    def from_dense(cls, module: nn.Linear, scheme: str = "channel", rank: int | None = None) -> SVDLinear:
+        layer = cls(module.in_features, module.out_features, module.bias is not None, rank=rank, device="meta",
+                    dtype=module.weight.dtype).to_empty(device=module.weight.device)
+        layer._set_from_weight(module.weight)
+        if module.bias is not None:
+            layer.bias.data.copy_(module.bias.detach())
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = self.matrix_shape
+        rows = x.numel() // max(w, 1)
+        # Two thin matmuls when cheaper than rebuilding W; same function either way.
+        if rows * (h + w) < h * w + rows * h * w / self.rank:
+            return F.linear(F.linear(x, self.V.T) * self.s, self.U, self.bias)
+        return F.linear(x, self.dense_weight(), self.bias)
+
+    def _hparams(self) -> dict:
+        return {"in_features": self.in_features, "out_features": self.out_features}
+
+    def _dense_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+    def to_dense(self) -> nn.Linear:
+        dense = nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                          device=self.U.device, dtype=self.U.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
+    def to_factorized(self) -> nn.Sequential:
+        kw = {"device": self.U.device, "dtype": self.U.dtype}
+        first = nn.Linear(self.in_features, self.rank, bias=False, **kw)
+        second = nn.Linear(self.rank, self.out_features, bias=self.bias is not None, **kw)
+        with torch.no_grad():
+            first.weight.copy_(self.V.T)
+            second.weight.copy_(self.U * self.s)
+            if self.bias is not None:
+                second.bias.copy_(self.bias)
+        return nn.Sequential(first, second)
+
+
+# ----------------------------------------------------------------------------- Conv
+class _SVDConvNd(SVDLayer):
+    """Shared code of the factorized convolutions (every nn.ConvNd hyper-parameter is kept)."""
+
+    _ndim: ClassVar[int]
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *, scheme: str = "paper",
+                 rank: int | None = None, device=None, dtype=None) -> None:
+        super().__init__()
+        ntuple = _ntuple(self._ndim)
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must be divisible "
+                             f"by groups={groups}")
+        if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+            raise ValueError(f"padding_mode={padding_mode!r}: use zeros, reflect, replicate or circular")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride, self.dilation = ntuple(kernel_size), ntuple(stride), ntuple(dilation)
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding={padding!r}: use 'same', 'valid' or integers")
+            if padding == "same" and any(s != 1 for s in self.stride):
+                raise ValueError("padding='same' is not supported for strided convolutions")
+            self.padding = padding
+        else:
+            self.padding = ntuple(padding)
+        self.padding_mode = padding_mode
+        self.weight_shape = (out_channels, in_channels // groups, *self.kernel_size)
+        self._init_factors(scheme, rank, bias, device, dtype)
+
+    @classmethod
+    def from_dense(cls, module, scheme: str = "paper", rank: int | None = None):
+        layer = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                    module.dilation, module.groups, module.bias is not None, module.padding_mode, scheme=scheme,
+                    rank=rank, device="meta", dtype=module.weight.dtype).to_empty(device=module.weight.device)
+        layer._set_from_weight(module.weight)
+        if module.bias is not None:
+            layer.bias.data.copy_(module.bias.detach())
+        return layer
+
+    # ------------------------------------------------------------------ padding helpers
+    def _explicit_padding(self) -> tuple[int, ...]:
+        """Padding as F.pad expects it (last dim first, left/right pairs), 'same' resolved."""
+        if self.padding == "valid":
+            return (0,) * (2 * self._ndim)
+        if self.padding == "same":
+            out: list[int] = []
+            for d, k in zip(reversed(self.dilation), reversed(self.kernel_size)):
+                total = d * (k - 1)
+                out += [total // 2, total - total // 2]
+            return tuple(out)
+        return _reverse_repeat_tuple(self.padding, 2)
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The dense convolution with this layer's hyper-parameters."""
+        conv = F.conv1d if self._ndim == 1 else F.conv2d
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._explicit_padding(), mode=self.padding_mode)
+            return conv(x, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return conv(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv(x, self.dense_weight(), self.bias)
+
+    def _hparams(self) -> dict:
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "stride": list(self.stride),
+                "padding": self.padding if isinstance(self.padding, str) else list(self.padding),
+                "dilation": list(self.dilation), "groups": self.groups, "padding_mode": self.padding_mode,
+                "scheme": self.scheme}
+
+    def _dense_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+        if self.padding != (0,) * self._ndim:
+            s += f", padding={self.padding}"
+        if self.dilation != (1,) * self._ndim:
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
+        return s
+
+    # ------------------------------------------------------------------ conversions
+    def _conv_type(self) -> type[nn.Module]:
+        return nn.Conv1d if self._ndim == 1 else nn.Conv2d
+
+    def to_dense(self):
+        dense = self._conv_type()(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                                  self.dilation, self.groups, self.bias is not None, self.padding_mode,
+                                  device=self.U.device, dtype=self.U.dtype)
+        with torch.no_grad():
+            dense.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
+    def _pad_module(self) -> nn.Module | None:
+        """An explicit padding layer, needed when the realisation cannot pad inside its convs."""
+        pad = self._explicit_padding()
+        if not any(pad):
+            return None
+        if self.padding_mode == "zeros":
+            return (nn.ZeroPad1d if self._ndim == 1 else nn.ZeroPad2d)(pad)
+        kinds = {
+            "reflect": (nn.ReflectionPad1d, nn.ReflectionPad2d),
+            "replicate": (nn.ReplicationPad1d, nn.ReplicationPad2d),
+            "circular": (nn.CircularPad1d, nn.CircularPad2d),
+        }
+        return kinds[self.padding_mode][self._ndim - 1](pad)
+
+    def _paper_order(self) -> str:
+        """Which paper-scheme realisation needs fewer MACs per output position (docs/method.md)."""
+        c, s, g = self.in_channels, self.out_channels, self.groups
+        k = math.prod(self.kernel_size)
+        depthwise_first = c * k + s * (c // g)
+        pointwise_first = s * (c // g) * math.prod(self.stride) + s * k
+        return "depthwise_first" if depthwise_first <= pointwise_first else "pointwise_first"
+
+    def to_factorized(self) -> nn.Sequential:
+        conv_t = self._conv_type()
+        kw = {"device": self.U.device, "dtype": self.U.dtype}
+        r, c, s, g = self.rank, self.in_channels, self.out_channels, self.groups
+        us = self.U * self.s
+        has_bias = self.bias is not None
+        ones = (1,) * self._ndim
+        layers: list[nn.Module] = []
+        # Zero padding commutes with the bias-free first conv, so it can stay inside the k x k conv.
+        in_conv = self.padding_mode == "zeros" and not isinstance(self.padding, str)
+        p = self.padding if in_conv else (0,) * self._ndim
+        if not in_conv and (pad := self._pad_module()) is not None:
+            layers.append(pad)
+        if self.scheme == "channel":
+            first = conv_t(c, r, self.kernel_size, self.stride, p, self.dilation, bias=False, **kw)
+            second = conv_t(r, s, 1, bias=has_bias, **kw)
+            w1 = self.V.T.reshape(r, c, *self.kernel_size)
+            w2 = us.reshape(s, r, *ones)
+        elif self.scheme == "spatial":
+            kh, kw_ = self.kernel_size
+            first = conv_t(c, r, (1, kw_), (1, self.stride[1]), (0, p[1]), (1, self.dilation[1]), bias=False, **kw)
+            second = conv_t(r, s, (kh, 1), (self.stride[0], 1), (p[0], 0), (self.dilation[0], 1), bias=has_bias,
+                            **kw)
+            w1 = self.V.T.reshape(r, c, 1, kw_)
+            w2 = us.reshape(s, kh, r).permute(0, 2, 1).reshape(s, r, kh, 1)
+        elif self._paper_order() == "depthwise_first":
+            # r basis filters V_g on every input channel, then a grouped 1x1 mix with U diag(s).
+            first = conv_t(c, c * r, self.kernel_size, self.stride, p, self.dilation, groups=c, bias=False, **kw)
+            second = conv_t(c * r, s, 1, groups=g, bias=has_bias, **kw)
+            w1 = self.V.T.reshape(1, r, *self.kernel_size).expand(c, -1, *(-1,) * self._ndim)
+            w1 = w1.reshape(c * r, 1, *self.kernel_size)
+            w2 = us.reshape(s, (c // g) * r, *ones)
+        else:
+            # A grouped 1x1 projection with U to S*r channels, then per-channel basis filters s_g V_g.
+            first = conv_t(c, s * r, 1, groups=g, bias=False, **kw)
+            second = conv_t(s * r, s, self.kernel_size, self.stride, p, self.dilation, groups=s, bias=has_bias, **kw)
+            w1 = self.U.reshape(s, c // g, r).permute(0, 2, 1).reshape(s * r, c // g, *ones)
+            w2 = (self.V * self.s).T.reshape(1, r, *self.kernel_size).expand(s, -1, *(-1,) * self._ndim)
+        with torch.no_grad():
+            first.weight.copy_(w1)
+            second.weight.copy_(w2)
+            if has_bias:
+                second.bias.copy_(self.bias)
+        return nn.Sequential(*layers, first, second)
+
+
+class SVDConv1d(_SVDConvNd):
+    """Factorized nn.Conv1d ("paper": (S*C) x L, "channel": S x (C*L))."""
+
+    dense_type = nn.Conv1d
+    _ndim = 1
+
+
+class SVDConv2d(_SVDConvNd):
+    """Factorized nn.Conv2d with the paper's M in R^{SC x L1L2} (eqs. (1)-(4)) or another scheme."""
+
+    dense_type = nn.Conv2d
+    _ndim = 2
+
+
+TWINS: dict[type[nn.Module], type[SVDLayer]] = {nn.Linear: SVDLinear, nn.Conv1d: SVDConv1d, nn.Conv2d: SVDConv2d}
+
+
+def twin_for(module: nn.Module) -> type[SVDLayer] | None:
+    """The factorized twin class of a module whose type is exactly a registered dense type."""
+    return TWINS.get(type(module))
+
+
+def layer_from_spec(spec: dict, device=None, dtype=None) -> SVDLayer:
+    """Build an SVD layer from `SVDLayer.spec()` output (factors uninitialised on "meta")."""
+    by_name = {t.__name__: t for t in TWINS.values()}
+    kwargs = dict(spec)
+    kind = kwargs.pop("type", None)
+    if kind not in by_name:
+        raise ValueError(f"unknown layer type {kind!r} in spec; expected one of {', '.join(by_name)}")
+    return by_name[kind](**kwargs, device=device, dtype=dtype)

@@ -1,0 +1,245 @@
+"""Model surgery: find every Conv/Linear that a model calls and swap in its SVD-factorized twin.
+
+torch.fx finds the modules the forward really calls (shared modules once, weights read elsewhere
+flagged); when a model cannot be traced, a walk over ``named_modules`` takes over. The returned
+model is a deep copy of the input, of the same class, with only the selected layers replaced, so
+its state dict keeps the original names apart from ``weight -> U, s, V``.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import torch.fx
+from torch import nn
+
+from .config import DPRPConfig
+from .layers import MATRICIZATIONS, TWINS, SVDLayer, resolve_scheme
+
+__all__ = ["factorize", "SurgeryReport", "surgery_report", "svd_layers", "FactorizationError"]
+
+log = logging.getLogger(__name__)
+
+_REPORT_ATTR = "_dprp_surgery_report"
+
+
+class FactorizationError(ValueError):
+    """Raised when surgery cannot proceed (nothing to factorize, a pattern that matches nothing)."""
+
+
+@dataclass
+class SurgeryReport:
+    """What `factorize` did, attached to the model it returns.
+
+    Attributes:
+        factorized: Qualified name -> scheme used.
+        skipped: Qualified name -> reason the layer stayed dense.
+        notes: Qualified name -> why the scheme differs from the one asked for.
+        traced: True when torch.fx traced the model, False when the module walk was used.
+    """
+
+    factorized: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+    traced: bool = True
+
+
+def factorize(model: nn.Module, config: DPRPConfig | None = None) -> nn.Module:
+    """Return a copy of `model` in which every selected Conv/Linear is an SVD-factorized twin.
+
+    Each twin starts at full rank theta = min(h, w) from the SVD of its reshaped weight, so the
+    copy computes the same function (Sec. III-C). The input model is not modified.
+
+    Args:
+        model: Any nn.Module (timm, torchvision or your own).
+        config: Surgery fields `scheme`, `include`, `exclude`, `layer_types`, `min_compressible`.
+
+    Returns:
+        The factorized copy; `surgery_report(result)` tells what was replaced and skipped.
+
+    Raises:
+        FactorizationError: No layer can be factorized, or an include pattern matches nothing.
+    """
+    config = config or DPRPConfig()
+    called, traced = _called_modules(model)
+    plan, report = _plan(model, called, config)
+    report.traced = traced
+    return _apply(model, plan, report)
+
+
+def surgery_report(model: nn.Module) -> SurgeryReport | None:
+    """The report `factorize` attached to a factorized model (None for other models)."""
+    return getattr(model, _REPORT_ATTR, None)
+
+
+def svd_layers(model: nn.Module) -> list[tuple[str, SVDLayer]]:
+    """(qualified name, layer) of every SVD-factorized layer, each shared layer once."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SVDLayer)]
+
+
+# ----------------------------------------------------------------------------- tracing
+class _Tracer(torch.fx.Tracer):
+    """An fx tracer that keeps timm's untraceable modules as leaves."""
+
+    def __init__(self) -> None:
+        self._leaf_types: tuple[type, ...] = ()
+        fns: tuple = ()
+        try:
+            from timm.layers import get_notrace_functions, get_notrace_modules
+
+            self._leaf_types = tuple(get_notrace_modules())
+            fns = tuple(f for f in get_notrace_functions() if callable(f))
+        except ImportError:  # pragma: no cover - timm is a dependency
+            pass
+        super().__init__(autowrap_functions=fns)
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, self._leaf_types):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def _called_modules(model: nn.Module) -> tuple[dict[str, str | None], bool]:
+    """Modules the forward calls, name -> None, or name -> reason they must stay dense.
+
+    Falls back to every named module (with one warning) when torch.fx cannot trace the model.
+    """
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure means "use the walk"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        warnings.warn(
+            f"torch.fx could not trace {type(model).__name__} (first failing op: {first}); "
+            "falling back to a walk over named_modules, which replaces every matching layer.",
+            stacklevel=3,
+        )
+        return {name: None for name, _ in model.named_modules()}, False
+    called: dict[str, str | None] = {}
+    read_attrs: set[str] = set()
+    for node in graph.nodes:
+        if node.op == "call_module":
+            called.setdefault(node.target, None)
+            sub = model.get_submodule(node.target)
+            if type(sub) not in TWINS:  # an opaque leaf: its inner layers are called inside it
+                for inner, _ in sub.named_modules(prefix=node.target):
+                    called.setdefault(inner, None)
+        elif node.op == "get_attr":
+            read_attrs.add(node.target)
+    for attr in read_attrs:
+        owner = attr.rsplit(".", 1)[0] if "." in attr else ""
+        if owner in called:
+            called[owner] = f"its parameter {attr!r} is read outside its forward"
+    return called, True
+
+
+# ----------------------------------------------------------------------------- planning
+def _plan(model: nn.Module, called: dict[str, str | None], config: DPRPConfig):
+    """Decide layer by layer: (name -> scheme) to replace, and the report with skip reasons."""
+    report = SurgeryReport()
+    plan: dict[str, str] = {}
+    names = {n for n, _ in model.named_modules()}
+    candidates = []
+    for name, module in model.named_modules():
+        if not isinstance(module, tuple(TWINS)):
+            continue
+        if type(module) not in TWINS:
+            report.skipped[name] = (f"{type(module).__name__} subclasses nn.{_base_name(module)} with its own "
+                                    "forward; left dense to keep its function")
+            continue
+        if type(module).__name__ not in config.layer_types:
+            continue
+        candidates.append((name, module))
+    _check_patterns(config, [n for n, _ in candidates], names)
+    shared = _shared_weights(model)
+    for name, module in candidates:
+        if not _selected(name, config):
+            continue
+        if name not in called:
+            report.skipped[name] = "never called by the model's forward"
+            continue
+        if called[name] is not None:
+            report.skipped[name] = called[name]
+            continue
+        if id(module.weight) in shared:
+            report.skipped[name] = "its weight is shared with another module (tied weights)"
+            continue
+        scheme, note = resolve_scheme(module, config.scheme)
+        if config.min_compressible is not None:
+            h, w = MATRICIZATIONS[scheme].matrix_shape(tuple(module.weight.shape))
+            best = 1.0 - (h + w + 1) / (h * w)
+            if best <= config.min_compressible:
+                report.skipped[name] = (f"incompressible: even rank 1 keeps {h + w + 1} of {h * w} weights "
+                                        f"(M is {h}x{w}, R(1) = {best:.2f}); set min_compressible=None to force it")
+                continue
+        plan[name] = scheme
+        if note:
+            report.notes[name] = note
+    if not plan:
+        found = len(candidates)
+        reasons = "; ".join(f"{n}: {r}" for n, r in list(report.skipped.items())[:3])
+        raise FactorizationError(
+            f"{type(model).__name__} has no layer to factorize: found {found} layer(s) of types "
+            f"{', '.join(config.layer_types)} matching include={list(config.include)} exclude={list(config.exclude)}"
+            + (f"; skipped: {reasons}" if reasons else "")
+            + ". Check the include/exclude globs or set min_compressible=None."
+        )
+    return plan, report
+
+
+def _base_name(module: nn.Module) -> str:
+    """Name of the registered dense base class of a subclass."""
+    return next(t.__name__ for t in TWINS if isinstance(module, t))
+
+
+def _selected(name: str, config: DPRPConfig) -> bool:
+    """True when `name` matches an include glob and no exclude glob."""
+    return any(fnmatch.fnmatchcase(name, p) for p in config.include) and not any(
+        fnmatch.fnmatchcase(name, p) for p in config.exclude
+    )
+
+
+def _check_patterns(config: DPRPConfig, candidate_names: list[str], all_names: set[str]) -> None:
+    """Every include glob must match at least one candidate layer."""
+    for pattern in config.include:
+        if any(fnmatch.fnmatchcase(n, pattern) for n in candidate_names):
+            continue
+        other = [n for n in all_names if n and fnmatch.fnmatchcase(n, pattern)]
+        detail = (f"it matches {len(other)} module(s) that are not {'/'.join(config.layer_types)} layers "
+                  f"(e.g. {other[0]!r}); use a glob such as {other[0] + '.*'!r}") if other else (
+            f"layer names look like {', '.join(repr(n) for n in candidate_names[:3])}")
+        raise FactorizationError(f"include pattern {pattern!r} matches no factorizable layer: {detail}.")
+
+
+def _shared_weights(model: nn.Module) -> set[int]:
+    """ids of parameters owned by more than one module object (tied weights)."""
+    owners: dict[int, set[int]] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(id(m))
+    return {pid for pid, mods in owners.items() if len(mods) > 1}
+
+
+# ----------------------------------------------------------------------------- applying
+def _apply(model: nn.Module, plan: dict[str, str], report: SurgeryReport) -> nn.Module:
+    """Deep-copy the model and swap each planned layer for its twin (shared modules stay shared)."""
+    new = copy.deepcopy(model)
+    twins: dict[int, SVDLayer] = {}
+    aliases: dict[int, list[str]] = {}
+    for name, m in new.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(m), []).append(name)
+    for name, scheme in plan.items():
+        dense = new.get_submodule(name)
+        if id(dense) not in twins:
+            twins[id(dense)] = TWINS[type(dense)].from_dense(dense, scheme=scheme)
+            twins[id(dense)].train(dense.training)
+        for alias in aliases[id(dense)]:
+            new.set_submodule(alias, twins[id(dense)])
+        report.factorized[name] = scheme
+    object.__setattr__(new, _REPORT_ATTR, report)
+    log.info("factorized %d layers of %s (%d skipped)", len(report.factorized), type(model).__name__,
+             len(report.skipped))
+    return new
