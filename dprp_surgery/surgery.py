@@ -203,7 +203,9 @@ def _selected(name: str, config: DPRPConfig) -> bool:
 
 
 def _check_patterns(config: DPRPConfig, candidate_names: list[str], all_names: set[str]) -> None:
-    """Every include glob must match at least one candidate layer."""
+    """Every include glob must match at least one candidate layer (when there are any)."""
+    if not candidate_names:
+        return
     for pattern in config.include:
         if any(fnmatch.fnmatchcase(n, pattern) for n in candidate_names):
             continue

@@ -1,0 +1,50 @@
+"""Wall time of `factorize` as a ratio to one forward pass at batch 1 (issue 2 benchmark).
+
+    python benchmarks/factorize_time.py --models resnet50 vit_base_patch16_224 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import timm
+import torch
+
+from dprp_surgery import DPRPConfig, factorize
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["resnet50", "vit_base_patch16_224"])
+    parser.add_argument("--schemes", nargs="+", default=["paper", "channel"])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, timm {timm.__version__}, threads {torch.get_num_threads()}")
+    print("| model | scheme | factorize (s) | forward b=1 (s) | ratio |")
+    print("|---|---|---|---|---|")
+    for name in args.models:
+        model = timm.create_model(name).eval()
+        x = torch.randn(1, *model.pretrained_cfg["input_size"])
+        with torch.no_grad():
+            model(x)
+            fwd = _median_time(lambda: model(x), args.repeats)
+        for scheme in args.schemes:
+            cfg = DPRPConfig(scheme=scheme)
+            t = _median_time(lambda: factorize(model, cfg), args.repeats)
+            print(f"| {name} | {scheme} | {t:.2f} | {fwd:.3f} | {t / fwd:.0f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

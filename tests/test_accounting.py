@@ -1,0 +1,84 @@
+"""summarize(): parameters and MACs against numbers worked out by hand."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from dprp_surgery import DPRPConfig, factorize, summarize
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+X = torch.randn(1, 3, 8, 8)
+
+
+def test_dense_model_counts():
+    s = summarize(Small(), X)
+    rows = {r.name: r for r in s.rows}
+    # conv: 8 out * 3 in * 9 taps * 64 output pixels; fc: 8 * 4
+    assert rows["conv"].macs == 8 * 3 * 9 * 64 == 13824
+    assert rows["fc"].macs == 32
+    assert rows["conv"].params == 216 and rows["fc"].params == 36
+    assert s.params == s.dense_params == 252
+    assert s.macs == s.dense_macs == 13856
+    assert s.params_removed == 0.0
+
+
+def test_paper_scheme_counts_and_eq4():
+    fact = factorize(Small(), DPRPConfig(scheme="paper", min_compressible=None))
+    s = summarize(fact, X)
+    conv, fc = (next(r for r in s.rows if r.name == n) for n in ("conv", "fc"))
+    # conv: M is (S*C) x (L2*L1) = 24 x 9, full rank 9: P_fc = 9 (24 + 9 + 1) = 306 (eq. (3))
+    assert (conv.matrix, conv.rank, conv.params, conv.dense_params) == ((24, 9), 9, 306, 216)
+    assert conv.compression == pytest.approx(1 - 306 / 216)  # eq. (4), negative at full rank
+    assert conv.max_compression == pytest.approx(1 - 34 / 216)
+    # realisation (depthwise-first): per output pixel and rank, C*k^2 + S*C = 27 + 24 = 51 MACs
+    assert conv.dense_macs == 13824 and conv.macs == 51 * 64 * 9
+    # fc: 4 x 8, rank 4: 4 (4 + 8 + 1) + 4 bias = 56; MACs r (8 + 4) = 48
+    assert (fc.params, fc.macs, fc.dense_macs) == (56, 48, 32)
+    assert s.params == 306 + 56 and s.dense_params == 252
+    assert s.macs == 51 * 64 * 9 + 48 and s.dense_macs == 13856
+
+    fact.conv.truncate_(2)
+    s2 = summarize(fact, X)
+    conv = next(r for r in s2.rows if r.name == "conv")
+    assert (conv.rank, conv.params, conv.macs) == (2, 68, 51 * 64 * 2)
+    assert s2.params_removed == pytest.approx(1 - (68 + 56) / 252)
+    assert s2.macs_removed == pytest.approx(1 - (51 * 64 * 2 + 48) / 13856)
+
+
+def test_channel_scheme_counts():
+    fact = factorize(Small(), DPRPConfig(scheme="channel"))
+    conv = next(r for r in summarize(fact, X).rows if r.name == "conv")
+    # M is S x (C*L2*L1) = 8 x 27, rank 8: 8 (8 + 27 + 1) = 288; MACs (27 + 8) * 64 per rank
+    assert (conv.matrix, conv.params, conv.macs) == ((8, 27), 288, 35 * 64 * 8)
+
+
+def test_summary_json_and_table():
+    fact = factorize(Small(), DPRPConfig(min_compressible=None))
+    s = summarize(fact, X)
+    data = json.loads(s.to_json())
+    assert data["params"] == s.params and data["rows"][0]["name"] == "conv"
+    assert {"params_removed", "macs_removed", "mean_rank"} <= set(data)
+    text = str(s)
+    assert "conv" in text and "scheme" in text and "paper" in text
+    assert s.ranks() == {"conv": 9, "fc": 4}
+
+
+def test_skipped_layers_are_listed():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 36, 1))
+    fact = factorize(model)
+    rows = {r.name: r for r in summarize(fact, X).rows}
+    assert rows["2"].status == "skipped" and "incompressible" in rows["2"].note

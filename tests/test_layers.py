@@ -1,0 +1,203 @@
+"""SVD twins against their dense originals: function, Eckart-Young truncation, parameter formulas."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from dprp_surgery.layers import (
+    MATRICIZATIONS,
+    TWINS,
+    SVDConv1d,
+    SVDConv2d,
+    SVDLinear,
+    layer_from_spec,
+    resolve_scheme,
+)
+
+SCHEMES = ("paper", "channel", "spatial")
+
+
+def expected_matrix_shape(module: nn.Module, scheme: str) -> tuple[int, int]:
+    """(h, w) of M written out from the definitions in docs/method.md."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    s, c = module.out_channels, module.in_channels // module.groups
+    k = tuple(module.kernel_size)
+    if scheme == "paper":
+        return s * c, math.prod(k)
+    if scheme == "channel":
+        return s, c * math.prod(k)
+    return s * k[0], c * k[1]
+
+
+@st.composite
+def dense_layers(draw):
+    kind = draw(st.sampled_from(["linear", "conv1d", "conv2d"]))
+    bias = draw(st.booleans())
+    if kind == "linear":
+        lin = nn.Linear(draw(st.integers(1, 12)), draw(st.integers(1, 12)), bias=bias)
+        return lin, (2, 3, lin.in_features)
+    ndim = 1 if kind == "conv1d" else 2
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    in_ch = groups * draw(st.integers(1, 4))
+    depthwise = draw(st.booleans()) and groups == 1
+    if depthwise:
+        groups = in_ch
+    out_ch = groups * draw(st.integers(1, 4))
+    kernel = tuple(draw(st.integers(1, 7)) for _ in range(ndim))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(ndim))
+    padding_mode = draw(st.sampled_from(["zeros", "zeros", "reflect", "replicate", "circular"]))
+    if draw(st.booleans()):
+        padding, stride = "same", 1
+    else:
+        stride = tuple(draw(st.integers(1, 3)) for _ in range(ndim))
+        padding = tuple(draw(st.integers(0, (k - 1) * d // 2 + 0)) for k, d in zip(kernel, dilation))
+    conv_t = nn.Conv1d if ndim == 1 else nn.Conv2d
+    conv = conv_t(in_ch, out_ch, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                  bias=bias, padding_mode=padding_mode)
+    size = max(k_ * d_ for k_, d_ in zip(kernel, dilation)) + 4
+    return conv, (2, in_ch) + (size,) * ndim
+
+
+def _twin(dense: nn.Module, scheme: str):
+    used, _ = resolve_scheme(dense, scheme)
+    return TWINS[type(dense)].from_dense(dense, scheme=used), used
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layer=dense_layers(), scheme=st.sampled_from(SCHEMES), data=st.data())
+def test_full_rank_twin_computes_the_dense_function(layer, scheme, data):
+    dense, shape = layer
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    twin, used = _twin(dense, scheme)
+    want = dense(x)
+    torch.testing.assert_close(twin(x), want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(twin.to_dense()(x), want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(twin.to_factorized()(x), want, rtol=1e-4, atol=1e-5)
+
+    # parameter counts equal the formulas: r(h + w + 1) + bias, eqs. (3)/(6)
+    h, w = expected_matrix_shape(dense, used)
+    bias = 0 if dense.bias is None else dense.bias.numel()
+    assert twin.matrix_shape == (h, w)
+    assert twin.full_rank == min(h, w) == twin.rank
+    assert twin.factor_param_count() == twin.rank * (h + w + 1) + bias
+    assert sum(p.numel() for p in twin.parameters()) == twin.factor_param_count()
+    assert twin.dense_param_count() == sum(p.numel() for p in dense.parameters())
+
+    # truncate_(k) keeps exactly the best rank-k approximation (Eckart-Young)
+    k = data.draw(st.integers(1, twin.rank))
+    matrix = MATRICIZATIONS[used].to_matrix(dense.weight.detach()).double()
+    sv = torch.linalg.svdvals(matrix)
+    twin.truncate_(k)
+    approx = MATRICIZATIONS[used].to_matrix(twin.dense_weight().detach()).double()
+    err = torch.linalg.matrix_norm(matrix - approx)
+    dropped = sv[k:].square().sum().sqrt()
+    torch.testing.assert_close(err, dropped, rtol=1e-4, atol=1e-5 * float(sv[0]) + 1e-6)
+    assert twin.rank == k and twin.factor_param_count() == k * (h + w + 1) + bias
+    assert twin.compression_rate() == pytest.approx(1 - k * (h + w + 1) / (h * w))
+    # the standard-layer realisation still computes the truncated layer
+    torch.testing.assert_close(twin.to_factorized()(x), twin(x), rtol=1e-4, atol=1e-5)
+    if used != "paper":  # Sigma folded into U: r(h + w) weights
+        fact = twin.to_factorized()
+        assert sum(p.numel() for p in fact.parameters()) == k * (h + w) + bias
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(6, 8, (3, 5), stride=(2, 1), padding=(1, 2), dilation=(1, 2), bias=False),
+        nn.Conv2d(6, 8, 3, padding="same", padding_mode="reflect"),
+        nn.Conv2d(64, 4, 3, padding=1),  # paper scheme: pointwise-first realisation
+        nn.Conv2d(4, 64, 3, padding=1),  # paper scheme: depthwise-first realisation
+        nn.Conv2d(8, 8, 3, groups=8, padding=1),
+    ],
+    ids=["nonsquare-stride", "same-reflect", "wide-in", "wide-out", "depthwise"],
+)
+def test_conversions_copy_every_hyper_parameter(conv, scheme):
+    twin, used = _twin(conv, scheme)
+    dense = twin.to_dense()
+    for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                 "padding_mode"):
+        assert getattr(dense, attr) == getattr(conv, attr), attr
+    assert (dense.bias is None) == (conv.bias is None)
+    x = torch.randn(2, conv.in_channels, 11, 13)
+    torch.testing.assert_close(dense(x), conv(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(twin.to_factorized()(x), conv(x), rtol=1e-4, atol=1e-5)
+    assert f"scheme={used}" in repr(twin) and f"rank={twin.rank}/{twin.full_rank}" in repr(twin)
+
+
+def test_paper_scheme_is_eq_1_index_map():
+    # [K]_{s,c,l2,l1} = [M]_{(s-1)C+c, (l2-1)L1+l1}: check the 0-based version of eq. (1) entry by entry
+    conv = nn.Conv2d(3, 2, (2, 4), bias=False)
+    m = MATRICIZATIONS["paper"].to_matrix(conv.weight)
+    S, C, L2, L1 = conv.weight.shape
+    for s in range(S):
+        for c in range(C):
+            for l2 in range(L2):
+                for l1 in range(L1):
+                    assert m[s * C + c, l2 * L1 + l1] == conv.weight[s, c, l2, l1]
+
+
+def test_spatial_scheme_index_map():
+    conv = nn.Conv2d(3, 2, (2, 4), bias=False)
+    m = MATRICIZATIONS["spatial"].to_matrix(conv.weight)
+    assert m.shape == (2 * 2, 3 * 4)
+    assert m[1 * 2 + 1, 2 * 4 + 3] == conv.weight[1, 2, 1, 3]
+    torch.testing.assert_close(MATRICIZATIONS["spatial"].to_weight(m, tuple(conv.weight.shape)), conv.weight)
+
+
+def test_truncate_keeps_parameter_objects_and_slices_grads():
+    layer = SVDLinear.from_dense(nn.Linear(6, 5))
+    ids = [id(p) for p in (layer.U, layer.s, layer.V)]
+    layer(torch.randn(3, 6)).sum().backward()
+    layer.truncate_(2)
+    assert [id(p) for p in (layer.U, layer.s, layer.V)] == ids
+    assert layer.U.shape == (5, 2) and layer.V.shape == (6, 2) and layer.s.shape == (2,)
+    assert layer.U.grad.shape == layer.U.shape and layer.s.grad.shape == (2,)
+
+
+@pytest.mark.parametrize("keep", [0, 6])
+def test_truncate_rejects_out_of_range(keep):
+    layer = SVDLinear.from_dense(nn.Linear(6, 5))
+    with pytest.raises(ValueError, match=r"keep must be in \[1, 5\]"):
+        layer.truncate_(keep)
+
+
+def test_spec_round_trip_rebuilds_the_same_shapes():
+    for layer in (SVDConv2d.from_dense(nn.Conv2d(4, 6, 3, stride=2, padding="valid")),
+                  SVDConv1d.from_dense(nn.Conv1d(4, 6, 5, padding="same", padding_mode="circular"), scheme="channel"),
+                  SVDLinear.from_dense(nn.Linear(4, 6, bias=False))):
+        layer.truncate_(2)
+        clone = layer_from_spec(layer.spec())
+        clone.load_state_dict(layer.state_dict())
+        x = torch.randn(2, 4, 9) if isinstance(layer, SVDConv1d) else (
+            torch.randn(2, 4, 9, 9) if isinstance(layer, SVDConv2d) else torch.randn(2, 4))
+        torch.testing.assert_close(clone(x), layer(x))
+
+
+def test_resolve_scheme_explains_fallbacks():
+    assert resolve_scheme(nn.Linear(3, 4), "paper") == ("channel", "Linear layers use out x in")
+    assert resolve_scheme(nn.Conv2d(4, 4, 3, groups=2), "spatial")[0] == "paper"
+    assert resolve_scheme(nn.Conv2d(4, 4, 1), "paper")[0] == "channel"
+    assert resolve_scheme(nn.Conv1d(4, 4, 3), "spatial") == ("channel", "the spatial scheme needs a 2-D kernel")
+    with pytest.raises(ValueError, match="unknown scheme 'tucker'"):
+        resolve_scheme(nn.Conv2d(4, 4, 3), "tucker")
+
+
+def test_linear_forward_paths_agree():
+    # the thin two-matmul path (few rows, low rank) and the rebuild path compute the same function
+    dense = nn.Linear(64, 48)
+    layer = SVDLinear.from_dense(dense)
+    layer.truncate_(4)
+    x_small, x_big = torch.randn(1, 64), torch.randn(512, 64)
+    w = layer.dense_weight()
+    for x in (x_small, x_big):
+        torch.testing.assert_close(layer(x), x @ w.T + layer.bias, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,196 @@
+"""factorize(): function preservation on real architectures, fallback, selection and errors."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from dprp_surgery import DPRPConfig, FactorizationError, SVDLayer, factorize, surgery_report, svd_layers
+
+MODELS = {
+    "torchvision:resnet18": (lambda: torchvision.models.resnet18(), 64),
+    "timm:resnet50": (lambda: timm.create_model("resnet50"), 64),
+    "timm:vit_tiny_patch16_224": (lambda: timm.create_model("vit_tiny_patch16_224"), 224),
+    "timm:convnext_atto": (lambda: timm.create_model("convnext_atto"), 64),
+    "timm:mobilenetv3_small_100": (lambda: timm.create_model("mobilenetv3_small_100"), 64),
+    "timm:efficientnet_b0": (lambda: timm.create_model("efficientnet_b0"), 64),
+}
+
+
+def max_relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).abs().max() / want.abs().max())
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_factorize_preserves_function_on_real_architectures(name):
+    make, size = MODELS[name]
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        want = model(x)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        for scheme in ("paper", "channel", "spatial"):
+            fact = factorize(model, DPRPConfig(scheme=scheme))
+            report = surgery_report(fact)
+            assert report.traced, name
+            assert len(report.factorized) >= 10
+            assert max_relative_error(fact(x), want) <= 1e-5, (name, scheme)
+            assert type(fact) is type(model)
+    # the input model is untouched
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(isinstance(m, SVDLayer) for m in model.modules())
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.sum() > 0:  # data-dependent control flow: torch.fx cannot trace this
+            y = y.relu()
+        return self.fc(y.mean((2, 3)))
+
+
+def test_untraceable_model_falls_back_to_module_walk_with_one_warning():
+    model = Untraceable().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match=r"could not trace Untraceable \(first failing op: .*symbolically traced"):
+        fact = factorize(model)
+    report = surgery_report(fact)
+    assert not report.traced
+    assert set(report.factorized) == {"conv", "fc"}
+    torch.testing.assert_close(fact(x), model(x), rtol=1e-4, atol=1e-6)
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Conv2d(4, 4, 3, padding=1)
+        self.alias = self.block  # the same module registered twice
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.alias(self.block(x)).mean((2, 3)))
+
+
+def test_shared_module_stays_shared():
+    model = Shared()
+    fact = factorize(model)
+    assert isinstance(fact.block, SVDLayer) and fact.block is fact.alias
+    x = torch.randn(2, 4, 6, 6)
+    torch.testing.assert_close(fact(x), model(x), rtol=1e-4, atol=1e-6)
+    assert len(svd_layers(fact)) == 2
+
+
+class WSConv(nn.Conv2d):
+    """A weight-standardising conv: a subclass with its own forward."""
+
+    def forward(self, x):
+        w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / (self.weight.std((1, 2, 3), keepdim=True) + 1e-5)
+        return self._conv_forward(x, w, self.bias)
+
+
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ws = WSConv(3, 8, 3)
+        self.conv = nn.Conv2d(8, 8, 3)
+        self.tiny = nn.Linear(1, 1)  # no rank can save parameters
+        self.fc = nn.Linear(8, 1)
+
+    def forward(self, x):
+        y = self.conv(self.ws(x)).mean((2, 3))
+        return self.tiny(self.fc(y))
+
+
+def test_subclasses_and_incompressible_layers_are_skipped_with_reasons():
+    model = Mixed().eval()
+    fact = factorize(model)
+    report = surgery_report(fact)
+    assert type(fact.ws) is WSConv
+    assert "own forward" in report.skipped["ws"]
+    assert "incompressible" in report.skipped["tiny"] and "min_compressible=None" in report.skipped["tiny"]
+    assert set(report.factorized) == {"conv"}  # fc is 1x8: rank 1 needs 10 > 8 weights
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(fact(x), model(x), rtol=1e-4, atol=1e-6)
+    forced = factorize(model, DPRPConfig(min_compressible=None))
+    assert set(surgery_report(forced).factorized) == {"conv", "tiny", "fc"}
+    torch.testing.assert_close(forced(x), model(x), rtol=1e-4, atol=1e-6)
+
+
+def test_include_exclude_and_layer_types():
+    model = torchvision.models.resnet18()
+    fact = factorize(model, DPRPConfig(include=("layer1.*",), exclude=("layer1.0.*",)))
+    assert set(surgery_report(fact).factorized) == {"layer1.1.conv1", "layer1.1.conv2"}
+    fact = factorize(model, DPRPConfig(layer_types=("Linear",)))
+    assert set(surgery_report(fact).factorized) == {"fc"}
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(8, 8)
+        self.dec = nn.Linear(8, 8)
+        self.dec.weight = self.enc.weight
+        self.mid = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.dec(self.mid(self.enc(x)))
+
+
+def test_tied_weights_stay_dense():
+    fact = factorize(Tied())
+    report = surgery_report(fact)
+    assert set(report.factorized) == {"mid"}
+    assert "shared" in report.skipped["enc"] and "shared" in report.skipped["dec"]
+
+
+def test_error_no_factorizable_layer():
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU())
+    with pytest.raises(FactorizationError, match=r"Sequential has no layer to factorize"):
+        factorize(model)
+
+
+def test_error_include_pattern_matches_nothing():
+    model = torchvision.models.resnet18()
+    with pytest.raises(FactorizationError, match=r"include pattern 'layer9\.\*' matches no factorizable layer"):
+        factorize(model, DPRPConfig(include=("layer9.*",)))
+    with pytest.raises(FactorizationError, match=r"use a glob such as 'layer1\.\*'"):
+        factorize(model, DPRPConfig(include=("layer1",)))
+
+
+def test_error_unknown_scheme():
+    with pytest.raises(ValueError, match=r"DPRPConfig.scheme='tucker' is unknown; use one of paper, channel, spatial"):
+        DPRPConfig(scheme="tucker")
+    with pytest.raises(ValueError, match=r"Did you mean 'spatial'"):
+        DPRPConfig(scheme="spatail")
+
+
+def test_unused_layers_are_reported_not_replaced():
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = nn.Linear(8, 8)
+            self.spare = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.used(x)
+
+    report = surgery_report(factorize(Unused()))
+    assert report.factorized == {"used": "channel"}
+    assert report.skipped["spare"] == "never called by the model's forward"
+
+
+def test_factorize_no_warning_on_traceable_models():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        factorize(torchvision.models.resnet18())
