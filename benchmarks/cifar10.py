@@ -1,0 +1,185 @@
+"""Reproduce DPRP on pretrained CIFAR-10 ResNets, side by side with a dense fine-tune (issue 5).
+
+Every row starts from the same pretrained weights and uses the same epochs, seed, augmentation and
+learning-rate schedule (the `finetune` recipe: SGD momentum 0.9, cosine from --lr, batch --batch-size):
+
+    dense     dense fine-tune: the baseline every row is compared with
+    paper2    DPRP, paper scheme, "proposed 2" (Table I: R20 lambda 0.1 eps 0.1; R32 lambda 0.5 eps 0.001)
+    paper1    DPRP, paper scheme, "proposed 1" (Sec. IV-C: R20 lambda 0.5 eps 0.01; R32 lambda 1 eps 0.001)
+    tuned     DPRP with the toolkit's tuned preset (DPRPConfig.preset("tuned"), docs/benchmarks.md)
+    none/l1/l2/funnel   the ablation of Table IV: factorized (paper scheme) with eq. (14) regularizers,
+              lambda_reg 0.1 and epsilon 0.001 as in the paper; the DPRP row of Table IV is paper2.
+
+Usage:
+
+    python benchmarks/cifar10.py --data ../shared/datasets/cifar10-jpeg.tar.gz \\
+        --weights-dir ../shared/models --models resnet20 --epochs 5 --out runs/cifar10
+    python benchmarks/cifar10.py --smoke            # tiny slice, one epoch: keeps the script alive in tests
+
+Writes RESULTS.md and results.json under --out, plus one run directory (history, checkpoints) per row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dprp_surgery import DPRPConfig, factorize, summarize
+from dprp_surgery.data import IMAGENET_MEAN, IMAGENET_STD, TensorLoader, open_data, subset
+from dprp_surgery.models import CIFAR_MODELS, load_cifar_checkpoint
+from dprp_surgery.trainer import DPRPTrainer
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+# "proposed 2" (Table I) and "proposed 1" (Sec. IV-C) per model; ResNet-56 has no paper setting: use R32's.
+PAPER_SETTINGS = {
+    "resnet20": {"paper2": (0.1, 0.1), "paper1": (0.5, 0.01)},
+    "resnet32": {"paper2": (0.5, 0.001), "paper1": (1.0, 0.001)},
+    "resnet56": {"paper2": (0.5, 0.001), "paper1": (1.0, 0.001)},
+}
+ABLATIONS = ("none", "l1", "l2", "funnel")
+ALL_ROWS = ("dense", "paper2", "paper1", "tuned", *ABLATIONS)
+DEFAULT_ROWS = {"resnet20": ALL_ROWS, "resnet32": ALL_ROWS, "resnet56": ("dense", "tuned")}
+
+
+def row_config(row: str, model_name: str, base: DPRPConfig) -> DPRPConfig:
+    """The DPRPConfig of one table row (the shared schedule in `base`)."""
+    if row == "dense":
+        return base.replace(regularizer="none")
+    if row in ("paper1", "paper2"):
+        lam, eps = PAPER_SETTINGS[model_name][row]
+        return base.replace(scheme="paper", regularizer="dprp", lambda_comp=lam, epsilon=eps)
+    if row == "tuned":
+        tuned = DPRPConfig.preset("tuned")
+        keep = {f: getattr(base, f) for f in ("epochs", "batch_size", "lr", "lr_schedule", "seed", "device",
+                                                "momentum", "weight_decay", "warmup_epochs")}
+        return tuned.replace(**keep)
+    if row in ABLATIONS:
+        return base.replace(scheme="paper", regularizer=row, lambda_comp=0.1, epsilon=0.001)
+    raise ValueError(f"unknown row {row!r}; use one of {', '.join(ALL_ROWS)}")
+
+
+def pretrained(model_name: str, weights_dir: Path | None, from_scratch: bool) -> torch.nn.Module:
+    """A CIFAR ResNet with the shared pretrained weights (random init with --from-scratch)."""
+    model = CIFAR_MODELS[model_name]()
+    if from_scratch:
+        return model
+    path = (weights_dir or SHARED / "models") / f"cifar10_{model_name}.th"
+    if not path.is_file():
+        raise SystemExit(f"pretrained weights {path} not found: pass --weights-dir or --from-scratch")
+    return load_cifar_checkpoint(model, path)
+
+
+def evaluate(model: torch.nn.Module, loader, device: torch.device) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy (percent)."""
+    model.eval()
+    correct1 = correct5 = total = 0
+    with torch.no_grad():
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            top5 = model(x).topk(5, dim=1).indices
+            correct1 += (top5[:, 0] == y).sum().item()
+            correct5 += (top5 == y[:, None]).any(dim=1).sum().item()
+            total += y.numel()
+    return 100.0 * correct1 / total, 100.0 * correct5 / total
+
+
+def run_row(row: str, model_name: str, args, train_ds, test_ds, base: DPRPConfig) -> dict:
+    """Train one row and measure it."""
+    config = row_config(row, model_name, base)
+    torch.manual_seed(config.seed)
+    dense = pretrained(model_name, args.weights_dir, args.from_scratch)
+    example = torch.zeros(1, 3, 32, 32)
+    dense_summary = summarize(dense, example)
+    model = dense if row == "dense" else factorize(dense, config)
+    train = TensorLoader(train_ds, config.batch_size, shuffle=True, augment="cifar", mean=IMAGENET_MEAN,
+                         std=IMAGENET_STD, seed=config.seed, drop_last=True)
+    test = TensorLoader(test_ds, 256, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    run_dir = args.out / model_name / row
+    t0 = time.perf_counter()
+    trainer = DPRPTrainer(model, config, train, test, run_dir=run_dir, progress=not args.quiet)
+    trainer.fit()
+    wall = time.perf_counter() - t0
+    model = trainer.model
+    device = next(model.parameters()).device
+    top1, top5 = evaluate(model, test, device)
+    s = summarize(model.cpu(), example)
+    return {
+        "model": model_name, "row": row, "top1": top1, "top5": top5,
+        "params": s.params, "dense_params": dense_summary.params,
+        "params_removed": 100.0 * (1 - s.params / dense_summary.params),
+        "macs": s.macs, "dense_macs": dense_summary.macs,
+        "macs_removed": 100.0 * (1 - s.macs / dense_summary.macs),
+        "ranks": s.ranks(), "wall_s": wall, "config": config.to_dict(),
+    }
+
+
+def markdown(results: list[dict], header: str) -> str:
+    """The results as a markdown table, deltas against each model's dense row."""
+    lines = [header, "", "| model | row | top-1 | delta top-1 | top-5 | params removed | MACs removed | wall (min) | final ranks |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    dense = {r["model"]: r["top1"] for r in results if r["row"] == "dense"}
+    for r in results:
+        delta = f"{r['top1'] - dense[r['model']]:+.2f}" if r["model"] in dense else "-"
+        ranks = " ".join(str(v) for v in r["ranks"].values()) or "-"
+        lines.append(f"| {r['model']} | {r['row']} | {r['top1']:.2f} | {delta} | {r['top5']:.2f} | "
+                     f"{r['params_removed']:.1f}% | {r['macs_removed']:.1f}% | {r['wall_s'] / 60:.1f} | {ranks} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(SHARED / "datasets" / "cifar10-jpeg.tar.gz"),
+                        help="ImageFolder dir, .tar.gz of one, or cifar10:DIR")
+    parser.add_argument("--weights-dir", type=Path, default=None, help="folder with cifar10_resnetNN.th")
+    parser.add_argument("--models", nargs="+", default=["resnet20"], choices=sorted(PAPER_SETTINGS))
+    parser.add_argument("--rows", nargs="+", default=None, choices=ALL_ROWS,
+                        help="rows to run (default: all for resnet20/32, dense+tuned for resnet56)")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--train-limit", type=int, default=None, help="class-balanced training subset")
+    parser.add_argument("--test-limit", type=int, default=None, help="class-balanced test subset")
+    parser.add_argument("--from-scratch", action="store_true", help="random init (the paper's setting; slow)")
+    parser.add_argument("--smoke", action="store_true", help="256 train / 128 test images, 1 epoch")
+    parser.add_argument("--out", type=Path, default=Path("runs/cifar10"))
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.epochs, args.train_limit, args.test_limit = 1, args.train_limit or 256, args.test_limit or 128
+    if args.from_scratch and args.lr == 0.01:
+        args.lr = 0.1  # the paper's from-scratch learning rate
+
+    train_ds, test_ds = open_data(args.data, progress=not args.quiet)
+    if args.train_limit:
+        train_ds = subset(train_ds, args.train_limit, seed=args.seed)
+    if args.test_limit:
+        test_ds = subset(test_ds, args.test_limit, seed=args.seed)
+    base = DPRPConfig.preset("finetune").replace(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                                                 seed=args.seed, device=args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: list[dict] = []
+    header = (f"CIFAR-10 ({len(train_ds)} train / {len(test_ds)} test images), {args.epochs} epochs, lr {args.lr} "
+              f"cosine, batch {args.batch_size}, seed {args.seed}, torch {torch.__version__}, "
+              f"{'CUDA' if torch.cuda.is_available() and args.device != 'cpu' else f'{torch.get_num_threads()} CPU threads'}"
+              f", command: python benchmarks/cifar10.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    for model_name in args.models:
+        for row in args.rows or DEFAULT_ROWS[model_name]:
+            results.append(run_row(row, model_name, args, train_ds, test_ds, base))
+            (args.out / "results.json").write_text(json.dumps(results, indent=2))
+            (args.out / "RESULTS.md").write_text(markdown(results, header))
+            print(markdown(results[-1:], ""), flush=True)
+    print(markdown(results, header))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

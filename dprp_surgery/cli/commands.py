@@ -1,0 +1,771 @@
+"""Implementations of the ``dprp`` commands (imported only when a command runs).
+
+Every command runs inside :func:`cli_errors`: bad input (``ValueError`` and its subclasses such as
+:class:`~dprp_surgery.io.UntrustedPickleError`, missing files) exits with code 2 and a one-paragraph
+red message naming the flag, file or layer and what to do; any other failure exits with code 1
+(``DPRP_DEBUG=1`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import statistics
+import tarfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from torch import nn
+
+from ..accounting import count_params, summarize
+from ..config import DPRPConfig
+from ..data import TensorImageDataset, TensorLoader, open_data, subset
+from ..io import (
+    ARCH_KINDS,
+    DataRecipe,
+    data_recipe,
+    infer_num_classes,
+    load_model,
+    read_run_info,
+    set_num_classes,
+)
+
+__all__ = [
+    "cli_errors",
+    "build_config",
+    "evaluate",
+    "measure_latency",
+    "parse_input_size",
+    "run_compress",
+    "run_demo",
+    "run_eval",
+    "run_export",
+    "run_inspect",
+    "run_report",
+]
+
+RUN_FORMAT = "dprp-run"
+RUN_VERSION = 1
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _out() -> Console:
+    """stdout console; when piped (no terminal, no $COLUMNS) wide enough that tables are not truncated."""
+    console = Console(soft_wrap=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(soft_wrap=False, width=200)
+    return console
+
+
+def _err() -> Console:
+    return Console(stderr=True, soft_wrap=True)
+
+
+def _note(text: str) -> None:
+    _err().print(f"[yellow]{escape(text)}[/yellow]")
+
+
+def _fail(message: str, code: int) -> None:
+    _err().print(f"[bold red]Error:[/bold red] [red]{escape(message)}[/red]")
+    raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def cli_errors() -> Iterator[None]:
+    """Map exceptions to exit codes: bad input -> 2 (message only), failures -> 1."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+        if os.environ.get("DPRP_DEBUG"):
+            raise
+        _fail(str(exc).strip() or type(exc).__name__, 2)
+    except KeyboardInterrupt:
+        _fail("interrupted.", 130)
+    except Exception as exc:  # noqa: BLE001 - the command boundary
+        if os.environ.get("DPRP_DEBUG"):
+            raise
+        _fail(f"{type(exc).__name__}: {exc} (set DPRP_DEBUG=1 to see the traceback).", 1)
+
+
+def _emit_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=_json_default))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, torch.Size | tuple):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _si(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+# ----------------------------------------------------------------------------- helpers
+def parse_input_size(text: str | None, flag: str = "--input-size") -> tuple[int, ...] | None:
+    """'3,32,32' / '3x32x32' / '32' (= 3,32,32) -> (C, H, W); None stays None."""
+    if text is None:
+        return None
+    compact = re.sub(r"\s+", "", text)
+    dims = tuple(int(p) for p in re.split(r"[,x]", compact)) if re.fullmatch(r"\d+([,x]\d+)*", compact) else ()
+    if len(dims) == 1:
+        dims = (3, dims[0], dims[0])
+    if not dims or len(dims) not in (2, 3) or any(d < 1 for d in dims):
+        raise ValueError(f"{flag} {text!r} is invalid: give C,H,W such as 3,32,32 (or one number N for 3,N,N).")
+    return dims
+
+
+def _load(spec: str, *, arch: str | None, num_classes: int | None, trust_pickle: bool) -> tuple[nn.Module, str]:
+    model, model_arch = load_model(spec, num_classes=num_classes, trust_pickle=trust_pickle, arch=arch)
+    if arch and model_arch.split(":", 1)[0] not in ARCH_KINDS:
+        model_arch = arch  # a pickled/pt2 model whose architecture the user names
+    return model, model_arch
+
+
+def _input_size(model: nn.Module, recipe: DataRecipe, given: str | None) -> tuple[int, ...]:
+    size = parse_input_size(given)
+    if size is not None:
+        return size
+    recorded = getattr(model, "_dprp_input_size", None)
+    if recorded:
+        return tuple(int(v) for v in recorded)
+    if recipe.image_size is None:
+        raise ValueError("cannot tell the input size of this model; pass --input-size C,H,W (e.g. 3,224,224).")
+    return recipe.input_size()
+
+
+def _is_factorized(model: nn.Module) -> bool:
+    from ..export import layer_forms
+
+    return bool(layer_forms(model))
+
+
+def _set_training(model: nn.Module, mode: bool) -> bool:
+    """model.train(mode) where supported (torch.export modules refuse it); returns the previous mode."""
+    was = model.training
+    with contextlib.suppress(NotImplementedError):
+        model.train(mode)
+    return was
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: TensorLoader) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy (%) of `model` over `loader` (eval mode, model's device)."""
+    was = _set_training(model, False)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    correct1 = correct5 = total = 0
+    try:
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            logits = model(x)
+            k = min(5, logits.shape[1])
+            top = logits.topk(k, dim=1).indices
+            correct1 += (top[:, 0] == y).sum().item()
+            correct5 += (top == y[:, None]).any(dim=1).sum().item()
+            total += y.numel()
+    finally:
+        _set_training(model, was)
+    if total == 0:
+        raise ValueError("the evaluation data is empty.")
+    return 100.0 * correct1 / total, 100.0 * correct5 / total
+
+
+@torch.inference_mode()
+def measure_latency(model: nn.Module, x: torch.Tensor, runs: int = 5, budget_s: float = 10.0) -> float:
+    """Median seconds of one forward of `model` on `x` (1 warm-up run; fewer runs past `budget_s`)."""
+    was = _set_training(model, False)
+    try:
+        model(x)
+        times: list[float] = []
+        start = time.perf_counter()
+        while len(times) < runs and (len(times) < 1 or time.perf_counter() - start < budget_s):
+            t0 = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t0)
+    finally:
+        _set_training(model, was)
+    return statistics.median(times)
+
+
+def _macs(model: nn.Module, example: torch.Tensor) -> tuple[int | None, Any]:
+    try:
+        s = summarize(model, example)
+        return s.macs, s
+    except Exception:  # noqa: BLE001 - exported programs refuse eval(); count the whole forward instead
+        pass
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model(example)
+        return counter.get_total_flops() // 2, None
+    except Exception:  # noqa: BLE001
+        return None, None
+
+
+# ----------------------------------------------------------------------------- config
+def _read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ValueError(f"--config file {str(path)!r} does not exist.")
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ValueError(f"--config file {str(path)!r}: use a .json, .yaml or .yml file.")
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - yaml errors
+        raise ValueError(f"--config file {str(path)!r} cannot be parsed ({type(exc).__name__}: {exc}).") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config file {str(path)!r} must hold a mapping of DPRPConfig fields.")
+    return data
+
+
+def _coerce(name: str, kind: str, value: Any) -> Any:
+    if kind == "list":
+        items = []
+        for v in value:
+            items += [p.strip() for p in str(v).split(",") if p.strip()]
+        return tuple(items)
+    if kind == "optional_float":
+        if str(value).strip().lower() in ("none", "null", ""):
+            return None
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"--{name.replace('_', '-')} {value!r} is invalid: give a number or 'none'.") from None
+    return value
+
+
+def build_config(*, base: dict[str, Any] | None = None, preset: str | None = None, config_file: Path | None = None,
+                 overrides: dict[str, Any] | None = None) -> DPRPConfig:
+    """DPRPConfig from defaults < `base` (e.g. a run's config) < preset < config file < flags.
+
+    Errors name the flag (``--epsilon``) or the config file that set the bad value.
+    """
+    from .app import config_flags
+
+    kinds = {name: kind for name, _, kind in config_flags()}
+    from ..config import PRESETS
+
+    merged: dict[str, Any] = {k: v for k, v in (base or {}).items() if k != "version"}
+    if preset is not None:
+        if preset not in PRESETS:
+            try:
+                DPRPConfig.preset(preset)  # raises with a suggestion
+            except ValueError as exc:
+                raise ValueError(f"--preset: {exc}") from None
+        merged.update(PRESETS[preset])
+    file_data = _read_config_file(config_file) if config_file is not None else {}
+    merged.update(file_data)
+    flags = {k: _coerce(k, kinds.get(k, "str"), v) for k, v in (overrides or {}).items()}
+    merged.update(flags)
+    try:
+        return DPRPConfig.from_dict(merged)
+    except ValueError as exc:
+        msg = str(exc)
+        m = re.search(r"DPRPConfig\.(\w+)=", msg) or re.search(r"field '(\w+)'", msg)
+        field = m.group(1) if m else None
+        if field in flags:
+            raise ValueError(f"invalid value for --{field.replace('_', '-')}: {msg}") from None
+        if config_file is not None and (field in file_data or field is None):
+            raise ValueError(f"--config file {str(config_file)!r}: {msg}") from None
+        if preset is not None and field in PRESETS.get(preset, {}):
+            raise ValueError(f"--preset {preset}: {msg}") from None
+        raise ValueError(msg) from None
+
+
+# ----------------------------------------------------------------------------- inspect
+def run_inspect(*, model: str, input_size: str | None, scheme: str | None, include: list[str] | None,
+                exclude: list[str] | None, arch: str | None, num_classes: int | None, trust_pickle: bool,
+                json_out: bool) -> None:
+    """`dprp inspect`."""
+    with cli_errors():
+        from ..surgery import factorize, svd_layers
+
+        net, net_arch = _load(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle)
+        recipe = data_recipe(net_arch, net)
+        size = _input_size(net, recipe, input_size)
+        fields: dict[str, Any] = {}
+        if scheme is not None:
+            fields["scheme"] = scheme
+        if include:
+            fields["include"] = tuple(include)
+        if exclude:
+            fields["exclude"] = tuple(exclude)
+        config = build_config(overrides=fields) if fields else DPRPConfig()
+        target = net if _is_factorized(net) else factorize(net, config)
+        example = torch.zeros(1, *size)
+        summary = summarize(target, example)
+        layers = dict(svd_layers(target))
+        rank1 = {n: layers[n].compression_rate(1) for n in layers}
+        best_params = summary.params - sum(m.factor_param_count() for m in layers.values()) + sum(
+            m.factor_param_count(1) for m in layers.values())
+        if json_out:
+            _emit_json({"model": model, "arch": net_arch, "input_size": list(size), "summary": summary.to_dict(),
+                        "rank1_compression": rank1, "params_at_rank1": best_params})
+            return
+        console = _out()
+        console.print(summary.to_table(title=f"{model} ({net_arch}) at full rank, input {tuple(size)}"))
+        if layers and summary.dense_params:
+            console.print(
+                f"R(1): {len(layers)} factorized layers; at rank 1 everywhere the model would keep "
+                f"{_si(best_params)} of {_si(summary.dense_params)} parameters "
+                f"({1 - best_params / summary.dense_params:.1%} removable). Per-layer R(1): "
+                + ", ".join(f"{n} {r:.0%}" for n, r in list(rank1.items())[:8])
+                + (" ..." if len(rank1) > 8 else "") + " (all in --json).")
+
+
+# ----------------------------------------------------------------------------- compress
+def _loaders(train: TensorImageDataset, val: TensorImageDataset, recipe: DataRecipe, config: DPRPConfig
+             ) -> tuple[TensorLoader, TensorLoader]:
+    train_loader = TensorLoader(train, config.batch_size, shuffle=True, augment=recipe.augment, mean=recipe.mean,
+                                std=recipe.std, seed=config.seed, drop_last=len(train) > config.batch_size)
+    val_loader = TensorLoader(val, max(config.batch_size, 256), mean=recipe.mean, std=recipe.std)
+    return train_loader, val_loader
+
+
+def _match_classes(model: nn.Module, n_classes: int, pretrained: bool) -> nn.Module:
+    outputs = infer_num_classes(model)
+    if outputs is None or outputs == n_classes:
+        return model
+    if pretrained:
+        _note(f"The model has {outputs} outputs but the data has {n_classes} classes: replacing its classifier by a "
+              f"new {n_classes}-way head (pass --num-classes to build it that way instead).")
+    return set_num_classes(model, n_classes)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _before_after_table(title: str, before: dict[str, Any], after: dict[str, Any]) -> Table:
+    table = Table(title=title)
+    table.add_column("")
+    table.add_column("before (dense)", justify="right")
+    table.add_column("after (exported)", justify="right")
+    table.add_column("change", justify="right")
+    for key, label in (("params", "parameters"), ("macs", "MACs / image")):
+        b, a = before.get(key), after.get(key)
+        change = f"{a / b - 1:+.1%}" if a is not None and b else "-"
+        table.add_row(label, _si(b), _si(a), change)
+    for key, label in (("top1", "top-1 (%)"), ("top5", "top-5 (%)")):
+        b, a = before.get(key), after.get(key)
+        change = f"{a - b:+.2f} pts" if a is not None and b is not None else "-"
+        table.add_row(label, "-" if b is None else f"{b:.2f}", "-" if a is None else f"{a:.2f}", change)
+    return table
+
+
+def _device(config: DPRPConfig) -> torch.device:
+    """The device training runs on (config.device, "auto" = CUDA when available)."""
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config.device)
+
+
+def _trainer_compress():
+    try:
+        from ..trainer import compress
+    except ImportError as exc:  # pragma: no cover - the trainer ships with the package
+        raise RuntimeError(f"the DPRP trainer (dprp_surgery.trainer) is not available: {exc}") from exc
+    return compress
+
+
+def compress_pipeline(*, model: nn.Module, arch: str, model_spec: str, data_spec: str, train: TensorImageDataset,
+                      val: TensorImageDataset, recipe: DataRecipe, config: DPRPConfig, out: Path, export_mode: str,
+                      objective: str, resume: Path | None, progress: bool, json_out: bool,
+                      extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train with DPRP, export, save RUN_DIR/model and run.json, print the before/after table."""
+    from ..export import export, save
+    from ..surgery import svd_layers
+
+    out.mkdir(parents=True, exist_ok=True)
+    example = torch.zeros(1, *train.image_shape)
+    train_loader, val_loader = _loaders(train, val, recipe, config)
+    dense_summary = summarize(model, example)
+    model = model.to(_device(config))
+    top1_b, top5_b = evaluate(model, val_loader)
+    before = {"params": dense_summary.params, "macs": dense_summary.macs, "top1": top1_b, "top5": top5_b}
+    info: dict[str, Any] = {
+        "format": RUN_FORMAT, "version": RUN_VERSION, "model": model_spec, "arch": arch,
+        "num_classes": infer_num_classes(model), "data": data_spec, "classes": list(train.classes),
+        "train_images": len(train), "val_images": len(val), "recipe": recipe.to_dict(),
+        "input_size": list(example.shape[1:]), "config": config.to_dict(), "export_mode": export_mode,
+        "objective": objective, "status": "training", "results": {"before": before}, **(extra or {}),
+    }
+    run_json = out / "run.json"
+    if resume is not None and run_json.is_file():
+        old = read_run_info(out)
+        info["results"]["before"] = (old.get("results") or {}).get("before") or before
+        before = info["results"]["before"]
+    _write_json_atomic(run_json, info)
+    compress = _trainer_compress()
+    t0 = time.perf_counter()
+    result = compress(model, config, train_loader, val_loader, run_dir=out, resume=resume, progress=progress)
+    wall = time.perf_counter() - t0
+    trained = result.model.eval()
+    device = next(trained.parameters()).device
+    layers = svd_layers(trained)
+    exported = export(trained, export_mode, objective=objective, example_inputs=example.to(device))
+    artifact = save(exported, out / "model", arch=arch, config=config, input_size=list(example.shape[1:]))
+    top1_a, top5_a = evaluate(exported, val_loader)
+    after_summary = summarize(exported.to("cpu"), example)
+    after = {"params": after_summary.params, "macs": after_summary.macs, "top1": top1_a, "top5": top5_a}
+    info.update(status="done", wall_s=wall, artifact=str(artifact),
+                full_ranks={n: m.full_rank for n, m in layers}, ranks={n: m.rank for n, m in layers},
+                results={"before": before, "after": after})
+    _write_json_atomic(run_json, info)
+    if json_out:
+        _emit_json({"run_dir": str(out), "artifact": str(artifact), "before": before, "after": after,
+                    "ranks": info["ranks"], "wall_s": wall})
+    else:
+        console = _out()
+        console.print(_before_after_table(f"{model_spec}: DPRP ({config.epochs} epochs, {len(train)} train / "
+                                          f"{len(val)} val images, export {export_mode})", before, after))
+        console.print(f"Run directory: {out}  (exported model: {artifact}; plots: dprp report {out})")
+    return info
+
+
+def run_compress(*, model: str | None, data: str | None, out: Path | None, config_file: Path | None,
+                 preset: str | None, resume: bool, limit_train: int | None, limit_val: int | None, export_mode: str,
+                 objective: str, image_size: int | None, arch: str | None, num_classes: int | None,
+                 trust_pickle: bool, quiet: bool, json_out: bool, overrides: dict[str, Any]) -> None:
+    """`dprp compress`."""
+    with cli_errors():
+        if out is None:
+            raise ValueError("--out RUN_DIR is required: the run directory to write (or to resume with --resume).")
+        base: dict[str, Any] | None = None
+        resume_path = None
+        if resume:
+            resume_path = out / "checkpoint.pt"
+            if not resume_path.is_file():
+                raise ValueError(f"--resume: {str(resume_path)!r} does not exist; start the run without --resume.")
+            info = read_run_info(out)
+            model = model or info.get("model")
+            data = data or info.get("data")
+            base = info.get("config") if isinstance(info.get("config"), dict) else None
+            limit_train = limit_train or info.get("limit_train")
+            limit_val = limit_val or info.get("limit_val")
+            image_size = image_size or info.get("image_size")
+            arch = arch or info.get("arch_flag")
+        elif out.exists() and (out / "checkpoint.pt").exists():
+            raise ValueError(f"--out {str(out)!r} already holds a run (checkpoint.pt); pass --resume to continue it "
+                             "or choose another directory.")
+        if not model:
+            raise ValueError("MODEL is required (e.g. cifar:resnet20@cifar10_resnet20.th); see `dprp compress --help`.")
+        if not data:
+            raise ValueError("--data is required: a directory with train/ and val/ or test/, a .tar.gz, or "
+                             "cifar10:DIR.")
+        config = build_config(base=base, preset=preset, config_file=config_file, overrides=overrides)
+        net, net_arch = _load(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle)
+        if net_arch.split(":", 1)[0] not in ARCH_KINDS:
+            raise ValueError(f"cannot tell the architecture of {model!r}, so the compressed model could not be saved "
+                             "without pickle; pass --arch timm:NAME, torchvision:NAME or cifar:NAME.")
+        if _is_factorized(net):
+            raise ValueError(f"{model!r} is already factorized; compress the original model, or continue its run "
+                             "with --resume.")
+        recipe = data_recipe(net_arch, net)
+        if image_size is not None:
+            recipe = DataRecipe(recipe.mean, recipe.std, image_size, recipe.augment, "--image-size")
+        train, val = open_data(data, image_size=recipe.image_size, progress=not quiet and not json_out)
+        if limit_train is not None:
+            train = subset(train, min(limit_train, len(train)), seed=config.seed)
+        if limit_val is not None:
+            val = subset(val, min(limit_val, len(val)), seed=config.seed)
+        pretrained = "@" in model or not model.startswith(ARCH_KINDS)
+        net = _match_classes(net, train.num_classes, pretrained and num_classes is None)
+        compress_pipeline(model=net, arch=net_arch, model_spec=model, data_spec=data, train=train, val=val,
+                          recipe=recipe, config=config, out=out, export_mode=export_mode, objective=objective,
+                          resume=resume_path, progress=not quiet and not json_out, json_out=json_out,
+                          extra={"limit_train": limit_train, "limit_val": limit_val, "image_size": image_size,
+                                 "arch_flag": arch})
+
+
+# ----------------------------------------------------------------------------- export
+def run_export(*, source: str, out: Path, mode: str, fmt: str, objective: str, input_size: str | None,
+               arch: str | None, trust_pickle: bool, json_out: bool) -> None:
+    """`dprp export`."""
+    with cli_errors():
+        from ..export import layer_forms, save, to_onnx, to_pt2
+        from ..export import export as export_model
+
+        net, net_arch = _load(source, arch=arch, num_classes=None, trust_pickle=trust_pickle)
+        recipe = data_recipe(net_arch, net)
+        size = _input_size(net, recipe, input_size)
+        if input_size is None and Path(source).is_dir() and (Path(source) / "run.json").is_file():
+            recorded = read_run_info(source).get("input_size")
+            size = tuple(recorded) if recorded else size
+        example = torch.zeros(1, *size)
+        exported = export_model(net, mode, objective=objective, example_inputs=example)
+        if fmt == "safetensors":
+            rebuildable = net_arch if net_arch.split(":", 1)[0] in ARCH_KINDS else None
+            path = save(exported, out, arch=rebuildable, config=getattr(net, "_dprp_config", None),
+                        input_size=list(size))
+        elif fmt == "onnx":
+            path = to_onnx(exported, out, example)
+        else:
+            path = to_pt2(exported, out, example)
+        forms: dict[str, int] = {}
+        for entry in layer_forms(exported).values():
+            forms[entry["form"]] = forms.get(entry["form"], 0) + 1
+        params = count_params(exported)
+        macs, _ = _macs(exported, example)
+        result = {"source": source, "arch": net_arch, "mode": mode, "objective": objective, "format": fmt,
+                  "out": str(path), "input_size": list(size), "layers": forms, "params": params, "macs": macs}
+        if json_out:
+            _emit_json(result)
+        else:
+            _out().print(f"Wrote {fmt} to {path}: {params:,} parameters, {_si(macs)} MACs per image; layers "
+                         + (", ".join(f"{v} {k}" for k, v in forms.items()) or "none factorized") + ".")
+
+
+# ----------------------------------------------------------------------------- eval
+def run_eval(*, model: str, data: str, limit: int | None, batch_size: int, latency: bool, latency_runs: int = 5,
+             image_size: int | None,
+             arch: str | None, num_classes: int | None, trust_pickle: bool, json_out: bool) -> None:
+    """`dprp eval`."""
+    with cli_errors():
+        spec = model
+        if Path(model).is_dir() and (Path(model) / "run.json").is_file() and (Path(model) / "model").is_dir():
+            spec = str(Path(model) / "model")  # the exported artifact is what gets deployed
+            _note(f"Evaluating the exported model {spec}.")
+        net, net_arch = _load(spec, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle)
+        _set_training(net, False)
+        recipe = data_recipe(net_arch, net)
+        size = image_size or recipe.image_size
+        if size is None and getattr(net, "_dprp_input_size", None):
+            size = int(net._dprp_input_size[-1])
+        _, val = open_data(data, image_size=size, progress=not json_out)
+        if limit is not None:
+            val = subset(val, min(limit, len(val)))
+        outputs = infer_num_classes(net)
+        if outputs is not None and outputs < val.num_classes:
+            raise ValueError(f"the model has {outputs} outputs but {data!r} has {val.num_classes} classes; evaluate it "
+                             "on data with the classes it was trained on.")
+        loader = TensorLoader(val, batch_size, mean=recipe.mean, std=recipe.std)
+        top1, top5 = evaluate(net, loader)
+        example = torch.zeros(1, *val.image_shape)
+        macs, _ = _macs(net, example)
+        result: dict[str, Any] = {"model": model, "arch": net_arch, "data": data, "images": len(val), "top1": top1,
+                                  "top5": top5, "params": count_params(net), "macs": macs}
+        if latency:
+            g = torch.Generator().manual_seed(0)
+            for b in (1, 64):
+                x = torch.randn(b, *val.image_shape, generator=g)
+                result[f"latency_ms_b{b}"] = 1000 * measure_latency(net, x, runs=latency_runs)
+            result["threads"] = torch.get_num_threads()
+        if json_out:
+            _emit_json(result)
+            return
+        table = Table(title=f"{model} on {data} ({len(val)} images)")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        table.add_row("top-1 (%)", f"{top1:.2f}")
+        table.add_row("top-5 (%)", f"{top5:.2f}")
+        table.add_row("parameters", f"{result['params']:,}")
+        table.add_row("MACs / image", _si(macs))
+        if latency:
+            table.add_row("latency batch 1 (ms)", f"{result['latency_ms_b1']:.2f}")
+            table.add_row("latency batch 64 (ms)", f"{result['latency_ms_b64']:.1f}")
+        _out().print(table)
+
+
+# ----------------------------------------------------------------------------- report
+def run_report(*, run_dir: Path, json_out: bool) -> None:
+    """`dprp report`."""
+    with cli_errors():
+        from ..report import make_report
+
+        if not run_dir.is_dir():
+            raise ValueError(f"run directory {str(run_dir)!r} does not exist; pass the --out of `dprp compress`.")
+        path = make_report(run_dir)
+        plots = sorted(p.name for p in run_dir.glob("*.png"))
+        if json_out:
+            _emit_json({"report": str(path), "plots": [str(run_dir / p) for p in plots]})
+        else:
+            _out().print(f"Wrote {path} and {len(plots)} plots: {', '.join(plots)}")
+
+
+# ----------------------------------------------------------------------------- demo
+DEMO_TRAIN, DEMO_TEST = 2000, 1000
+DEMO_CONFIG: dict[str, Any] = {"batch_size": 128, "lr": 3e-4, "epsilon": 0.5, "lambda_comp": 0.5, "seed": 0}
+"""Overrides of the "finetune" preset used by `dprp demo`."""
+
+
+def _demo_archive() -> Path | None:
+    env = os.environ.get("DPRP_DEMO_DATA")
+    if env:
+        p = Path(env).expanduser()
+        if not p.exists():
+            raise ValueError(f"$DPRP_DEMO_DATA={env!r} does not exist; unset it or point it at cifar10-jpeg.tar.gz.")
+        return p
+    p = REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
+    return p if p.is_file() else None
+
+
+def _decode(data: bytes) -> torch.Tensor:
+    import io as _io
+
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(_io.BytesIO(data)) as im:
+        arr = np.asarray(im.convert("RGB").resize((32, 32)) if im.size != (32, 32) else im.convert("RGB"))
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def _balanced_from_members(items: Iterator[tuple[str, str, bytes | None]], quota: dict[str, int]
+                           ) -> tuple[TensorImageDataset, TensorImageDataset]:
+    """Take the first images of every class per split from (split, class, bytes) items."""
+    from ..data import IMG_EXTENSIONS  # noqa: F401 - extensions are checked by the callers
+
+    got: dict[str, dict[str, list[torch.Tensor]]] = {"train": {}, "test": {}}
+    for split, cls, payload in items:
+        per = got[split].setdefault(cls, [])
+        if len(per) < quota[split] and payload is not None:
+            per.append(_decode(payload))
+    out = []
+    classes = sorted(set(got["train"]) & set(got["test"]))
+    if len(classes) < 2:
+        raise ValueError("the demo data has fewer than two classes in both train/ and test/.")
+    for split in ("train", "test"):
+        images, targets = [], []
+        for i, c in enumerate(classes):
+            images += got[split][c]
+            targets += [i] * len(got[split][c])
+        out.append(TensorImageDataset(torch.stack(images), torch.tensor(targets), classes))
+    return out[0], out[1]
+
+
+def _demo_split(parts: Sequence[str]) -> tuple[str, str] | None:
+    """(split, class) of an archive/directory path .../train|test|val/<class>/<file>."""
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i - 1] in ("train", "test", "val"):
+            return ("train" if parts[i - 1] == "train" else "test"), parts[i]
+    return None
+
+
+def _demo_cifar(source: Path) -> tuple[TensorImageDataset, TensorImageDataset]:
+    """A class-balanced subset (2,000 train / 1,000 test) read straight from the archive or folder."""
+    from ..data import IMG_EXTENSIONS
+
+    n_classes_guess = 10
+    quota = {"train": DEMO_TRAIN // n_classes_guess, "test": DEMO_TEST // n_classes_guess}
+
+    def from_tar() -> Iterator[tuple[str, str, bytes | None]]:
+        with tarfile.open(source, "r:*") as tar:
+            for member in tar:
+                if not member.isfile() or not member.name.lower().endswith(IMG_EXTENSIONS):
+                    continue
+                where = _demo_split(Path(member.name).parts)
+                if where is None:
+                    continue
+                f = tar.extractfile(member)
+                yield where[0], where[1], f.read() if f is not None else None
+
+    def from_dir() -> Iterator[tuple[str, str, bytes | None]]:
+        for split_name in ("train", "test", "val"):
+            split_dir = source / split_name
+            if not split_dir.is_dir():
+                continue
+            for cls_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+                files = sorted(p for p in cls_dir.iterdir() if p.suffix.lower() in IMG_EXTENSIONS)
+                key = "train" if split_name == "train" else "test"
+                for p in files[: quota[key]]:
+                    yield key, cls_dir.name, p.read_bytes()
+
+    try:
+        return _balanced_from_members(from_tar() if source.is_file() else from_dir(), quota)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise ValueError(f"cannot read the demo data {str(source)!r} ({type(exc).__name__}: {exc}).") from None
+
+
+def synthetic_dataset(n_train: int | None = None, n_test: int | None = None, n_classes: int = 10, seed: int = 0
+                      ) -> tuple[TensorImageDataset, TensorImageDataset]:
+    """A SYNTHETIC 10-class set of 32x32 images: per class an oriented colour grating, plus noise and jitter."""
+    n_train = DEMO_TRAIN if n_train is None else n_train
+    n_test = DEMO_TEST if n_test is None else n_test
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    classes = [f"synthetic-{i}" for i in range(n_classes)]
+
+    def make(n: int) -> TensorImageDataset:
+        targets = torch.arange(n) % n_classes
+        angle = targets.float() * math.pi / n_classes + 0.15 * torch.randn(n, generator=g)
+        freq = 0.25 + 0.05 * (targets % 3).float()
+        phase = 2 * math.pi * torch.rand(n, generator=g)
+        direction = xx * torch.cos(angle)[:, None, None] + yy * torch.sin(angle)[:, None, None]
+        wave = torch.sin(freq[:, None, None] * direction + phase[:, None, None])
+        hue = torch.stack([(targets % 3 == c).float() * 0.5 + 0.25 for c in range(3)], 1)
+        img = 0.5 + 0.35 * wave[:, None] * hue[:, :, None, None] + 0.12 * torch.randn(n, 3, 32, 32, generator=g)
+        return TensorImageDataset((img.clamp(0, 1) * 255).round().to(torch.uint8), targets, classes)
+
+    return make(n_train), make(n_test)
+
+
+def run_demo(*, out: Path, epochs: int, quiet: bool, json_out: bool) -> None:
+    """`dprp demo`."""
+    with cli_errors():
+        from ..io import build_arch
+        from ..report import make_report
+
+        if (out / "checkpoint.pt").exists():
+            raise ValueError(f"--out {str(out)!r} already holds a run; choose another directory or delete it.")
+        torch.manual_seed(0)
+        source = _demo_archive()
+        if source is not None:
+            train, val = _demo_cifar(source)
+            data_spec = f"demo: CIFAR-10 JPEG subset of {source} ({len(train)} train / {len(val)} test)"
+        else:
+            train, val = synthetic_dataset()
+            data_spec = "demo: SYNTHETIC procedural 10-class dataset (no CIFAR-10 archive found)"
+            _note("No CIFAR-10 archive found ($DPRP_DEMO_DATA or ../shared/datasets/cifar10-jpeg.tar.gz): using a "
+                  "SYNTHETIC 10-class dataset. Its accuracies say nothing about real data.")
+        weights = REPO.parent / "shared" / "models" / "cifar10_resnet20.th"
+        if weights.is_file() and train.num_classes == 10:
+            model_spec = f"cifar:resnet20@{weights}"
+            net, net_arch = load_model(model_spec)
+        else:
+            model_spec = "cifar:resnet20 (random init)"
+            net, net_arch = build_arch("cifar:resnet20", train.num_classes), "cifar:resnet20"
+            _note("Pretrained ResNet-20 weights not found: starting from a random initialisation.")
+        if not json_out:
+            _err().print(f"[bold]dprp demo[/bold]: {escape(model_spec)} on {escape(data_spec)}, {epochs} epochs.")
+        # Pretrained factors need a small learning rate (SGD on U, s, V scales the effective step on W by about
+        # s^2); epsilon 0.5 and lambda_comp 0.5 make the pruning visible within two short epochs.
+        config = DPRPConfig.preset("finetune", **DEMO_CONFIG, epochs=epochs)
+        recipe = data_recipe(net_arch, net)
+        compress_pipeline(model=net, arch=net_arch, model_spec=model_spec, data_spec=data_spec, train=train,
+                                 val=val, recipe=recipe, config=config, out=out, export_mode="auto",
+                                 objective="params", resume=None, progress=not quiet and not json_out,
+                                 json_out=json_out, extra={"demo": True, "synthetic": source is None})
+        report = make_report(out)
+        if not json_out:
+            _out().print(f"Report: {report} (plots: {', '.join(sorted(p.name for p in out.glob('*.png')))})")

@@ -1,0 +1,596 @@
+"""Deployment of compressed models: standard-layer exports, pickle-free artifacts, ONNX and .pt2.
+
+After training, every SVD layer can be deployed in one of two standard-layer forms:
+
+* ``"dense"``: ``layer.to_dense()``, the original nn layer. The state dict then loads with
+  ``strict=True`` into a fresh instance of the original architecture.
+* ``"factorized"``: ``layer.to_factorized()``, an ``nn.Sequential`` of two standard layers.
+
+``export(model, "auto")`` picks, per layer, whichever of the two is cheaper for an objective
+(parameters, MACs or measured latency), so the result is never worse than the dense model for
+that objective.
+
+Artifacts (:func:`save` / :func:`load`) are directories holding ``model.safetensors`` and a
+``manifest.json`` that records the architecture spec (``timm:resnet50``, ``cifar:resnet20``, ...)
+and, per replaced layer, its form and constructor spec; loading rebuilds the architecture,
+swaps the listed layers and loads the weights strictly. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .layers import MATRICIZATIONS, TWINS, SVDLayer, layer_from_spec
+
+__all__ = [
+    "ARTIFACT_FORMAT",
+    "ARTIFACT_VERSION",
+    "FORMS",
+    "MODES",
+    "OBJECTIVES",
+    "export",
+    "layer_forms",
+    "load",
+    "save",
+    "to_onnx",
+    "to_pt2",
+]
+
+MODES: tuple[str, ...] = ("dense", "factorized", "auto")
+OBJECTIVES: tuple[str, ...] = ("params", "macs", "latency")
+FORMS: tuple[str, ...] = ("svd", "factorized", "dense")
+ARTIFACT_FORMAT = "dprp-artifact"
+ARTIFACT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+
+_LAYERS_ATTR = "_dprp_layers"
+_ARCH_ATTR = "_dprp_arch"
+_CONFIG_ATTR = "_dprp_config"
+_REALISED = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+# ----------------------------------------------------------------------------- forms
+def layer_forms(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Every layer that surgery replaced, in module order: ``name -> {"form", "spec"}``.
+
+    ``form`` is "svd" for an :class:`~dprp_surgery.layers.SVDLayer`, or "dense"/"factorized" for
+    a layer realised by :func:`export` (or loaded from an artifact); ``spec`` is the SVD layer's
+    ``spec()`` (type, hyper-parameters, scheme, rank). Shared modules are listed once.
+    """
+    recorded = getattr(model, _LAYERS_ATTR, None) or {}
+    out: dict[str, dict[str, Any]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, SVDLayer):
+            out[name] = {"form": "svd", "spec": m.spec()}
+        elif name in recorded:
+            entry = recorded[name]
+            form = entry.get("form")
+            realised = isinstance(m, nn.Sequential) if form == "factorized" else isinstance(m, _REALISED)
+            if form in ("factorized", "dense") and realised:
+                out[name] = {"form": form, "spec": dict(entry["spec"])}
+    return out
+
+
+def _aliases(model: nn.Module) -> dict[int, list[str]]:
+    """id(module) -> every qualified name it is reachable under."""
+    out: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        out.setdefault(id(m), []).append(name)
+    return out
+
+
+def _svd_type(spec: dict) -> type[SVDLayer]:
+    by_name = {t.__name__: t for t in TWINS.values()}
+    if spec.get("type") not in by_name:
+        raise ValueError(f"unknown layer type {spec.get('type')!r} in a layer spec; expected one of "
+                         f"{', '.join(by_name)}")
+    return by_name[spec["type"]]
+
+
+def _as_svd(module: nn.Module, entry: dict[str, Any]) -> SVDLayer:
+    """The SVD layer behind a replaced layer in any form (exact up to float rounding)."""
+    if isinstance(module, SVDLayer):
+        return module
+    spec = entry["spec"]
+    ref = next(iter(module.parameters()))
+    if entry["form"] == "dense":
+        cls = _svd_type(spec)
+        return cls.from_dense(module, scheme=spec.get("scheme", "channel"), rank=spec["rank"])
+    layer = layer_from_spec(spec, device="meta", dtype=ref.dtype).to_empty(device=ref.device)
+    u, v, bias = _factors_of(module, layer)
+    with torch.no_grad():
+        matrix = u.to(torch.float32) @ v.to(torch.float32).T
+        weight = MATRICIZATIONS[layer.scheme].to_weight(matrix, layer.weight_shape)
+        layer._set_from_weight(weight)  # the SVD of a rank-r matrix at rank r is exact
+        if layer.bias is not None:
+            layer.bias.copy_(bias)
+    layer.train(module.training)
+    return layer
+
+
+def _factors_of(seq: nn.Module, layer: SVDLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(U', V', bias) with U' V'^T = M from a ``to_factorized`` realisation (inverse of its weight maps)."""
+    parts = [m for m in seq if isinstance(m, _REALISED)] if isinstance(seq, nn.Sequential) else []
+    if len(parts) != 2:
+        raise ValueError(f"expected a two-layer factorized realisation for {layer.spec()['type']}, got {seq}")
+    first, second = parts
+    w1, w2 = first.weight.detach(), second.weight.detach()
+    r = layer.rank
+    if isinstance(layer, TWINS[nn.Linear]):
+        return w2, w1.T, second.bias
+    s, c, g = layer.out_channels, layer.in_channels, layer.groups
+    k = math.prod(layer.kernel_size)
+    if layer.scheme == "channel":
+        return w2.reshape(s, r), w1.reshape(r, -1).T, second.bias
+    if layer.scheme == "spatial":
+        kh = layer.kernel_size[0]
+        u = w2.reshape(s, r, kh).permute(0, 2, 1).reshape(s * kh, r)
+        return u, w1.reshape(r, -1).T, second.bias
+    if layer._paper_order() == "depthwise_first":
+        v = w1.reshape(c, r, k)[0].T  # every channel holds the same r basis filters
+        return w2.reshape(s * (c // g), r), v, second.bias
+    u = w1.reshape(s, r, c // g).permute(0, 2, 1).reshape(s * (c // g), r)
+    v = w2.reshape(s, r, k)[0].T  # (V diag(s)), same for every output channel
+    return u, v, second.bias
+
+
+# ----------------------------------------------------------------------------- costs
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _macs(module: nn.Module, shape: Sequence[int], dtype: torch.dtype) -> int:
+    """MACs of one forward of `module` on a meta input of `shape` (torch's flop counter / 2)."""
+    meta = copy.deepcopy(module).to("meta")
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        meta(torch.empty(tuple(shape), device="meta", dtype=dtype))
+    return counter.get_total_flops() // 2
+
+
+def _latencies(modules: Sequence[nn.Module], shape: Sequence[int], runs: int = 9, warmup_s: float = 0.02
+               ) -> list[float]:
+    """Median seconds of one forward of each module on the same random input of `shape`.
+
+    The modules are warmed up (at least two calls each and `warmup_s` seconds) and then timed in interleaved
+    rounds, so that slow drifts of a shared machine's load hit every candidate alike.
+    """
+    ref = next(iter(modules[0].parameters()))
+    x = torch.randn(tuple(shape), device=ref.device, dtype=ref.dtype)
+    cuda = ref.device.type == "cuda"
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    times: list[list[float]] = [[] for _ in modules]
+    try:
+        with torch.inference_mode():
+            for m in modules:
+                start, calls = time.perf_counter(), 0
+                while calls < 2 or time.perf_counter() - start < warmup_s:
+                    m(x)
+                    calls += 1
+            for _ in range(runs):
+                for i, m in enumerate(modules):
+                    if cuda:
+                        torch.cuda.synchronize(ref.device)
+                    t0 = time.perf_counter()
+                    m(x)
+                    if cuda:
+                        torch.cuda.synchronize(ref.device)
+                    times[i].append(time.perf_counter() - t0)
+    finally:
+        for m, was in zip(modules, modes):
+            m.train(was)
+    return [statistics.median(t) for t in times]
+
+
+def _record_shapes(model: nn.Module, names: list[str], example_inputs: Any) -> dict[str, tuple[int, ...]]:
+    """Input shape of each named module in one eval-mode forward of `example_inputs`."""
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    shapes: dict[str, tuple[int, ...]] = {}
+    handles = []
+    for name in names:
+        def hook(mod, args, name=name):
+            if name not in shapes and args and isinstance(args[0], torch.Tensor):
+                shapes[name] = tuple(args[0].shape)
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+# ----------------------------------------------------------------------------- export
+def export(model: nn.Module, mode: str = "dense", *, objective: str = "params",
+           example_inputs: Any = None) -> nn.Module:
+    """A copy of `model` with every SVD layer realised by standard torch.nn layers.
+
+    Args:
+        model: A factorized (and trained/pruned) model; also accepts models already exported or
+            loaded from an artifact (their realised layers are converted between forms exactly).
+        mode: "dense" (every layer ``to_dense()``: the state dict loads strictly into the
+            original architecture), "factorized" (every layer ``to_factorized()``) or "auto"
+            (per layer the cheaper of the two by `objective`).
+        objective: For "auto": "params" (parameter count), "macs" (multiply-accumulates for
+            `example_inputs`) or "latency" (median forward time of both forms of each layer on
+            its device, with the layer's input shape for `example_inputs`).
+        example_inputs: A tensor or tuple of inputs; needed for "macs" and "latency".
+
+    Returns:
+        The exported copy (the input model is untouched). ``layer_forms(result)`` lists each
+        layer's chosen form; :func:`save` writes it as an artifact.
+
+    Raises:
+        ValueError: Unknown mode/objective, or a missing `example_inputs`.
+    """
+    if mode not in MODES:
+        raise ValueError(f"export mode={mode!r} is unknown; use one of {', '.join(MODES)}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"export objective={objective!r} is unknown; use one of {', '.join(OBJECTIVES)}")
+    if mode == "auto" and objective in ("macs", "latency") and example_inputs is None:
+        raise ValueError(f"export(mode='auto', objective={objective!r}) needs example_inputs to know each layer's "
+                         "input shape")
+    new = copy.deepcopy(model)
+    entries = layer_forms(new)
+    aliases = _aliases(new)
+    shapes: dict[str, tuple[int, ...]] = {}
+    if mode == "auto" and objective in ("macs", "latency") and entries:
+        shapes = _record_shapes(new, list(entries), example_inputs)
+    decisions: dict[str, dict[str, Any]] = {}
+    for name, entry in entries.items():
+        current = new.get_submodule(name)
+        if mode != "auto" and entry["form"] == mode:
+            decisions[name] = {"form": mode, "spec": entry["spec"]}
+            continue
+        svd = _as_svd(current, entry)
+        if mode == "auto":
+            dense, fact = svd.to_dense(), svd.to_factorized()
+            target = _cheaper(dense, fact, objective, shapes.get(name), svd.U.dtype)
+            replacement = dense if target == "dense" else fact
+        else:
+            target = mode
+            replacement = svd.to_dense() if mode == "dense" else svd.to_factorized()
+        replacement.train(current.training)
+        for p in replacement.parameters():
+            p.requires_grad_(svd.U.requires_grad)
+        for alias in aliases[id(current)]:
+            new.set_submodule(alias, replacement)
+        decisions[name] = {"form": target, "spec": entry["spec"]}
+    object.__setattr__(new, _LAYERS_ATTR, decisions)
+    return new
+
+
+def _cheaper(dense: nn.Module, fact: nn.Module, objective: str, shape: tuple[int, ...] | None,
+             dtype: torch.dtype) -> str:
+    """"factorized" when it is strictly cheaper than "dense" by the objective, else "dense"."""
+    if objective == "params" or shape is None:
+        return "factorized" if _count(fact) < _count(dense) else "dense"
+    if objective == "macs":
+        return "factorized" if _macs(fact, shape, dtype) < _macs(dense, shape, dtype) else "dense"
+    t_dense, t_fact = _latencies([dense, fact], shape)
+    return "factorized" if t_fact < t_dense else "dense"
+
+
+# ----------------------------------------------------------------------------- artifacts
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def save(model: nn.Module, path: str | os.PathLike[str], *, arch: str | None = None, config: Any = None,
+         input_size: Sequence[int] | None = None) -> Path:
+    """Write `model` as a pickle-free artifact directory `path/` (atomically).
+
+    The directory holds ``model.safetensors`` (the state dict) and ``manifest.json`` (format
+    version, dprp_surgery version, `arch`, num_classes, every replaced layer's form and spec, the
+    DPRP config, the input size when known, and the weights' sha256).
+
+    Args:
+        model: A factorized or exported model.
+        path: Directory to create; an existing artifact there is replaced.
+        arch: Architecture spec, e.g. "timm:resnet50", "torchvision:resnet18", "cifar:resnet20".
+            Inferred for timm models, CIFAR ResNets and models loaded by dprp_surgery.
+        config: The DPRPConfig (or its dict) the model was compressed with.
+        input_size: (C, H, W) of one input, recorded for later exports.
+
+    Returns:
+        The artifact directory.
+
+    Raises:
+        ValueError: When the architecture cannot be inferred (pass `arch=`), or `path` exists and is
+            not an artifact directory.
+    """
+    from .io import ARCH_KINDS, infer_arch, infer_num_classes
+
+    arch = arch or infer_arch(model)
+    if not arch:
+        raise ValueError(f"cannot tell the architecture of {type(model).__name__}; pass arch= (e.g. "
+                         "arch='torchvision:resnet18', 'timm:resnet50' or 'cifar:resnet20') so the artifact can be "
+                         "rebuilt without pickle.")
+    kind = arch.split(":", 1)[0]
+    if kind not in ARCH_KINDS or "@" in arch:
+        raise ValueError(f"arch={arch!r} cannot be rebuilt; use timm:NAME, torchvision:NAME or cifar:NAME.")
+    path = Path(path).expanduser()
+    if path.exists() and not (path.is_dir() and ((path / MANIFEST_FILE).is_file() or not any(path.iterdir()))):
+        raise ValueError(f"refusing to overwrite {str(path)!r}: it exists and is not a dprp artifact directory; "
+                         "choose another --out path.")
+    if config is not None and hasattr(config, "to_dict"):
+        config = config.to_dict()
+    if config is None:
+        config = getattr(model, _CONFIG_ATTR, None)
+    floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    manifest = {
+        "format": ARTIFACT_FORMAT,
+        "format_version": ARTIFACT_VERSION,
+        "dprp_surgery_version": _version(),
+        "torch_version": torch.__version__,
+        "arch": arch,
+        "num_classes": infer_num_classes(model),
+        "dtype": str(floats[0]).removeprefix("torch.") if floats else "float32",
+        "input_size": list(input_size) if input_size is not None else getattr(model, "_dprp_input_size", None),
+        "layers": layer_forms(model),
+        "config": config,
+        "weights": WEIGHTS_FILE,
+    }
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "arch": arch})
+        manifest["sha256"] = _sha256(tmp / WEIGHTS_FILE)
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _read_manifest(root: Path) -> dict[str, Any]:
+    """The checked manifest of an artifact directory."""
+    if not root.exists():
+        raise ValueError(f"artifact {str(root)!r} does not exist; write one with dprp_surgery.export.save or "
+                         "`dprp export ... --format safetensors --out DIR`.")
+    if not root.is_dir():
+        raise ValueError(f"artifact {str(root)!r} is a file; a dprp artifact is a directory holding {MANIFEST_FILE} "
+                         f"and {WEIGHTS_FILE} (written by `dprp export --format safetensors`).")
+    mpath = root / MANIFEST_FILE
+    if not mpath.is_file():
+        raise ValueError(f"{str(mpath)!r} is missing: {str(root)!r} is not a dprp artifact; re-export it with "
+                         "`dprp export RUN_DIR --format safetensors --out DIR`.")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{str(mpath)!r} is corrupt ({exc}); re-export the model.") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != ARTIFACT_FORMAT:
+        raise ValueError(f"{str(mpath)!r} is not a dprp artifact manifest (format is not {ARTIFACT_FORMAT!r}); "
+                         "re-export the model.")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > ARTIFACT_VERSION:
+        raise ValueError(f"{str(mpath)!r} has format_version {version!r}, newer than this dprp_surgery reads "
+                         f"({ARTIFACT_VERSION}); upgrade dprp_surgery.")
+    for key in ("arch", "layers"):
+        if key not in manifest:
+            raise ValueError(f"{str(mpath)!r} is corrupt: the {key!r} entry is missing; re-export the model.")
+    return manifest
+
+
+def load(path: str | os.PathLike[str]) -> nn.Module:
+    """Rebuild a model saved by :func:`save` (no pickle), in eval mode.
+
+    The architecture is rebuilt from the manifest's ``arch`` spec, each listed layer is replaced
+    by its SVD layer or factorized realisation (built on the meta device, then materialised),
+    and the safetensors weights are loaded with ``strict=True``.
+
+    Raises:
+        ValueError: Missing or corrupt manifest/weights (naming the file and what to do), or
+            weights that do not fit the rebuilt model.
+    """
+    from .io import build_arch
+
+    root = Path(path).expanduser()
+    manifest = _read_manifest(root)
+    mpath = root / MANIFEST_FILE
+    wpath = root / str(manifest.get("weights", WEIGHTS_FILE))
+    if not wpath.is_file():
+        raise ValueError(f"{str(wpath)!r} is missing from the artifact {str(root)!r}; re-export the model.")
+    expected = manifest.get("sha256")
+    if expected and _sha256(wpath) != expected:
+        raise ValueError(f"{str(wpath)!r} is corrupt: its sha256 differs from the one in {MANIFEST_FILE}; "
+                         "re-export the model.")
+    try:
+        from safetensors.torch import load_file
+
+        state = load_file(str(wpath), device="cpu")
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"{str(wpath)!r} is corrupt or not a safetensors file ({type(exc).__name__}: {exc}); "
+                         "re-export the model.") from None
+    arch = manifest["arch"]
+    try:
+        model = build_arch(arch, manifest.get("num_classes"))
+    except ValueError as exc:
+        raise ValueError(f"{str(mpath)!r}: cannot rebuild arch {arch!r}: {exc}") from None
+    dtype = getattr(torch, str(manifest.get("dtype", "float32")), torch.float32)
+    layers = manifest["layers"]
+    if not isinstance(layers, dict):
+        raise ValueError(f"{str(mpath)!r} is corrupt: 'layers' must be a mapping; re-export the model.")
+    aliases = _aliases(model)
+    recorded: dict[str, dict[str, Any]] = {}
+    for name, entry in layers.items():
+        try:
+            current = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{str(mpath)!r} lists layer {name!r}, which {arch} does not have; the manifest does "
+                             "not match its architecture.") from None
+        form, spec = entry.get("form"), entry.get("spec")
+        if form not in FORMS or not isinstance(spec, dict):
+            raise ValueError(f"{str(mpath)!r}: layer {name!r} has an invalid entry (form {form!r}); re-export.")
+        if form == "dense":
+            recorded[name] = {"form": form, "spec": spec}
+            continue
+        try:
+            layer = layer_from_spec(spec, device="meta", dtype=dtype)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{str(mpath)!r}: layer {name!r} has an invalid spec ({exc}); re-export.") from None
+        new = layer.to_factorized() if form == "factorized" else layer
+        new = new.to_empty(device="cpu")
+        for alias in aliases[id(current)]:
+            model.set_submodule(alias, new)
+        if form == "factorized":
+            recorded[name] = {"form": form, "spec": spec}
+    if dtype != torch.float32:
+        model.to(dtype)
+    from .io import _fit_report
+
+    missing, unexpected, bad = _fit_report(model, state)
+    missing = missing + [k for k in model.state_dict() if k.endswith("num_batches_tracked") and k not in state]
+    if missing or unexpected or bad:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:5])}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:5])}")
+        if bad:
+            parts.append(f"wrong shape {'; '.join(bad[:3])}")
+        raise ValueError(f"{str(wpath)!r} does not fit the model described by {MANIFEST_FILE} ({arch}): "
+                         f"{'; '.join(parts)}. The artifact is inconsistent; re-export it.")
+    model.load_state_dict(state, strict=True)
+    object.__setattr__(model, _LAYERS_ATTR, recorded)
+    object.__setattr__(model, _ARCH_ATTR, arch)
+    object.__setattr__(model, _CONFIG_ATTR, manifest.get("config"))
+    if manifest.get("input_size"):
+        object.__setattr__(model, "_dprp_input_size", list(manifest["input_size"]))
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- graph formats
+def _as_tuple(example_inputs: Any) -> tuple:
+    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+
+
+def _batch_shapes(inputs: tuple) -> tuple[tuple, tuple]:
+    """Inputs with a batch of at least 2 (so the batch stays symbolic) and their dynamic shapes."""
+    batch = torch.export.Dim("batch")
+    grown = tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.ndim and x.shape[0] == 1 else x
+                  for x in inputs)
+    dyn = tuple({0: batch} if isinstance(x, torch.Tensor) and x.ndim else None for x in inputs)
+    return grown, dyn
+
+
+def _atomic_target(path: str | os.PathLike[str], suffix: str) -> tuple[Path, Path]:
+    final = Path(path).expanduser()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.is_dir():
+        raise ValueError(f"output {str(final)!r} is a directory; give a file path ending in {suffix}.")
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix, dir=final.parent)
+    os.close(fd)
+    return final, Path(tmp)
+
+
+def to_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any, *, dynamic_batch: bool = True,
+            opset: int | None = None) -> Path:
+    """Export `model` to ONNX with the torch.export-based exporter (``torch.onnx.export(dynamo=True)``).
+
+    Args:
+        model: Any model (exported or factorized; SVD layers trace to plain matmuls/convs).
+        path: The .onnx file to write.
+        example_inputs: A tensor or tuple of inputs.
+        dynamic_batch: Keep the batch dimension symbolic (the model then runs at any batch size).
+        opset: ONNX opset (None: the exporter's default).
+
+    Returns:
+        The written path. Inputs are named ``input`` (``input_1``, ... for more), the output ``output``.
+    """
+    inputs = _as_tuple(example_inputs)
+    final, tmp = _atomic_target(path, ".onnx")
+    was = model.training
+    model.eval()
+    names = ["input"] + [f"input_{i}" for i in range(1, len(inputs))]
+    kwargs: dict[str, Any] = {"input_names": names, "output_names": ["output"]}
+    if opset is not None:
+        kwargs["opset_version"] = opset
+    try:
+        if dynamic_batch:
+            grown, dyn = _batch_shapes(inputs)
+            torch.onnx.export(model, grown, str(tmp), dynamo=True, dynamic_shapes=dyn, verbose=False, **kwargs)
+        else:
+            torch.onnx.export(model, inputs, str(tmp), dynamo=True, verbose=False, **kwargs)
+        os.replace(tmp, final)
+    finally:
+        model.train(was)
+        if tmp.exists():
+            tmp.unlink()
+    return final
+
+
+def to_pt2(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any, *,
+           dynamic_batch: bool = True) -> Path:
+    """Export `model` with ``torch.export.export`` and write it with ``torch.export.save``.
+
+    Load it back with ``torch.export.load(path).module()``.
+
+    Args:
+        model: Any model.
+        path: The .pt2 file to write.
+        example_inputs: A tensor or tuple of inputs.
+        dynamic_batch: Keep the batch dimension symbolic.
+
+    Returns:
+        The written path.
+    """
+    inputs = _as_tuple(example_inputs)
+    final, tmp = _atomic_target(path, ".pt2")
+    was = model.training
+    model.eval()
+    try:
+        if dynamic_batch:
+            grown, dyn = _batch_shapes(inputs)
+            program = torch.export.export(model, grown, dynamic_shapes=dyn)
+        else:
+            program = torch.export.export(model, inputs)
+        torch.export.save(program, str(tmp))
+        os.replace(tmp, final)
+    finally:
+        model.train(was)
+        if tmp.exists():
+            tmp.unlink()
+    return final

@@ -1,0 +1,713 @@
+"""Model and data specs: turn the strings users type into models, weights and input recipes.
+
+A *model spec* names an architecture and, optionally, local weights:
+
+* ``timm:NAME`` or ``timm:NAME@weights.{safetensors,pth,pt,bin}``: ``timm.create_model(NAME)``;
+* ``torchvision:NAME[@FILE]``: ``torchvision.models.get_model(NAME, weights=None)``;
+* ``cifar:resnet20[@FILE]``: the CIFAR ResNets of :mod:`dprp_surgery.models`
+  (e.g. ``cifar:resnet20@cifar10_resnet20.th``);
+* a directory written by :func:`dprp_surgery.export.save` (a *dprp artifact*, with
+  ``manifest.json`` and ``model.safetensors``);
+* a run directory written by ``dprp compress`` (``run.json`` and ``checkpoint.pt``);
+* a ``.pt2`` file written by ``torch.export.save``;
+* a whole pickled module (``torch.save(model)``), only with ``trust_pickle=True``.
+
+Weights are always read without running code: ``.safetensors`` with safetensors, everything else
+with ``torch.load(..., weights_only=True)``; a file that needs arbitrary unpickling raises
+:class:`UntrustedPickleError` unless the caller explicitly trusts it.
+
+Example:
+    >>> model, arch = load_model("cifar:resnet20")
+    >>> arch
+    'cifar:resnet20'
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ARCH_KINDS",
+    "DataRecipe",
+    "ModelSpec",
+    "ModelSpecError",
+    "UntrustedPickleError",
+    "WEIGHT_SUFFIXES",
+    "build_arch",
+    "data_recipe",
+    "infer_arch",
+    "infer_num_classes",
+    "load_model",
+    "load_run",
+    "parse_model_spec",
+    "read_run_info",
+    "read_state_dict",
+    "set_num_classes",
+]
+
+ARCH_KINDS: tuple[str, ...] = ("timm", "torchvision", "cifar")
+"""Spec prefixes that name a rebuildable architecture."""
+
+WEIGHT_SUFFIXES: tuple[str, ...] = (".safetensors", ".pth", ".pt", ".bin", ".th", ".ckpt")
+"""Suffixes accepted for local weight files after ``@``."""
+
+SPEC_FORMS: tuple[str, ...] = (
+    "timm:NAME[@WEIGHTS] (e.g. timm:resnet18@resnet18.safetensors)",
+    "torchvision:NAME[@WEIGHTS] (e.g. torchvision:resnet18)",
+    "cifar:NAME[@WEIGHTS] (e.g. cifar:resnet20@cifar10_resnet20.th)",
+    "a dprp artifact directory (manifest.json + model.safetensors)",
+    "a dprp run directory (run.json + checkpoint.pt)",
+    "a .pt2 file from torch.export.save",
+    "a whole pickled module from torch.save(model) (needs --trust-pickle)",
+)
+
+_ARCH_ATTR = "_dprp_arch"
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "weights")
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+class ModelSpecError(ValueError):
+    """A model spec that cannot be understood or resolved (unknown prefix, name or path)."""
+
+
+class UntrustedPickleError(ValueError):
+    """A file that can only be loaded by unpickling arbitrary Python objects (running code)."""
+
+
+# ----------------------------------------------------------------------------- specs
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed model spec.
+
+    Attributes:
+        kind: "timm", "torchvision", "cifar", "artifact", "run", "pt2" or "file".
+        name: Architecture name for timm/torchvision/cifar specs, else None.
+        weights: Local weights file (after ``@``), or the path for artifact/run/pt2/file specs.
+        text: The spec as given.
+    """
+
+    kind: str
+    name: str | None
+    weights: Path | None
+    text: str
+
+    @property
+    def arch(self) -> str | None:
+        """``kind:name`` for architecture specs (no weights), else None."""
+        return f"{self.kind}:{self.name}" if self.kind in ARCH_KINDS else None
+
+
+def _forms() -> str:
+    return "; ".join(SPEC_FORMS)
+
+
+def parse_model_spec(spec: str | os.PathLike[str]) -> ModelSpec:
+    """Parse a model spec string (see the module docstring for the accepted forms).
+
+    Only syntax and existence of paths are checked; whether a timm/torchvision name exists is
+    checked when the model is built.
+
+    Raises:
+        ModelSpecError: An unknown prefix, an empty name, a missing file or directory, or a
+            directory that is neither a dprp artifact nor a run directory.
+    """
+    text = os.fspath(spec).strip()
+    if not text:
+        raise ModelSpecError(f"empty model spec; accepted forms: {_forms()}.")
+    m = re.match(r"^([A-Za-z][A-Za-z0-9_-]+):(.*)$", text)
+    if m and not Path(text).exists():
+        prefix, rest = m.group(1).lower(), m.group(2)
+        if prefix not in ARCH_KINDS:
+            raise ModelSpecError(f"unknown model spec prefix {m.group(1)!r} in {text!r}; accepted forms: {_forms()}.")
+        name, at, weights = rest.partition("@")
+        name = name.strip()
+        if not name:
+            example = {"timm": "timm:resnet18", "torchvision": "torchvision:resnet18", "cifar": "cifar:resnet20"}
+            raise ModelSpecError(f"model spec {text!r} names no architecture; write {prefix}:NAME, e.g. "
+                                 f"{example[prefix]}.")
+        wpath = None
+        if at:
+            if not weights.strip():
+                raise ModelSpecError(f"model spec {text!r} has '@' but no weights file after it.")
+            wpath = Path(weights.strip()).expanduser()
+            if not wpath.exists():
+                raise ModelSpecError(f"weights file {str(wpath)!r} (from model spec {text!r}) does not exist; "
+                                     "check the path.")
+            if wpath.is_dir():
+                raise ModelSpecError(f"weights {str(wpath)!r} (from model spec {text!r}) is a directory; "
+                                     f"give a weights file ({', '.join(WEIGHT_SUFFIXES)}).")
+        return ModelSpec(prefix, name, wpath, text)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if (path / "manifest.json").is_file():
+            return ModelSpec("artifact", None, path, text)
+        if (path / "run.json").is_file() or (path / "checkpoint.pt").is_file():
+            return ModelSpec("run", None, path, text)
+        if (path / "model" / "manifest.json").is_file():
+            return ModelSpec("artifact", None, path / "model", text)
+        raise ModelSpecError(
+            f"directory {text!r} is neither a dprp artifact (no manifest.json) nor a run directory (no run.json "
+            f"or checkpoint.pt); accepted forms: {_forms()}."
+        )
+    if path.is_file():
+        return ModelSpec("pt2" if path.suffix == ".pt2" else "file", None, path, text)
+    hint = ""
+    bare = text.split("@")[0]
+    if "/" not in bare and "." not in bare:
+        from .models import CIFAR_MODELS
+
+        options = [f"timm:{bare}", f"torchvision:{bare}"] + ([f"cifar:{bare}"] if bare in CIFAR_MODELS else [])
+        hint = f" Did you mean {', '.join(options[:-1])} or {options[-1]}?"
+    raise ModelSpecError(f"model {text!r} is not a file, a directory or a known spec.{hint} "
+                         f"Accepted forms: {_forms()}.")
+
+
+# ----------------------------------------------------------------------------- architectures
+def _check_name(kind: str, name: str) -> None:
+    """Raise a ModelSpecError with suggestions when `name` is not a model of `kind`."""
+    if kind == "timm":
+        import timm
+
+        if timm.is_model(name):
+            return
+        options = timm.list_models()
+    elif kind == "torchvision":
+        import torchvision
+
+        options = torchvision.models.list_models()
+        if name in options:
+            return
+    else:
+        from .models import CIFAR_MODELS
+
+        options = list(CIFAR_MODELS)
+        if name in options:
+            return
+    close = difflib.get_close_matches(name, options, n=3)
+    hint = f" Did you mean {', '.join(f'{kind}:{c}' for c in close)}?" if close else ""
+    extra = f" Known: {', '.join(options)}." if kind == "cifar" else ""
+    raise ModelSpecError(f"unknown {kind} model {name!r}.{hint}{extra}")
+
+
+def build_arch(arch: str, num_classes: int | None = None) -> nn.Module:
+    """A freshly initialised model of architecture ``kind:NAME`` (no weights loaded).
+
+    Args:
+        arch: "timm:NAME", "torchvision:NAME" or "cifar:NAME".
+        num_classes: Classifier outputs (None: the architecture's default).
+
+    Raises:
+        ModelSpecError: Unknown kind or name.
+    """
+    kind, _, name = str(arch).partition(":")
+    kind = kind.lower()
+    if kind not in ARCH_KINDS or not name:
+        raise ModelSpecError(f"{arch!r} is not a rebuildable architecture; use timm:NAME, torchvision:NAME or "
+                             "cifar:NAME.")
+    if "@" in name:
+        raise ModelSpecError(f"architecture {arch!r} must not name weights ('@'); give only {kind}:NAME.")
+    _check_name(kind, name)
+    kwargs = {} if num_classes is None else {"num_classes": int(num_classes)}
+    if kind == "timm":
+        import timm
+
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    elif kind == "torchvision":
+        import torchvision
+
+        model = torchvision.models.get_model(name, weights=None, **kwargs)
+    else:
+        from .models import CIFAR_MODELS
+
+        model = CIFAR_MODELS[name](**kwargs)
+    _tag(model, f"{kind}:{name}")
+    return model
+
+
+def _tag(model: nn.Module, arch: str) -> None:
+    """Remember the architecture spec on the module (copied by deepcopy, read by infer_arch)."""
+    try:
+        object.__setattr__(model, _ARCH_ATTR, arch)
+    except (AttributeError, TypeError):  # pragma: no cover - exotic modules
+        pass
+
+
+def infer_arch(model: nn.Module) -> str | None:
+    """The architecture spec of a model, when it can be told: ``timm:NAME``, ``cifar:NAME``, ...
+
+    Uses the tag left by :func:`build_arch`/:func:`load_model`, timm's ``pretrained_cfg`` and
+    the CIFAR ResNets' ``name``; returns None for anything else (e.g. a bare torchvision model).
+    """
+    tag = getattr(model, _ARCH_ATTR, None)
+    if isinstance(tag, str) and tag.split(":", 1)[0] in ARCH_KINDS:
+        return tag
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, Mapping) and cfg.get("architecture"):
+        return f"timm:{cfg['architecture']}"
+    from .models import CIFAR_MODELS, CifarResNet
+
+    if isinstance(model, CifarResNet) and model.name in CIFAR_MODELS:
+        return f"cifar:{model.name}"
+    return None
+
+
+def _head(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """(name, module) of the classifier: timm's get_classifier, else the last Linear-like layer."""
+    from .layers import SVDLinear
+
+    get = getattr(model, "get_classifier", None)
+    if callable(get):
+        try:
+            head = get()
+        except Exception:  # noqa: BLE001 - a model without a usable head
+            head = None
+        if isinstance(head, nn.Module) and not isinstance(head, nn.Identity):
+            for name, m in model.named_modules():
+                if m is head:
+                    if isinstance(m, (nn.Linear, SVDLinear, nn.Conv2d)):
+                        return name, m
+                    inner = [(f"{name}.{n}" if n else name, s) for n, s in m.named_modules()
+                             if isinstance(s, (nn.Linear, SVDLinear))]
+                    if inner:
+                        return inner[-1]
+    last = None
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, SVDLinear)):
+            last = (name, m)
+    return last
+
+
+def infer_num_classes(model: nn.Module) -> int | None:
+    """Number of classifier outputs (``model.num_classes`` or the last Linear's out_features)."""
+    n = getattr(model, "num_classes", None)
+    if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+        return n
+    head = _head(model)
+    if head is None:
+        return None
+    m = head[1]
+    return getattr(m, "out_features", None) or getattr(m, "out_channels", None)
+
+
+def set_num_classes(model: nn.Module, num_classes: int) -> nn.Module:
+    """Replace the classifier by a fresh one with `num_classes` outputs (in place; returns model).
+
+    Supports timm models (``reset_classifier``), the CIFAR ResNets and models whose last Linear
+    is the classifier (torchvision).
+
+    Raises:
+        ValueError: When no classifier can be found.
+    """
+    num_classes = int(num_classes)
+    reset = getattr(model, "reset_classifier", None)
+    if callable(reset):
+        reset(num_classes)
+        return model
+    head = _head(model)
+    if head is None or not isinstance(head[1], nn.Linear):
+        raise ValueError(f"cannot find the classifier of {type(model).__name__} to give it {num_classes} outputs; "
+                         "build the model with the right number of classes (--num-classes).")
+    name, old = head
+    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None, device=old.weight.device,
+                    dtype=old.weight.dtype)
+    model.set_submodule(name, new)
+    if hasattr(model, "num_classes"):
+        model.num_classes = num_classes
+    return model
+
+
+# ----------------------------------------------------------------------------- weights
+def _is_pickle_error(exc: BaseException, path: Path) -> bool:
+    """True when torch's safe unpickler refused the file because it holds arbitrary objects."""
+    text = str(exc)
+    if "Unsupported global" in text or "not an allowed global" in text:
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return False
+    # A plain pickle (protocol 2-5) that the weights-only unpickler cannot read.
+    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
+def _untrusted(path: Path, detail: str = "") -> UntrustedPickleError:
+    return UntrustedPickleError(
+        f"{str(path)!r} holds pickled Python objects, not only tensors{detail}. Loading it would run "
+        "arbitrary code from the file. Pass --trust-pickle (trust_pickle=True) only for files you trust, or "
+        "re-save the weights with torch.save(model.state_dict(), path) and load them as "
+        "timm:NAME@FILE / cifar:NAME@FILE or with --arch."
+    )
+
+
+def _weights_only_load(path: Path) -> Any:
+    """torch.load(weights_only=True) without its pickle-protocol warning (we report failures ourselves)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _torch_load_safe(path: Path) -> Any:
+    """torch.load with weights_only=True; pickles needing arbitrary globals raise UntrustedPickleError."""
+    try:
+        return _weights_only_load(path)
+    except Exception as exc:  # noqa: BLE001 - classify every failure
+        if _is_pickle_error(exc, path):
+            raise _untrusted(path) from None
+        raise ValueError(f"cannot read {str(path)!r}: it is not a readable PyTorch file "
+                         f"({type(exc).__name__}: {_first_line(exc)}). Is it corrupt or truncated? "
+                         "Re-download or re-save it.") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    for line in text.splitlines():
+        if "WeightsUnpickler error" in line:
+            return line.strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The tensor mapping inside a checkpoint dict, without DataParallel/compile prefixes."""
+    for _ in range(3):
+        if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            break
+        if isinstance(obj, Mapping):
+            inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+            if inner is not None:
+                obj = inner
+                continue
+        break
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        kind = type(obj).__name__
+        keys = f" with keys {', '.join(map(str, list(obj)[:6]))}" if isinstance(obj, Mapping) else ""
+        raise ValueError(f"{str(path)!r} holds a {kind}{keys}, not a state dict of tensors; expected "
+                         "{name: tensor} or a checkpoint dict with a 'state_dict' or 'model' entry.")
+    out = {}
+    for k, v in obj.items():
+        k = str(k)
+        changed = True
+        while changed:
+            changed = False
+            for p in _PREFIXES:
+                if k.startswith(p):
+                    k, changed = k[len(p):], True
+        out[k] = v
+    return out
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a weights file safely: safetensors, or torch.load(weights_only=True), unwrapped.
+
+    ``{"state_dict": ...}``/``{"model": ...}`` wrappers and ``module.``/``_orig_mod.`` prefixes are
+    removed.
+
+    Raises:
+        ValueError: Missing, unreadable or non-tensor files (naming the file).
+        UntrustedPickleError: Files that need arbitrary unpickling.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ValueError(f"weights file {str(p)!r} does not exist; check the path.")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            obj: Any = load_file(str(p), device="cpu")
+        except Exception as exc:  # noqa: BLE001
+            raise ValueError(f"cannot read safetensors file {str(p)!r} ({type(exc).__name__}: {_first_line(exc)}); "
+                             "is it corrupt or truncated? Re-download or re-save it.") from None
+    else:
+        obj = _torch_load_safe(p)
+    return _unwrap(obj, p)
+
+
+def _fit_report(model: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str], list[str]]:
+    """(missing, unexpected, shape mismatches) of loading `state` into `model`."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    bad = [f"{k} (file {tuple(state[k].shape)}, model {tuple(v.shape)})" for k, v in own.items()
+           if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    return missing, unexpected, bad
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str) -> None:
+    """load_state_dict(strict=True) with a ValueError naming the file, arch and first bad keys."""
+    missing, unexpected, bad = _fit_report(model, state)
+    if missing or unexpected or bad:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (first: {', '.join(missing[:5])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:5])})")
+        if bad:
+            parts.append(f"{len(bad)} tensors of the wrong shape (first: {'; '.join(bad[:3])})")
+        hint = " Is this the right architecture?"
+        if any(k.endswith((".U", ".V", ".s")) for k in unexpected):
+            hint = (" The file holds factorized (SVD) layers (keys ending in .U/.s/.V): pass the dprp run directory "
+                    "or an exported dprp artifact instead.")
+        raise ValueError(f"weights {str(path)!r} do not fit {arch}: {'; '.join(parts)}.{hint}")
+    own = model.state_dict()
+    full = dict(state)
+    for k, v in own.items():
+        if k not in full:  # only num_batches_tracked can be missing here
+            full[k] = v
+    model.load_state_dict(full, strict=True)
+
+
+def _classes_in_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> int | None:
+    """The class count a state dict's classifier has, when it differs from the model's."""
+    head = _head(model)
+    if head is None:
+        return None
+    key = f"{head[0]}.weight" if head[0] else "weight"
+    own = model.state_dict().get(key)
+    got = state.get(key)
+    if own is None or got is None or got.ndim != own.ndim or got.shape[1:] != own.shape[1:]:
+        return None
+    return int(got.shape[0]) if got.shape[0] != own.shape[0] else None
+
+
+# ----------------------------------------------------------------------------- loading
+def load_model(spec: str | os.PathLike[str], *, num_classes: int | None = None, trust_pickle: bool = False,
+               arch: str | None = None) -> tuple[nn.Module, str]:
+    """Load a model from a spec (see the module docstring) and return ``(model, arch)``.
+
+    Args:
+        spec: The model spec.
+        num_classes: Classifier outputs of a newly built architecture. None keeps the default, or
+            the class count of the weights file when it has a different classifier.
+        trust_pickle: Allow unpickling a whole-module file (runs code from the file).
+        arch: Architecture (``timm:NAME``, ...) of a bare state-dict file given as `spec`.
+
+    Returns:
+        The model (eval mode for artifacts and exported programs) and its architecture string:
+        ``timm:NAME``/``torchvision:NAME``/``cifar:NAME`` when the model can be rebuilt from it,
+        otherwise ``pt2:PATH`` or ``pickle:PATH``.
+
+    Raises:
+        ModelSpecError: Unknown forms, names or paths.
+        UntrustedPickleError: A whole-module pickle without `trust_pickle`.
+        ValueError: Unreadable files and weights that do not fit the architecture.
+    """
+    ms = parse_model_spec(spec)
+    if ms.kind == "file" and arch is not None:
+        a = parse_model_spec(arch)
+        if a.kind not in ARCH_KINDS or a.weights is not None:
+            raise ModelSpecError(f"--arch {arch!r} must be timm:NAME, torchvision:NAME or cifar:NAME (no '@').")
+        ms = ModelSpec(a.kind, a.name, ms.weights, f"{arch}@{ms.text}")
+    if ms.kind in ARCH_KINDS:
+        return _load_arch(ms, num_classes), ms.arch  # type: ignore[return-value]
+    if ms.kind == "artifact":
+        from .export import load as load_artifact
+
+        model = load_artifact(ms.weights)
+        return model, str(getattr(model, _ARCH_ATTR))
+    if ms.kind == "run":
+        return load_run(ms.weights)
+    if ms.kind == "pt2":
+        return _load_pt2(ms.weights), f"pt2:{ms.weights}"
+    return _load_file(ms.weights, trust_pickle)
+
+
+def _load_arch(ms: ModelSpec, num_classes: int | None) -> nn.Module:
+    """Build an architecture and load its optional weights file."""
+    arch = ms.arch
+    if ms.weights is None:
+        return build_arch(arch, num_classes)
+    _check_name(ms.kind, ms.name)  # before reading a possibly large file
+    state = read_state_dict(ms.weights)
+    model = build_arch(arch, num_classes)
+    if num_classes is None and (n := _classes_in_state(model, state)) is not None:
+        model = build_arch(arch, n)
+    if ms.kind == "cifar":
+        from .models import load_cifar_checkpoint
+
+        missing, unexpected, bad = _fit_report(model, state)
+        if missing or unexpected or bad:
+            load_cifar_checkpoint(model, ms.weights)  # raises with depth hints
+        _load_strict(model, state, ms.weights, arch)
+    else:
+        _load_strict(model, state, ms.weights, arch)
+    return model
+
+
+def _load_pt2(path: Path) -> nn.Module:
+    """The module of a torch.export program."""
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"cannot read {str(path)!r} as a torch.export program ({type(exc).__name__}: "
+                         f"{_first_line(exc)}); re-export it with `dprp export --format pt2`.") from None
+    return program.module()
+
+
+def _load_file(path: Path, trust_pickle: bool) -> tuple[nn.Module, str]:
+    """A bare file: a whole pickled module (trusted only) or a state dict needing an arch."""
+    if path.suffix == ".safetensors":
+        read_state_dict(path)  # readable?
+        raise ValueError(f"{str(path)!r} holds only weights (a state dict) and no architecture; load it as "
+                         "timm:NAME@FILE, torchvision:NAME@FILE or cifar:NAME@FILE, or pass --arch timm:NAME.")
+    try:
+        obj = _weights_only_load(path)
+    except Exception as exc:  # noqa: BLE001
+        if not _is_pickle_error(exc, path):
+            raise ValueError(f"cannot read model file {str(path)!r}: it is not a readable PyTorch file "
+                             f"({type(exc).__name__}: {_first_line(exc)}). Is it corrupt or truncated?") from None
+        if not trust_pickle:
+            raise _untrusted(path, " (a whole model saved with torch.save(model)?)") from None
+        obj = torch.load(path, map_location="cpu", weights_only=False)  # the caller trusts this file
+        if not isinstance(obj, nn.Module):
+            raise ValueError(f"{str(path)!r} was unpickled (trusted) but holds a {type(obj).__name__}, not an "
+                             "nn.Module.") from None
+        arch = infer_arch(obj) or f"pickle:{path}"
+        return obj, arch
+    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping) and "ranks" in obj:
+        raise ValueError(f"{str(path)!r} is a dprp training checkpoint; pass its run directory "
+                         f"({str(path.parent)!r}) instead.")
+    raise ValueError(f"{str(path)!r} holds only weights (a state dict) and no architecture; load it as "
+                     "timm:NAME@FILE, torchvision:NAME@FILE or cifar:NAME@FILE, or pass --arch timm:NAME.")
+
+
+def load_run(run_dir: str | os.PathLike[str]) -> tuple[nn.Module, str]:
+    """The factorized model of a ``dprp compress`` run directory, at its latest checkpoint.
+
+    Rebuilds the architecture recorded in ``run.json``, factorizes it with the run's config,
+    truncates every SVD layer to the rank stored in ``checkpoint.pt`` and loads the weights
+    (strict). Falls back to the exported artifact ``RUN_DIR/model`` when there is no checkpoint.
+
+    Raises:
+        ValueError: Missing/corrupt run.json or checkpoint, or weights that do not fit.
+    """
+    from .config import DPRPConfig
+    from .layers import SVDLayer
+    from .surgery import factorize
+
+    root = Path(run_dir).expanduser()
+    info = read_run_info(root)
+    ckpt_path = root / "checkpoint.pt"
+    if not ckpt_path.is_file():
+        if (root / "model" / "manifest.json").is_file():
+            from .export import load as load_artifact
+
+            model = load_artifact(root / "model")
+            return model, str(getattr(model, _ARCH_ATTR))
+        raise ValueError(f"run directory {str(root)!r} has no checkpoint.pt (and no exported model/); "
+                         "has training started? Run `dprp compress ... --out RUN_DIR` first.")
+    ckpt = _torch_load_safe(ckpt_path)
+    if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("model"), Mapping):
+        raise ValueError(f"{str(ckpt_path)!r} is not a dprp checkpoint (no 'model' state dict); it may be corrupt. "
+                         "Resume or re-run training to rewrite it.")
+    state = _unwrap(ckpt["model"], ckpt_path)
+    arch = info.get("arch")
+    if not isinstance(arch, str) or arch.split(":", 1)[0] not in ARCH_KINDS:
+        raise ValueError(f"{str(root / 'run.json')!r} records no rebuildable architecture (arch={arch!r}); "
+                         "export the model from the run with the Python API instead.")
+    config_dict = ckpt.get("config") if isinstance(ckpt.get("config"), Mapping) else info.get("config")
+    config = DPRPConfig.from_dict(dict(config_dict)) if isinstance(config_dict, Mapping) else DPRPConfig()
+    model = factorize(build_arch(arch, info.get("num_classes")), config)
+    for name, layer in {n: m for n, m in model.named_modules() if isinstance(m, SVDLayer)}.items():
+        s = state.get(f"{name}.s")
+        if s is not None and s.ndim == 1 and 1 <= s.shape[0] <= layer.rank:
+            layer.truncate_(int(s.shape[0]))
+    _load_strict(model, state, ckpt_path, arch)
+    _tag(model, arch)
+    object.__setattr__(model, "_dprp_config", config.to_dict())
+    return model, arch
+
+
+def read_run_info(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The parsed ``run.json`` of a run directory.
+
+    Raises:
+        ValueError: When it is missing or corrupt (naming the file).
+    """
+    path = Path(run_dir).expanduser() / "run.json"
+    if not path.is_file():
+        raise ValueError(f"{str(path)!r} does not exist: {str(path.parent)!r} is not a dprp run directory "
+                         "(written by `dprp compress --out RUN_DIR`).")
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{str(path)!r} is corrupt ({exc}); re-run `dprp compress` or fix the JSON.") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{str(path)!r} is corrupt: expected a JSON object.")
+    return info
+
+
+# ----------------------------------------------------------------------------- data recipes
+@dataclass(frozen=True)
+class DataRecipe:
+    """How images must be prepared for a model.
+
+    Attributes:
+        mean: Per-channel normalisation mean in [0, 1] units.
+        std: Per-channel normalisation standard deviation.
+        image_size: Square size images are resized to at decode time (None keeps them).
+        augment: Training augmentation for :class:`~dprp_surgery.data.TensorLoader` ("cifar": random
+            crop with 4-pixel zero padding plus horizontal flip; None: none).
+        source: Where the figures come from (for messages).
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_size: int | None
+    augment: str | None
+    source: str
+
+    def input_size(self, default: int = 224) -> tuple[int, int, int]:
+        """(C, H, W) of one input image."""
+        size = self.image_size or default
+        return (len(self.mean), size, size)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+
+def data_recipe(arch: str | None, model: nn.Module | None = None) -> DataRecipe:
+    """Default normalisation, image size and augmentation for a model.
+
+    * CIFAR ResNets: ImageNet mean/std (what the published weights were trained with), 32 px,
+      "cifar" augmentation.
+    * timm models: mean, std and input size from ``timm.data.resolve_data_config({}, model=model)``
+      (images are resized to that size at decode time), "cifar" augmentation (crop + flip).
+    * torchvision models: ImageNet mean/std, 224 px, "cifar" augmentation.
+    * anything else: ImageNet mean/std, images kept at their size.
+    """
+    from .data import IMAGENET_MEAN, IMAGENET_STD
+
+    kind, _, name = (arch or "").partition(":")
+    cfg = getattr(model, "pretrained_cfg", None) if model is not None else None
+    if kind == "cifar" or (kind not in ARCH_KINDS and model is not None and infer_arch(model) and
+                           str(infer_arch(model)).startswith("cifar:")):
+        return DataRecipe(tuple(IMAGENET_MEAN), tuple(IMAGENET_STD), 32, "cifar", "CIFAR ResNet weights")
+    if kind == "timm" or isinstance(cfg, Mapping):
+        try:
+            from timm.data import resolve_data_config
+
+            if model is None:
+                model = build_arch(arch)
+            dc = resolve_data_config({}, model=model)
+            size = int(max(dc["input_size"][1:]))
+            return DataRecipe(tuple(float(v) for v in dc["mean"]), tuple(float(v) for v in dc["std"]), size, "cifar",
+                              "timm pretrained_cfg")
+        except Exception:  # noqa: BLE001 - fall back to ImageNet defaults
+            pass
+    if kind == "torchvision":
+        return DataRecipe(tuple(IMAGENET_MEAN), tuple(IMAGENET_STD), 224, "cifar", "torchvision ImageNet defaults")
+    return DataRecipe(tuple(IMAGENET_MEAN), tuple(IMAGENET_STD), None, "cifar", "ImageNet defaults")

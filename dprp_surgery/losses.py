@@ -1,0 +1,373 @@
+"""The DPRP training losses of Sec. III-C (eqs. (8)-(12)) and the ablation regularizers (eqs. (14)-(17)).
+
+Every term is computed for all SVD layers at once: the singular values of the L layers are padded into
+one ``(L x r_max)`` tensor with a validity mask, so L_sort, L_comp, tau_l and the ablation terms are
+single batched operations; for L_orth the factors are grouped by their row count (h for U, w for V),
+zero-padded along the rank to the group's largest rank, and each group's Gram matrices come from
+one batched matmul. Zero padding is exact: padded columns add zero rows/columns to U^T U, and the
+identity subtracted is masked to the layer's own r_l x r_l block. No SVD is ever computed.
+
+Readings of the equations (docs/method.md gives the reasoning):
+
+* eq. (11): the negativity sum runs over all r_l entries (j = 1..r_l), not j = 1..r_l - 1, so that
+  the last singular value is also pushed to be non-negative.
+* tau_l: with rho_j = |s_{j+1}| / |s_j| (rho_j = 0 when |s_j| = 0), tau_l is the first j (1-based)
+  with rho_j <= epsilon, else r_l. Components j > tau_l are the ones pruned.
+* eq. (12): the divisor is n_l = r_l - tau_l + 1, the number of summed terms i = tau_l..r_l (the
+  paper's r_l - tau_l is zero when tau_l = r_l), so the smallest kept singular value is always pushed
+  down. tau_l is computed without gradient.
+
+Example:
+    >>> reg = DPRPRegularizer(DPRPConfig())                       # doctest: +SKIP
+    >>> loss = F.cross_entropy(model(x), y) + reg(model)[0]        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
+
+from .config import DPRPConfig
+from .layers import SVDLayer
+from .surgery import svd_layers
+
+__all__ = [
+    "DPRPRegularizer",
+    "orthogonality_loss",
+    "sorting_loss",
+    "compression_loss",
+    "keep_counts",
+    "regularization_loss",
+    "pad_singular_values",
+    "unwrap_model",
+]
+
+LayersLike = nn.Module | Iterable[SVDLayer] | Iterable[tuple[str, SVDLayer]]
+
+
+# ----------------------------------------------------------------------------- helpers
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel / DataParallel (or the model itself)."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def _as_layers(layers: LayersLike) -> list[SVDLayer]:
+    """A list of SVD layers from a model, a list of layers, or a list of (name, layer) pairs."""
+    if isinstance(layers, nn.Module):
+        if isinstance(layers, SVDLayer):
+            return [layers]
+        return [m for _, m in svd_layers(unwrap_model(layers))]
+    out = []
+    for item in layers:
+        layer = item[1] if isinstance(item, tuple) else item
+        if not isinstance(layer, SVDLayer):
+            raise TypeError(f"expected SVDLayer objects, got {type(layer).__name__}")
+        out.append(layer)
+    return out
+
+
+def pad_singular_values(s_list: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Pad singular-value vectors into one matrix.
+
+    Args:
+        s_list: L one-dimensional tensors sigma_l of lengths r_l.
+
+    Returns:
+        ``(S, mask, r)``: S is ``(L x r_max)`` with zeros after each layer's r_l values (differentiable
+        with respect to every sigma_l), mask is the boolean ``(L x r_max)`` validity mask and r the
+        ``(L,)`` int64 tensor of ranks.
+    """
+    S = pad_sequence(list(s_list), batch_first=True)
+    r = torch.tensor([s.shape[0] for s in s_list], device=S.device, dtype=torch.int64)
+    mask = torch.arange(S.shape[1], device=S.device) < r[:, None]
+    return S, mask, r
+
+
+def _chi(count: Tensor) -> Tensor:
+    """chi(a) = 1/a for a > 0 and 0 for a = 0 (Sec. III-C.2), element-wise, as floats."""
+    c = count.to(torch.get_default_dtype()) if not count.is_floating_point() else count
+    return torch.where(c > 0, 1.0 / c.clamp_min(1), torch.zeros_like(c))
+
+
+def _empty(layers: list[SVDLayer]) -> Tensor:
+    """A zero loss for a model without SVD layers."""
+    return torch.zeros(())
+
+
+# ----------------------------------------------------------------------------- eq. (10)
+def orthogonality_loss(layers: LayersLike) -> Tensor:
+    """L_orth of eq. (10): (1/L) sum_l (||U_l^T U_l - I||_F + ||V_l^T V_l - I||_F) / r_l^2.
+
+    Factors are grouped by row count; within a group they are zero-padded along the rank and one
+    batched matmul gives all Gram matrices. The identity is masked to each layer's r_l x r_l block, so
+    the padding contributes exactly zero.
+
+    Args:
+        layers: A model, SVD layers, or (name, layer) pairs.
+
+    Returns:
+        The scalar loss (differentiable with respect to every U_l and V_l).
+    """
+    layers = _as_layers(layers)
+    if not layers:
+        return _empty(layers)
+    n = len(layers)
+    total = _gram_residual_sum([lay.U for lay in layers]) + _gram_residual_sum([lay.V for lay in layers])
+    return total / n
+
+
+def _gram_residual_sum(factors: list[Tensor]) -> Tensor:
+    """sum_l ||F_l^T F_l - I||_F / r_l^2 over factors F_l (h_l x r_l), one bmm per distinct h_l."""
+    groups: dict[int, list[int]] = {}
+    for i, f in enumerate(factors):
+        groups.setdefault(f.shape[0], []).append(i)
+    parts = []
+    for idx in groups.values():
+        # (n, r_max, h): each row block is F_l^T, zero rows after r_l.
+        Ft = pad_sequence([factors[i].T for i in idx], batch_first=True)
+        r = torch.tensor([factors[i].shape[1] for i in idx], device=Ft.device)
+        gram = torch.bmm(Ft, Ft.transpose(1, 2))  # (n, r_max, r_max) = F^T F, zero outside r_l x r_l
+        ar = torch.arange(Ft.shape[1], device=Ft.device)
+        eye = (ar[:, None] == ar[None, :]) & (ar[None, :] < r[:, None, None])
+        resid = torch.linalg.matrix_norm(gram - eye.to(gram.dtype), ord="fro")  # (n,)
+        parts.append((resid / r.to(resid.dtype) ** 2).sum())
+    return torch.stack(parts).sum()
+
+
+# ----------------------------------------------------------------------------- eq. (11)
+def sorting_loss(layers: LayersLike) -> Tensor:
+    """L_sort of eq. (11), averaged over the L layers.
+
+    Per layer: chi(gamma_l) sum_{j=1}^{r_l-1} max(0, s_{j+1} - s_j) + chi(eta_l) sum_{j=1}^{r_l} max(0, -s_j),
+    with gamma_l the number of out-of-order entries (s_{j+1} > s_j), eta_l the number of negative entries
+    and chi(a) = 1/a (0 for a = 0). The negativity sum runs over all r_l entries (the paper writes
+    r_l - 1; see docs/method.md).
+
+    Args:
+        layers: A model, SVD layers, or (name, layer) pairs.
+
+    Returns:
+        The scalar loss (differentiable with respect to every s_l).
+    """
+    layers = _as_layers(layers)
+    if not layers:
+        return _empty(layers)
+    S, mask, _ = pad_singular_values([lay.s for lay in layers])
+    return _sorting_from_padded(S, mask).mean()
+
+
+def _sorting_from_padded(S: Tensor, mask: Tensor) -> Tensor:
+    """Per-layer L_sort terms (L,) from padded singular values."""
+    pair = mask[:, 1:]  # pair (j, j+1) exists when j+1 <= r_l
+    rise = (S[:, 1:] - S[:, :-1]).clamp_min(0) * pair
+    gamma = ((S[:, 1:] > S[:, :-1]) & pair).sum(1)
+    neg = (-S).clamp_min(0) * mask
+    eta = ((S < 0) & mask).sum(1)
+    return _chi(gamma).to(S.dtype) * rise.sum(1) + _chi(eta).to(S.dtype) * neg.sum(1)
+
+
+# ----------------------------------------------------------------------------- tau_l
+@torch.no_grad()
+def keep_counts(s_list: Sequence[Tensor] | Tensor, epsilon: float, mask: Tensor | None = None) -> Tensor:
+    """tau_l of Sec. III-C.3 for every layer: the number of leading components to keep.
+
+    With rho_j = |s_{j+1}| / |s_j| (rho_j = 0 when |s_j| = 0, so everything after a zero is pruned),
+    tau_l is the first j (1-based) with rho_j <= epsilon, or r_l when there is none.
+
+    Args:
+        s_list: L singular-value vectors, or an already padded ``(L x r_max)`` tensor with `mask`.
+        epsilon: The pruning threshold epsilon in (0, 1).
+        mask: Validity mask when `s_list` is a padded tensor.
+
+    Returns:
+        ``(L,)`` int64 tensor of tau_l, each in [1, r_l].
+    """
+    if isinstance(s_list, Tensor) and s_list.ndim == 2:
+        S = s_list.detach()
+        mask = torch.ones_like(S, dtype=torch.bool) if mask is None else mask
+        r = mask.sum(1)
+    else:
+        if len(s_list) == 0:
+            return torch.zeros(0, dtype=torch.int64)
+        S, mask, r = pad_singular_values([s.detach() for s in s_list])
+    return _tau_from_padded(S, mask, r, epsilon)
+
+
+def _tau_from_padded(S: Tensor, mask: Tensor, r: Tensor, epsilon: float) -> Tensor:
+    """tau_l (L,) from padded singular values (no gradient)."""
+    a = S.detach().abs()
+    prev, nxt = a[:, :-1], a[:, 1:]
+    rho = torch.where(prev > 0, nxt / torch.where(prev > 0, prev, torch.ones_like(prev)), torch.zeros_like(prev))
+    cut = (rho <= epsilon) & mask[:, 1:]
+    if cut.shape[1] == 0:
+        return r.clone()
+    first = cut.to(torch.int32).argmax(1) + 1  # 1-based j of the first cut
+    return torch.where(cut.any(1), first, r).to(torch.int64)
+
+
+# ----------------------------------------------------------------------------- eq. (12)
+def compression_loss(layers: LayersLike, epsilon: float) -> Tensor:
+    """L_comp of eq. (12): (1/L) sum_l sum_{i=tau_l}^{r_l} |s_i| / (n_l ||s_l||_2).
+
+    n_l = r_l - tau_l + 1 is the number of summed terms (the paper's r_l - tau_l is zero when
+    tau_l = r_l); tau_l (1-based, see `keep_counts`) is computed without gradient, so the sum always
+    includes the smallest kept value s_{tau_l}.
+
+    Args:
+        layers: A model, SVD layers, or (name, layer) pairs.
+        epsilon: The pruning threshold epsilon.
+
+    Returns:
+        The scalar loss (differentiable with respect to every s_l, through the sum and ||s_l||_2).
+    """
+    layers = _as_layers(layers)
+    if not layers:
+        return _empty(layers)
+    S, mask, r = pad_singular_values([lay.s for lay in layers])
+    tau = _tau_from_padded(S, mask, r, epsilon)
+    return _compression_from_padded(S, mask, r, tau).mean()
+
+
+def _compression_from_padded(S: Tensor, mask: Tensor, r: Tensor, tau: Tensor) -> Tensor:
+    """Per-layer L_comp terms (L,) from padded singular values and tau (1-based)."""
+    ar = torch.arange(S.shape[1], device=S.device)
+    tail = (ar[None, :] >= (tau - 1)[:, None]) & mask  # 0-based i >= tau_l - 1
+    n = (r - tau + 1).to(S.dtype)
+    norm = torch.linalg.vector_norm(S, dim=1)
+    norm = torch.where(norm > 0, norm, torch.ones_like(norm))  # all-zero sigma: the sum is 0 too
+    return (S.abs() * tail).sum(1) / (n * norm)
+
+
+# ----------------------------------------------------------------------------- eqs. (15)-(17)
+def regularization_loss(layers: LayersLike, kind: str, delta: float = 1e-3) -> Tensor:
+    """An ablation regularizer L_reg of eq. (14), averaged over layers.
+
+    * ``"l1"`` (15): ||s_l||_1 / r_l.
+    * ``"l2"`` (16): ||s_l||_2 / r_l.
+    * ``"funnel"`` (17): (1/r_l) sum_i |s_i| / (|s_i| + delta).
+    * ``"none"``: 0.
+
+    Args:
+        layers: A model, SVD layers, or (name, layer) pairs.
+        kind: "l1", "l2", "funnel" or "none".
+        delta: delta of the funnel regularizer.
+
+    Returns:
+        The scalar loss.
+    """
+    if kind not in ("l1", "l2", "funnel", "none"):
+        raise ValueError(f"unknown ablation regularizer {kind!r}; use l1, l2, funnel or none")
+    layers = _as_layers(layers)
+    if not layers:
+        return _empty(layers)
+    S, mask, r = pad_singular_values([lay.s for lay in layers])
+    return _ablation_from_padded(S, mask, r, kind, delta).mean()
+
+
+def _ablation_from_padded(S: Tensor, mask: Tensor, r: Tensor, kind: str, delta: float) -> Tensor:
+    """Per-layer ablation terms (L,)."""
+    rf = r.to(S.dtype)
+    a = S.abs()  # padding is 0, so sums over the padded row are exact
+    if kind == "l1":
+        return a.sum(1) / rf
+    if kind == "l2":
+        return torch.linalg.vector_norm(S, dim=1) / rf
+    if kind == "funnel":
+        return ((a / (a + delta)) * mask).sum(1) / rf
+    return torch.zeros_like(rf)
+
+
+# ----------------------------------------------------------------------------- eq. (8)
+class DPRPRegularizer:
+    """The regularization part of L_total (eq. (8)): everything except the application loss L_app.
+
+    For ``config.regularizer == "dprp"`` it returns
+    ``lambda_str * (mu_orth * L_orth + mu_sort * L_sort) + lambda_comp * L_comp`` (eqs. (8), (10)-(12));
+    for an ablation ("l1", "l2", "funnel", "none") it returns ``lambda_comp * L_reg`` (eq. (14); lambda_comp
+    doubles as lambda_reg). Add it to your application loss: ``L_total = L_app + reg(model)[0]``.
+
+    Schedules (both optional, from the config): lambda_str and lambda_comp ramp linearly from 0 over
+    `reg_warmup_epochs` (``weights_at``), and epsilon grows geometrically from `epsilon_start` to
+    `epsilon` over `epsilon_ramp_epochs` (``epsilon_at``). Calling without an epoch uses the final values.
+
+    The regularizer only returns a loss tensor; it never touches ``.grad``.
+
+    Args:
+        config: A DPRPConfig (fields lambda_str, mu_orth, mu_sort, lambda_comp, epsilon, regularizer,
+            delta, reg_warmup_epochs, epsilon_start, epsilon_ramp_epochs).
+    """
+
+    def __init__(self, config: DPRPConfig | None = None) -> None:
+        self.config = config or DPRPConfig()
+
+    # ------------------------------------------------------------------ schedules
+    def epsilon_at(self, epoch: float | None = None) -> float:
+        """epsilon in force at `epoch` (0-based): geometric from epsilon_start to epsilon, then constant."""
+        c = self.config
+        if epoch is None or c.epsilon_start is None or c.epsilon_ramp_epochs == 0:
+            return c.epsilon
+        t = min(1.0, max(0.0, float(epoch) / c.epsilon_ramp_epochs))
+        return c.epsilon_start * (c.epsilon / c.epsilon_start) ** t
+
+    def weights_at(self, epoch: float | None = None) -> dict[str, float]:
+        """Loss weights at `epoch` (0-based): lambda_str and lambda_comp times min(1, epoch / reg_warmup_epochs)."""
+        c = self.config
+        ramp = 1.0
+        if epoch is not None and c.reg_warmup_epochs > 0:
+            ramp = min(1.0, max(0.0, float(epoch) / c.reg_warmup_epochs))
+        return {"lambda_str": c.lambda_str * ramp, "lambda_comp": c.lambda_comp * ramp,
+                "mu_orth": c.mu_orth, "mu_sort": c.mu_sort}
+
+    # ------------------------------------------------------------------ losses
+    def __call__(self, model: LayersLike, epoch: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Weighted regularization loss and its terms.
+
+        Args:
+            model: The (possibly DDP-wrapped) model, or its SVD layers.
+            epoch: Epoch for the lambda warm-up and epsilon schedule (None: final values).
+
+        Returns:
+            ``(loss, terms)``: loss is a differentiable scalar; terms maps "orth", "sort", "comp",
+            "structure" (mu_orth L_orth + mu_sort L_sort) and "total_reg" for "dprp", or "reg" and
+            "total_reg" for the ablations, to detached 0-dim tensors (``float(t)`` to read them).
+        """
+        layers = _as_layers(model)
+        c = self.config
+        w = self.weights_at(epoch)
+        if not layers:
+            zero = torch.zeros(())
+            keys = ("orth", "sort", "comp", "structure") if c.regularizer == "dprp" else ("reg",)
+            return zero, {**{k: zero for k in keys}, "total_reg": zero}
+        S, mask, r = pad_singular_values([lay.s for lay in layers])
+        if c.regularizer == "dprp":
+            orth = orthogonality_loss(layers)
+            sort = _sorting_from_padded(S, mask).mean()
+            tau = _tau_from_padded(S, mask, r, self.epsilon_at(epoch))
+            comp = _compression_from_padded(S, mask, r, tau).mean()
+            structure = w["mu_orth"] * orth + w["mu_sort"] * sort
+            loss = w["lambda_str"] * structure + w["lambda_comp"] * comp
+            terms = {"orth": orth, "sort": sort, "comp": comp, "structure": structure, "total_reg": loss}
+        else:
+            reg = _ablation_from_padded(S, mask, r, c.regularizer, c.delta).mean()
+            loss = w["lambda_comp"] * reg
+            terms = {"reg": reg, "total_reg": loss}
+        return loss, {k: v.detach() for k, v in terms.items()}
+
+    def keep_counts(self, model: nn.Module, epsilon: float | None = None) -> dict[str, int]:
+        """tau_l of every SVD layer by qualified name (epsilon defaults to the config's)."""
+        named = svd_layers(unwrap_model(model))
+        if not named:
+            return {}
+        eps = self.config.epsilon if epsilon is None else epsilon
+        tau = keep_counts([m.s for _, m in named], eps)
+        return {name: int(t) for (name, _), t in zip(named, tau.tolist())}
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"DPRPRegularizer(regularizer={c.regularizer!r}, lambda_str={c.lambda_str}, mu_orth={c.mu_orth}, "
+                f"mu_sort={c.mu_sort}, lambda_comp={c.lambda_comp}, epsilon={c.epsilon})")

@@ -1,0 +1,184 @@
+"""Dynamic rank pruning of Sec. III-D: truncate every SVD layer to tau_l and slice the optimizer state.
+
+`RankPruner.step` computes tau_l for every layer with the same function as the compression loss
+(`losses.keep_counts`, no SVD), keeps ``max(tau_l, min_rank)`` leading components in place
+(`SVDLayer.truncate_`: the Parameter objects stay the same, only their data shrinks) and narrows every
+optimizer state tensor of U, s and V (SGD ``momentum_buffer``; Adam/AdamW ``exp_avg``, ``exp_avg_sq``,
+``max_exp_avg_sq``; any other per-parameter tensor) to the kept components. Scalar states such as
+Adam's ``step`` are left alone. Because the optimizer's param_groups keep the same Parameter objects,
+learning-rate schedulers that hold the optimizer keep working.
+
+Under torch.distributed the keep counts of rank 0 are broadcast (one int64 tensor), so every process
+truncates identically; wrap the model in a new DistributedDataParallel afterwards when a shape changed.
+
+Example:
+    >>> pruner = RankPruner(config)                      # doctest: +SKIP
+    >>> for epoch in range(config.epochs):               # doctest: +SKIP
+    ...     train_one_epoch(model, optimizer)
+    ...     changes = pruner.step(model, optimizer)      # {name: (old_rank, new_rank)}
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .config import DPRPConfig
+from .layers import SVDLayer
+from .losses import keep_counts, unwrap_model
+from .surgery import svd_layers
+
+__all__ = ["RankPruner", "reset_grad_accumulator", "slice_optimizer_state"]
+
+log = logging.getLogger(__name__)
+
+# The pruned dimension of each factor: U (h x r) and V (w x r) along dim 1, s (r) along dim 0.
+_FACTOR_DIMS = (("U", 1), ("s", 0), ("V", 1))
+
+
+class RankPruner:
+    """Truncate SVD layers to tau_l components and keep the optimizer consistent (Sec. III-D).
+
+    Args:
+        config: Takes `epsilon` and `min_rank` from a DPRPConfig.
+        epsilon: Pruning threshold epsilon (overrides the config's).
+        min_rank: No layer is truncated below this rank (overrides the config's).
+    """
+
+    def __init__(self, config: DPRPConfig | None = None, *, epsilon: float | None = None,
+                 min_rank: int | None = None) -> None:
+        config = config or DPRPConfig()
+        self.epsilon = float(config.epsilon if epsilon is None else epsilon)
+        self.min_rank = int(config.min_rank if min_rank is None else min_rank)
+        if not 0 < self.epsilon < 1:
+            raise ValueError(f"RankPruner epsilon={self.epsilon} must lie in (0, 1)")
+        if self.min_rank < 1:
+            raise ValueError(f"RankPruner min_rank={self.min_rank} must be >= 1")
+
+    def keep_counts(self, model: nn.Module, epsilon: float | None = None) -> dict[str, int]:
+        """Components each layer would keep: min(r_l, max(tau_l, min_rank)), identical on every rank."""
+        named = svd_layers(unwrap_model(model))
+        if not named:
+            return {}
+        keep = self._decide([m for _, m in named], self.epsilon if epsilon is None else float(epsilon))
+        return {name: int(k) for (name, _), k in zip(named, keep.tolist())}
+
+    def _decide(self, layers: list[SVDLayer], epsilon: float) -> Tensor:
+        """Keep counts (L,) int64 on the CPU; broadcast from rank 0 when torch.distributed is running."""
+        tau = keep_counts([m.s for m in layers], epsilon)
+        ranks = torch.tensor([m.rank for m in layers], dtype=torch.int64, device=tau.device)
+        keep = torch.minimum(ranks, tau.clamp_min(self.min_rank))
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            keep = keep.to(device)
+            dist.broadcast(keep, src=0)
+        return keep.cpu()
+
+    @torch.no_grad()
+    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+             epsilon: float | None = None) -> dict[str, tuple[int, int]]:
+        """Prune every SVD layer of `model` to its keep count and slice `optimizer`'s state alike.
+
+        Args:
+            model: The model (DDP-wrapped or not; the wrapper must be rebuilt when shapes change).
+            optimizer: Optimizer over the model's parameters whose per-parameter state is narrowed.
+            epsilon: Threshold for this call (e.g. from `DPRPRegularizer.epsilon_at`); default the pruner's.
+
+        Returns:
+            ``{layer name: (old_rank, new_rank)}`` for every layer whose rank changed.
+
+        Raises:
+            ValueError: An optimizer state tensor of a pruned parameter cannot be sliced (its shape does
+                not match the parameter's); nothing is modified in that case.
+        """
+        named = svd_layers(unwrap_model(model))
+        if not named:
+            return {}
+        keep = self._decide([m for _, m in named], self.epsilon if epsilon is None else float(epsilon))
+        todo = [(name, layer, int(k)) for (name, layer), k in zip(named, keep.tolist()) if int(k) < layer.rank]
+        if optimizer is not None:  # check everything first so that a failure leaves model and state intact
+            for name, layer, _ in todo:
+                _check_state(optimizer, name, layer)
+        changes: dict[str, tuple[int, int]] = {}
+        for name, layer, k in todo:
+            old = layer.rank
+            layer.truncate_(k)
+            for attr, _ in _FACTOR_DIMS:
+                reset_grad_accumulator(getattr(layer, attr))
+            if optimizer is not None:
+                for attr, dim in _FACTOR_DIMS:
+                    slice_optimizer_state(optimizer, getattr(layer, attr), dim, old, k)
+            changes[name] = (old, k)
+        if changes:
+            log.info("rank pruning: %s", ", ".join(f"{n} {a}->{b}" for n, (a, b) in changes.items()))
+        return changes
+
+    def __repr__(self) -> str:
+        return f"RankPruner(epsilon={self.epsilon}, min_rank={self.min_rank})"
+
+
+def _sliceable(value: Tensor, dim: int, old_rank: int, shape: tuple[int, ...]) -> bool:
+    """True for a state tensor laid out like the parameter: the parameter's shape, the old rank along the
+    pruned dimension (other dimensions may also be 1, for broadcast-shaped statistics)."""
+    if value.ndim != len(shape) or value.shape[dim] != old_rank:
+        return False
+    return all(v in (n, 1) for i, (v, n) in enumerate(zip(value.shape, shape)) if i != dim)
+
+
+def _check_state(optimizer: torch.optim.Optimizer, name: str, layer: SVDLayer) -> None:
+    """Raise a ValueError if a per-parameter state tensor of the layer's factors cannot be sliced."""
+    for attr, dim in _FACTOR_DIMS:
+        p = getattr(layer, attr)
+        for key, value in optimizer.state.get(p, {}).items():
+            if not isinstance(value, Tensor) or value.ndim == 0:
+                continue
+            if not _sliceable(value, dim, layer.rank, tuple(p.shape)):
+                raise ValueError(
+                    f"cannot prune layer {name!r}: {type(optimizer).__name__} state {key!r} of parameter "
+                    f"'{name}.{attr}' has shape {tuple(value.shape)}, which does not match the parameter's "
+                    f"shape {tuple(p.shape)} along the pruned dimension {dim}; this optimizer's state cannot be "
+                    "sliced to the kept components (use SGD/Adam/AdamW, or prune before creating the optimizer)"
+                )
+
+
+def slice_optimizer_state(optimizer: torch.optim.Optimizer, param: Tensor, dim: int, old_rank: int,
+                          keep: int) -> None:
+    """Narrow every per-parameter state tensor of `param` to its first `keep` entries along `dim`.
+
+    Tensors shaped like the parameter before pruning (size `old_rank` along `dim`) are narrowed and
+    cloned; 0-dim tensors (Adam's step) and non-tensors are left alone. Call it after truncating `param`.
+
+    Raises:
+        ValueError: A state tensor is not shaped like the parameter.
+    """
+    state = optimizer.state.get(param)
+    if not state:
+        return
+    for key, value in list(state.items()):
+        if isinstance(value, Tensor) and value.ndim > 0:
+            shape = list(param.shape)
+            shape[dim] = old_rank
+            if not _sliceable(value, dim, old_rank, tuple(shape)):
+                raise ValueError(f"{type(optimizer).__name__} state {key!r} has shape {tuple(value.shape)}, which "
+                                 f"does not match the parameter's shape {tuple(shape)} along dimension {dim}")
+            state[key] = value.narrow(dim, 0, keep).clone()
+
+
+@torch.no_grad()
+def reset_grad_accumulator(param: Tensor) -> None:
+    """Drop autograd's cached gradient accumulator of `param` after its shape changed in place.
+
+    Autograd keeps one AccumulateGrad node per leaf while any graph that used the leaf is alive (for
+    instance the previous step's ``loss`` tensor) and checks incoming gradients against the shape
+    recorded in it, so the first backward after ``param.data = smaller`` fails with "returned an invalid
+    gradient ... expected shape compatible with" the old shape. Assigning ``.data`` of another dtype
+    makes autograd forget the node (torch resets it only on a dtype or device change), and assigning the
+    real data back keeps the same Parameter object.
+    """
+    data = param.data
+    other = torch.float64 if data.dtype != torch.float64 else torch.float32
+    param.data = torch.empty(0, dtype=other, device=data.device)
+    param.data = data

@@ -1,0 +1,820 @@
+"""Training of a factorized model with the DPRP losses and dynamic rank pruning (Sec. III-C/D, IV-B).
+
+`DPRPTrainer` runs the paper's recipe: L_total = cross-entropy + the `DPRPRegularizer` terms (eq. (8)),
+SGD with momentum 0.9, weight decay 1e-4, lr 0.1 and ReduceLROnPlateau (factor 0.1, patience 10) on the
+epoch's mean classification loss (Sec. IV-B), and rank pruning by `RankPruner` every `prune_every` epochs
+(or steps). `DPRPConfig.preset("finetune")` gives the short recipe for a pretrained model (10 epochs,
+lr 0.01, cosine schedule, batch 128). `compress` composes `factorize` and the trainer.
+
+Runs are resumable: every epoch writes ``run_dir/checkpoint.pt`` atomically (model, ranks, optimizer,
+scheduler, GradScaler, RNG states, history, config) and appends a line to ``run_dir/history.jsonl``;
+``resume=True`` continues at the next epoch, with the same numbers as an uninterrupted run.
+
+Distributed (torchrun / DistributedDataParallel): when ``torch.distributed`` is initialised the model
+is wrapped in DDP (a new wrapper after every pruning that changes a shape); a DataLoader gets a
+DistributedSampler (its batch size is per process); a TensorLoader or TensorImageDataset is iterated
+identically on every process, each taking its contiguous share of every global batch (so
+``batch_size`` is the global batch, as in a single process). Only rank 0 writes files and shows
+progress; pruning decisions are broadcast from rank 0.
+
+Example:
+    >>> result = compress(resnet20(), DPRPConfig.preset("finetune"), train, test, run_dir="runs/r20")  # doctest: +SKIP
+    >>> result.summary.to_table()                                                                 # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, IterableDataset, RandomSampler
+
+from .accounting import Summary, summarize
+from .config import DPRPConfig
+from .data import TensorImageDataset, TensorLoader
+from .losses import DPRPRegularizer, unwrap_model
+from .pruning import RankPruner
+from .surgery import factorize, svd_layers
+
+try:  # numpy is a dependency, but keep the trainer usable without it
+    import numpy as np
+except ImportError:  # pragma: no cover
+    np = None
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "HISTORY_NAME",
+    "CompressionResult",
+    "DPRPTrainer",
+    "History",
+    "NonFiniteLossError",
+    "build_optimizer",
+    "build_scheduler",
+    "compress",
+    "seed_everything",
+]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+HISTORY_NAME = "history.jsonl"
+_CHECKPOINT_FORMAT = "dprp_surgery.trainer.checkpoint"
+_CHECKPOINT_VERSION = 1
+_LOSS_TERMS = ("app", "orth", "sort", "comp", "reg")
+
+
+# ----------------------------------------------------------------------------- results and errors
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or infinite during training.
+
+    Attributes:
+        term: The first non-finite term ("app", "orth", "sort", "comp" or "reg").
+        epoch: Epoch (0-based) in which it happened.
+        step: Batch index (0-based) inside that epoch.
+        values: Every term's value at that step.
+    """
+
+    def __init__(self, term: str, epoch: int, step: int, values: dict[str, float]) -> None:
+        self.term, self.epoch, self.step, self.values = term, epoch, step, values
+        detail = ", ".join(f"{k}={v:.4g}" for k, v in values.items())
+        super().__init__(
+            f"non-finite loss term {term!r} at epoch {epoch}, step {step} ({detail}); training stopped and the "
+            "last good checkpoint was left untouched. Lower the learning rate or the loss weights, or check the "
+            "data for NaN/Inf."
+        )
+
+    def __reduce__(self):
+        return type(self), (self.term, self.epoch, self.step, self.values)
+
+
+class History(list):
+    """Per-epoch records of a run (a list of dicts, as written to history.jsonl)."""
+
+    def column(self, key: str) -> list[Any]:
+        """The value of `key` in every epoch (None where absent)."""
+        return [rec.get(key) for rec in self]
+
+    @property
+    def last(self) -> dict[str, Any] | None:
+        """The latest epoch's record."""
+        return self[-1] if self else None
+
+
+@dataclass
+class CompressionResult:
+    """What `compress` returns.
+
+    Attributes:
+        model: The trained, rank-pruned factorized model.
+        history: One dict per epoch (see `DPRPTrainer` for the fields).
+        summary: Parameters and MACs of the final model (`accounting.Summary`).
+        run_dir: The run folder (checkpoint.pt, history.jsonl), or None.
+    """
+
+    model: nn.Module
+    history: History
+    summary: Summary | None
+    run_dir: Path | None
+
+
+# ----------------------------------------------------------------------------- small helpers
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), Python's `random` and numpy (when installed)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    if np is not None:
+        np.random.seed(seed % 2**32)
+
+
+def _dist_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _resolve_device(config: DPRPConfig) -> torch.device:
+    """config.device resolved: "auto" is CUDA when available; under torchrun the process's LOCAL_RANK GPU."""
+    name = config.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if device.index is None:
+            index = int(os.environ.get("LOCAL_RANK", 0)) if _dist_info()[1] > 1 else torch.cuda.current_device()
+            device = torch.device("cuda", index)
+        torch.cuda.set_device(device)
+    return device
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """Seed of the data order of one epoch."""
+    return (int(seed) * 1_000_003 + int(epoch) * 7919 + 12345) % (2**63 - 1)
+
+
+def _rng_state() -> dict[str, Any]:
+    """RNG states of torch, CUDA, Python and numpy as tensors and plain Python values."""
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss], "cuda": []}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if np is not None:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of `_rng_state`."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if np is not None and state.get("numpy") is not None:
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, fsync it, then os.replace it over `path`."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _topk_correct(logits: Tensor, target: Tensor, ks: tuple[int, ...] = (1, 5)) -> list[Tensor]:
+    """Number of samples whose target is among the top-k logits, for each k (k capped at the class count)."""
+    kmax = min(max(ks), logits.shape[1])
+    top = logits.topk(kmax, dim=1).indices
+    hit = top == target[:, None]
+    return [hit[:, : min(k, kmax)].any(1).sum() for k in ks]
+
+
+def _split_batch(batch: Any) -> tuple[Any, Tensor]:
+    """(inputs, targets) of a batch given as a pair (tuple, list) or a dict with "input"/"target"."""
+    if isinstance(batch, dict):
+        return batch.get("input", batch.get("x")), batch.get("target", batch.get("y"))
+    return batch[0], batch[1]
+
+
+def _logits(out: Any) -> Tensor:
+    """Logits from a model output (a tensor, or the first element of a tuple)."""
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if isinstance(out, dict):
+        out = out["logits"]
+    return out
+
+
+# ----------------------------------------------------------------------------- data
+class _RankShard:
+    """Every process iterates the same global batches and keeps its contiguous share (DDP)."""
+
+    def __init__(self, loader: Any, rank: int, world: int) -> None:
+        self.loader, self.rank, self.world = loader, rank, world
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for batch in self.loader:
+            x, y = _split_batch(batch)
+            if y.shape[0] < self.world:  # identical on every process: skip it everywhere
+                continue
+            yield x.tensor_split(self.world)[self.rank], y.tensor_split(self.world)[self.rank]
+
+
+def _make_loader(data: Any, config: DPRPConfig, train: bool, device: torch.device) -> Any:
+    """An iterable of (x, y) batches from a DataLoader, a TensorLoader, a Dataset or any iterable."""
+    if data is None:
+        return None
+    rank, world = _dist_info()
+    if isinstance(data, TensorImageDataset):
+        data = TensorLoader(data, config.batch_size, shuffle=train, seed=config.seed, device=device)
+    if isinstance(data, TensorLoader):
+        return _RankShard(data, rank, world) if world > 1 else data
+    if isinstance(data, DataLoader):
+        if world == 1 or isinstance(data.sampler, DistributedSampler) or isinstance(data.dataset, IterableDataset):
+            return data
+        if type(data.batch_sampler) is not BatchSampler:
+            raise ValueError("under torch.distributed a DataLoader with a custom batch_sampler cannot be sharded; "
+                             "give it a DistributedSampler yourself")
+        sampler = DistributedSampler(data.dataset, world, rank, shuffle=isinstance(data.sampler, RandomSampler),
+                                     seed=config.seed, drop_last=data.drop_last)
+        return DataLoader(data.dataset, batch_size=data.batch_size, sampler=sampler, num_workers=data.num_workers,
+                          collate_fn=data.collate_fn, pin_memory=data.pin_memory, drop_last=data.drop_last,
+                          worker_init_fn=data.worker_init_fn, persistent_workers=data.persistent_workers)
+    if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
+        if world > 1:
+            sampler = DistributedSampler(data, world, rank, shuffle=train, seed=config.seed)
+            return DataLoader(data, batch_size=max(1, config.batch_size // world), sampler=sampler)
+        gen = torch.Generator().manual_seed(config.seed)
+        return DataLoader(data, batch_size=config.batch_size, shuffle=train, generator=gen)
+    if isinstance(data, Iterable):
+        return data
+    raise ValueError(f"training data must be a DataLoader, a TensorLoader, a Dataset or an iterable of (x, y) "
+                     f"batches; got {type(data).__name__}")
+
+
+def _set_epoch(loader: Any, epoch: int, seed: int) -> None:
+    """Pin a loader's randomness to (seed, epoch) so that resumed runs see the same batches."""
+    if loader is None:
+        return
+    if isinstance(loader, DataLoader):
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)
+        if loader.generator is not None:
+            loader.generator.manual_seed(_epoch_seed(seed, epoch))
+    elif hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+
+
+# ----------------------------------------------------------------------------- optimisation
+def build_optimizer(model: nn.Module, config: DPRPConfig) -> torch.optim.Optimizer:
+    """SGD (the paper: momentum 0.9, weight decay 1e-4) or AdamW over three parameter groups.
+
+    Groups: "other" (every non-factor parameter, `weight_decay`), "factors" (U and V,
+    `factor_weight_decay` or `weight_decay`) and "sigma" (s, `sigma_weight_decay` or `weight_decay`, learning
+    rate lr * `sigma_lr_scale`). Empty groups are left out.
+    """
+    model = unwrap_model(model)
+    factors, sigmas = [], []
+    for _, layer in svd_layers(model):
+        factors += [p for p in (layer.U, layer.V) if p.requires_grad]
+        if layer.s.requires_grad:
+            sigmas.append(layer.s)
+    taken = {id(p) for p in factors + sigmas}
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
+    wd = config.weight_decay
+    fwd = wd if config.factor_weight_decay is None else config.factor_weight_decay
+    swd = wd if config.sigma_weight_decay is None else config.sigma_weight_decay
+    groups = []
+    if others:
+        groups.append({"params": others, "weight_decay": wd, "name": "other"})
+    if factors:
+        groups.append({"params": factors, "weight_decay": fwd, "name": "factors"})
+    if sigmas:
+        groups.append({"params": sigmas, "weight_decay": swd, "lr": config.lr * config.sigma_lr_scale,
+                       "name": "sigma"})
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: DPRPConfig):
+    """ReduceLROnPlateau (factor, patience; stepped on the epoch's mean L_app), cosine (T_max = epochs,
+    stepped per epoch) or None for "constant". The linear warm-up is applied by the trainer on top."""
+    if config.lr_schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=config.lr_factor,
+                                                          patience=config.lr_patience)
+    if config.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    return None
+
+
+# ----------------------------------------------------------------------------- the trainer
+class DPRPTrainer:
+    """Train a factorized model with L_total of eq. (8) and prune ranks on the way (Sec. III-C/D, IV-B).
+
+    Defaults (`DPRPConfig()`) reproduce Sec. IV-B: SGD, momentum 0.9, weight decay 1e-4, lr 0.1,
+    ReduceLROnPlateau on the epoch's mean classification loss (factor 0.1, patience 10), lambda_str 1,
+    mu_orth 1000, mu_sort 1, lambda_comp 0.1 and epsilon 0.1 (Table I), pruning every epoch.
+    `DPRPConfig.preset("finetune")` is the short recipe for pretrained models (10 epochs, lr 0.01, cosine).
+
+    Each epoch record (``history`` and ``run_dir/history.jsonl``) holds: ``epoch`` (0-based), ``step`` (global
+    steps so far), the mean over the epoch's steps of ``loss`` (L_total) and of every regularizer term
+    (``app``, ``orth``, ``sort``, ``comp``, ``structure``, ``total_reg``; ``reg`` for the ablations),
+    ``train_top1``/``train_top5`` (percent), ``val_loss``/``val_top1``/``val_top5`` (with val_data), ``lr`` (of
+    the first parameter group, warm-up included) and ``lrs`` (every group), ``epsilon``, ``lambda_str``,
+    ``lambda_comp``, ``mu_orth``, ``mu_sort``, ``ranks`` and ``mean_rank``, ``pruned`` ({layer: [old, new]}),
+    ``params``/``macs``/``dense_params``/``dense_macs``/``params_removed``/``macs_removed`` (from `summarize`
+    with a batch of one), ``singular_values`` ({layer: list}, for the paper's Fig. 6) and ``time`` (seconds).
+
+    Args:
+        model: A model with SVD layers (see `factorize`; DDP-wrapped models are unwrapped).
+        config: Training, loss and pruning settings.
+        train_data: DataLoader, TensorLoader, TensorImageDataset (-> shuffled TensorLoader of
+            config.batch_size, ImageNet mean/std, no augmentation: pass your own
+            ``TensorLoader(..., augment="cifar")`` for that) or any Dataset (-> seeded, shuffled DataLoader)
+            of (image, label) pairs.
+        val_data: Same kinds, evaluated after each epoch (after that epoch's pruning).
+        run_dir: Folder for checkpoint.pt and history.jsonl (created); None keeps everything in memory.
+        resume: A checkpoint file, a run folder, or True for ``run_dir/checkpoint.pt`` (a fresh start when it
+            does not exist yet): the model is truncated to the stored ranks, every state is restored and
+            training continues at the next epoch.
+        progress: Show rich progress bars (rank 0 only).
+        example_inputs: Inputs for the parameter/MAC accounting; default a batch of one from the first batch.
+
+    Raises:
+        ValueError: A corrupt or foreign checkpoint, or unusable data.
+    """
+
+    def __init__(self, model: nn.Module, config: DPRPConfig | None, train_data: Any, val_data: Any = None, *,
+                 run_dir: str | os.PathLike | None = None, resume: str | os.PathLike | bool | None = None,
+                 progress: bool = True, example_inputs: Any = None) -> None:
+        self.config = config = config or DPRPConfig()
+        self.rank, self.world = _dist_info()
+        self.device = _resolve_device(config)
+        seed_everything(config.seed + self.rank)
+        self.model = unwrap_model(model).to(self.device)
+        if not svd_layers(self.model):
+            log.warning("%s has no SVD layers: call factorize() first (compress() does); training it densely",
+                        type(self.model).__name__)
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        if self.run_dir is not None and self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.progress = bool(progress) and self.rank == 0
+        self.example_inputs = example_inputs
+        self.regularizer = DPRPRegularizer(config)
+        self.pruner = RankPruner(config)
+        if train_data is None:
+            raise ValueError("DPRPTrainer needs train_data (a DataLoader, a TensorLoader or a Dataset)")
+        self.train_loader = _make_loader(train_data, config, True, self.device)
+        self.val_loader = _make_loader(val_data, config, False, self.device)
+        self.optimizer = build_optimizer(self.model, config)
+        self.scheduler = build_scheduler(self.optimizer, config)
+        self.use_amp = bool(config.amp) and self.device.type == "cuda"
+        if config.amp and not self.use_amp:
+            log.warning("amp=True needs CUDA; training in float32 on %s", self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.history = History()
+        self.start_epoch = 0
+        self.global_step = 0
+        self.last_summary: Summary | None = None
+        self._example: Any = example_inputs
+        self._warm = 1.0
+        self._steps_per_epoch: int | None = None
+        path = self._resume_path(resume)
+        if path is not None:
+            self.load_checkpoint(path)
+        self._net = self._wrap()
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def checkpoint_path(self) -> Path | None:
+        """run_dir/checkpoint.pt, or None without a run_dir."""
+        return self.run_dir / CHECKPOINT_NAME if self.run_dir is not None else None
+
+    def fit(self) -> History:
+        """Train from `start_epoch` to `config.epochs`; returns the history (also in ``self.history``).
+
+        Raises:
+            NonFiniteLossError: A loss term became NaN/Inf (the last checkpoint is left untouched).
+        """
+        with self._progress_bars() as bars:
+            self._bars = bars
+            for epoch in range(self.start_epoch, self.config.epochs):
+                record = self._run_epoch(epoch)
+                self.history.append(record)
+                if self.rank == 0 and self.run_dir is not None:
+                    self.save_checkpoint(epoch)
+                    self._append_history(record)
+                self.start_epoch = epoch + 1
+                if bars is not None:
+                    bars.update(self._epoch_task, completed=epoch + 1)
+                log.info("epoch %d: loss %.4f, top-1 %.2f%%, mean rank %.2f, params %d", epoch, record["loss"],
+                         record["train_top1"], record["mean_rank"], record["params"])
+        self._bars = None
+        return self.history
+
+    def evaluate(self, data: Any = None) -> dict[str, float]:
+        """Mean cross-entropy and top-1/top-5 (percent) on `data` (default: the validation data)."""
+        loader = self.val_loader if data is None else _make_loader(data, self.config, False, self.device)
+        if loader is None:
+            raise ValueError("evaluate() needs data: pass it, or give the trainer val_data")
+        model = self.model
+        was_training = model.training
+        model.eval()
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, top1, top5, count
+        _set_epoch(loader, 0, self.config.seed)
+        with torch.no_grad():
+            for batch in loader:
+                x, y = self._to_device(batch)
+                with self._autocast():
+                    out = _logits(model(x)).float()
+                c1, c5 = _topk_correct(out, y)
+                sums += torch.stack([F.cross_entropy(out, y, reduction="sum"), c1, c5,
+                                     torch.tensor(y.shape[0], device=out.device)]).to(sums)
+        model.train(was_training)
+        sums = self._all_reduce(sums)
+        n = max(float(sums[3]), 1.0)
+        return {"val_loss": float(sums[0]) / n, "val_top1": 100.0 * float(sums[1]) / n,
+                "val_top5": 100.0 * float(sums[2]) / n}
+
+    def summary(self) -> Summary:
+        """`summarize` of the model now, on a batch of one."""
+        self.last_summary = summarize(self.model, self._example_inputs())
+        return self.last_summary
+
+    # ------------------------------------------------------------------ one epoch
+    def _run_epoch(self, epoch: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        c = self.config
+        eps = self.regularizer.epsilon_at(epoch)
+        weights = self.regularizer.weights_at(epoch)
+        stats = self._train_epoch(epoch)
+        pruned: dict[str, tuple[int, int]] = dict(stats.pop("_pruned"))
+        since = epoch - c.prune_start_epoch
+        if c.prune_unit == "epoch" and since >= 0 and since % c.prune_every == 0:
+            pruned.update(self._prune(eps))
+        self._sync_buffers()
+        record: dict[str, Any] = {"epoch": epoch, "step": self.global_step, **stats}
+        if self.val_loader is not None:
+            record.update(self.evaluate())
+        # the learning rates used in this epoch's last step (before the scheduler moves them on)
+        lrs = {g.get("name", str(i)): g["lr"] * self._warm for i, g in enumerate(self.optimizer.param_groups)}
+        lr = self.optimizer.param_groups[0]["lr"] * self._warm
+        self._step_scheduler(epoch, stats["app"])
+        summ = self.summary()
+        layers = svd_layers(self.model)
+        record.update(
+            lr=lr, lrs=lrs, epsilon=eps, **weights,
+            ranks={n: m.rank for n, m in layers},
+            mean_rank=summ.mean_rank,
+            pruned={n: [a, b] for n, (a, b) in pruned.items()},
+            params=summ.params, macs=summ.macs, dense_params=summ.dense_params, dense_macs=summ.dense_macs,
+            params_removed=summ.params_removed, macs_removed=summ.macs_removed,
+            singular_values={n: m.s.detach().float().cpu().tolist() for n, m in layers},
+        )
+        record["time"] = time.perf_counter() - t0
+        return record
+
+    def _train_epoch(self, epoch: int) -> dict[str, Any]:
+        c = self.config
+        loader = self.train_loader
+        _set_epoch(loader, epoch, c.seed)
+        try:
+            n_steps = len(loader)
+        except TypeError:
+            n_steps = None
+        self._steps_per_epoch = n_steps
+        self.model.train()
+        keys = ("loss", "app", "orth", "sort", "comp", "structure", "total_reg") if c.regularizer == "dprp" else (
+            "loss", "app", "reg", "total_reg")
+        sums = torch.zeros(len(keys) + 4, dtype=torch.float64, device=self.device)  # + top1, top5, count, steps
+        pruned: dict[str, tuple[int, int]] = {}
+        bars = getattr(self, "_bars", None)
+        if bars is not None:
+            bars.reset(self._batch_task, total=n_steps, description=f"epoch {epoch}")
+        last_update = 0.0
+        for i, batch in enumerate(loader):
+            x, y = self._to_device(batch)
+            if self._example is None:
+                self._example = x[:1].detach().clone()
+            with self._autocast():
+                out = _logits(self._net(x))
+            app = F.cross_entropy(out.float(), y, label_smoothing=c.label_smoothing)
+            reg, terms = self.regularizer(self.model, epoch=epoch)
+            loss = app + reg.to(app.device)
+            values = {"loss": loss.detach(), "app": app.detach(), **terms}
+            self._check_finite(values, epoch, i)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self._warm = self._warmup_factor(epoch, i, n_steps)
+            self._scaled_step()
+            self.global_step += 1
+            with torch.no_grad():
+                c1, c5 = _topk_correct(out.detach().float(), y)
+                sums += torch.stack([*(values[k].to(self.device, torch.float64) for k in keys), c1.double(),
+                                     c5.double(), torch.tensor(float(y.shape[0]), device=self.device),
+                                     torch.tensor(1.0, device=self.device)]).to(sums)
+            if (c.prune_unit == "step" and epoch >= c.prune_start_epoch and self.global_step % c.prune_every == 0):
+                pruned.update(self._prune(self.regularizer.epsilon_at(epoch)))
+            if bars is not None:
+                now = time.perf_counter()
+                if now - last_update > 0.25 or (n_steps is not None and i + 1 == n_steps):
+                    last_update = now
+                    bars.update(self._batch_task, completed=i + 1, info=self._batch_info(keys, sums))
+        sums = self._all_reduce(sums)
+        steps, count = max(float(sums[-1]), 1.0), max(float(sums[-2]), 1.0)
+        stats: dict[str, Any] = {k: float(sums[j]) / steps for j, k in enumerate(keys)}
+        stats["train_top1"] = 100.0 * float(sums[len(keys)]) / count
+        stats["train_top5"] = 100.0 * float(sums[len(keys) + 1]) / count
+        stats["_pruned"] = pruned
+        return stats
+
+    # ------------------------------------------------------------------ pieces of a step
+    def _to_device(self, batch: Any) -> tuple[Any, Tensor]:
+        x, y = _split_batch(batch)
+        nb = self.device.type == "cuda"
+        x = x.to(self.device, non_blocking=nb) if isinstance(x, Tensor) else x
+        return x, y.to(self.device, non_blocking=nb)
+
+    def _autocast(self):
+        if self.use_amp:
+            return torch.autocast(device_type="cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def _check_finite(self, values: dict[str, Tensor], epoch: int, step: int) -> None:
+        """Raise NonFiniteLossError naming the first non-finite term (checked on every process)."""
+        names = [k for k in _LOSS_TERMS if k in values]
+        vec = torch.stack([values[k].to(self.device, torch.float32) for k in names])
+        vec = self._all_reduce(vec.clone())  # a NaN anywhere makes the sum NaN on every process
+        finite = torch.isfinite(vec)
+        if bool(finite.all()):
+            return
+        bad = next(k for k, ok in zip(names, finite.tolist()) if not ok)
+        raise NonFiniteLossError(bad, epoch, step, dict(zip(names, vec.tolist())))
+
+    def _warmup_factor(self, epoch: int, step: int, n_steps: int | None) -> float:
+        """Linear warm-up over `warmup_epochs`: (global step + 1) / warm-up steps, then 1."""
+        w = self.config.warmup_epochs
+        if w == 0 or epoch >= w:
+            return 1.0
+        per = n_steps or 1
+        return min(1.0, (epoch * per + step + 1) / (w * per))
+
+    def _scaled_step(self) -> None:
+        """optimizer.step through the GradScaler, with the warm-up factor applied to every group's lr."""
+        if self._warm == 1.0:
+            self.scaler.step(self.optimizer)
+        else:
+            saved = [g["lr"] for g in self.optimizer.param_groups]
+            for g in self.optimizer.param_groups:
+                g["lr"] = g["lr"] * self._warm
+            try:
+                self.scaler.step(self.optimizer)
+            finally:
+                for g, lr in zip(self.optimizer.param_groups, saved):
+                    g["lr"] = lr
+        self.scaler.update()
+
+    def _step_scheduler(self, epoch: int, app_loss: float) -> None:
+        if self.scheduler is None:
+            return
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            if epoch >= self.config.warmup_epochs:
+                self.scheduler.step(app_loss)
+        else:
+            self.scheduler.step()
+
+    def _prune(self, epsilon: float) -> dict[str, tuple[int, int]]:
+        changes = self.pruner.step(self.model, self.optimizer, epsilon=epsilon)
+        if changes and self.world > 1:
+            self._net = None  # drop the old reducer (and its autograd hooks) before wrapping again
+            gc.collect()
+            self._net = self._wrap()
+        return changes
+
+    def _wrap(self) -> nn.Module:
+        if self.world > 1:
+            kwargs = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
+            return nn.parallel.DistributedDataParallel(self.model, **kwargs)
+        return self.model
+
+    def _comm_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def _all_reduce(self, t: Tensor) -> Tensor:
+        """Sum over processes (identity without torch.distributed)."""
+        if self.world == 1:
+            return t
+        buf = t.to(self._comm_device())
+        dist.all_reduce(buf)
+        return buf.to(t.device)
+
+    def _sync_buffers(self) -> None:
+        """Copy rank 0's buffers (BatchNorm statistics) to every process, so all hold the same model."""
+        if self.world == 1:
+            return
+        for b in self.model.buffers():
+            buf = b.data.to(self._comm_device())
+            dist.broadcast(buf, 0)
+            b.data.copy_(buf)
+
+    def _example_inputs(self) -> Any:
+        if self._example is None:
+            loader = self.val_loader if self.val_loader is not None else self.train_loader
+            x, _ = self._to_device(next(iter(loader)))
+            self._example = x[:1].detach().clone()
+        return self._example
+
+    # ------------------------------------------------------------------ progress
+    @contextlib.contextmanager
+    def _progress_bars(self):
+        if not self.progress:
+            yield None
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        bars = Progress(TextColumn("{task.description:>9}"), BarColumn(bar_width=20), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
+        self._epoch_task = bars.add_task("epochs", total=self.config.epochs, completed=self.start_epoch,
+                                         info=self._model_info())
+        self._batch_task = bars.add_task("epoch", total=None, info="")
+        with bars:
+            yield bars
+
+    def _model_info(self) -> str:
+        layers = svd_layers(self.model)
+        params = sum(p.numel() for p in self.model.parameters())
+        rank = sum(m.rank for _, m in layers) / len(layers) if layers else 0.0
+        macs = f"{self.last_summary.macs / 1e6:.2f}M" if self.last_summary is not None else "-"
+        return f"params {params / 1e6:.3f}M MACs {macs} mean rank {rank:.2f}"
+
+    def _batch_info(self, keys: tuple[str, ...], sums: Tensor) -> str:
+        vals = sums.tolist()
+        steps, count = max(vals[-1], 1.0), max(vals[-2], 1.0)
+        shown = [(j, k) for j, k in enumerate(keys) if k not in ("total_reg", "structure")]
+        terms = " ".join(f"{k} {vals[j] / steps:.3g}" for j, k in shown)
+        top1 = 100.0 * vals[len(keys)] / count
+        if self._bars is not None:
+            self._bars.update(self._epoch_task, info=self._model_info())
+        return f"{terms} top-1 {top1:.1f}%"
+
+    # ------------------------------------------------------------------ checkpoints
+    def _resume_path(self, resume: Any) -> Path | None:
+        if resume is None or resume is False:
+            return None
+        if resume is True:
+            if self.run_dir is None:
+                raise ValueError("resume=True needs a run_dir (it resumes from run_dir/checkpoint.pt)")
+            path = self.run_dir / CHECKPOINT_NAME
+            if not path.is_file():
+                log.info("no checkpoint at %s yet: starting a fresh run", path)
+                return None
+            return path
+        path = Path(resume)
+        if path.is_dir():
+            path = path / CHECKPOINT_NAME
+        if not path.is_file():
+            raise ValueError(f"cannot resume: checkpoint {str(path)!r} does not exist")
+        return path
+
+    def state_dict(self, epoch: int) -> dict[str, Any]:
+        """Everything needed to continue after `epoch`, as tensors and plain Python values."""
+        return {
+            "format": _CHECKPOINT_FORMAT,
+            "version": _CHECKPOINT_VERSION,
+            "epoch": int(epoch),
+            "global_step": int(self.global_step),
+            "model": self.model.state_dict(),
+            "ranks": {n: m.rank for n, m in svd_layers(self.model)},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict(),
+            "rng": _rng_state(),
+            "history": [dict(r) for r in self.history],
+            "config": self.config.to_dict(),
+        }
+
+    def save_checkpoint(self, epoch: int, path: str | os.PathLike | None = None) -> Path:
+        """Write the checkpoint atomically (temp file, fsync, os.replace) to `path` or run_dir/checkpoint.pt."""
+        target = Path(path) if path is not None else self.checkpoint_path
+        if target is None:
+            raise ValueError("save_checkpoint needs a path when the trainer has no run_dir")
+        state = self.state_dict(epoch)
+        _atomic_write(target, lambda f: torch.save(state, f))
+        return target
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Restore a checkpoint written by `save_checkpoint`; training continues at the next epoch.
+
+        Raises:
+            ValueError: The file is corrupt, not a dprp_surgery trainer checkpoint, or for another model.
+        """
+        path = Path(path)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any failure to unpickle means "not a usable checkpoint"
+            raise ValueError(f"checkpoint {str(path)!r} is corrupt or not a torch checkpoint: {exc}") from exc
+        if not isinstance(ckpt, dict) or ckpt.get("format") != _CHECKPOINT_FORMAT:
+            raise ValueError(f"checkpoint {str(path)!r} is not a dprp_surgery training checkpoint "
+                             "(written by DPRPTrainer.save_checkpoint)")
+        if ckpt.get("version") != _CHECKPOINT_VERSION:
+            raise ValueError(f"checkpoint {str(path)!r} has version {ckpt.get('version')!r}; this dprp_surgery "
+                             f"reads version {_CHECKPOINT_VERSION}")
+        layers = dict(svd_layers(self.model))
+        ranks = ckpt.get("ranks", {})
+        if set(ranks) != set(layers):
+            missing, extra = sorted(set(layers) - set(ranks))[:3], sorted(set(ranks) - set(layers))[:3]
+            raise ValueError(f"checkpoint {str(path)!r} belongs to another model: its SVD layers differ "
+                             f"(missing {missing or '-'}, unexpected {extra or '-'})")
+        for name, r in ranks.items():
+            if not 1 <= int(r) <= layers[name].rank:
+                raise ValueError(f"checkpoint {str(path)!r}: layer {name!r} has rank {r}, but the model's layer "
+                                 f"has only {layers[name].rank} components")
+        try:
+            for name, r in ranks.items():
+                layers[name].truncate_(int(r))
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            if self.scheduler is not None and ckpt.get("scheduler") is not None:
+                self.scheduler.load_state_dict(ckpt["scheduler"])
+            if ckpt.get("scaler"):
+                self.scaler.load_state_dict(ckpt["scaler"])
+            _set_rng_state(ckpt["rng"])
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
+            raise ValueError(f"checkpoint {str(path)!r} does not fit this model/optimizer: {exc}") from exc
+        stored = ckpt.get("config", {})
+        differ = sorted(k for k, v in self.config.to_dict().items() if k in stored and stored[k] != v)
+        if differ:
+            log.warning("resuming %s with changed config fields: %s", path, ", ".join(differ))
+        self.history = History(ckpt.get("history", []))
+        self.start_epoch = int(ckpt["epoch"]) + 1
+        self.global_step = int(ckpt.get("global_step", 0))
+        if self.rank == 0 and self.run_dir is not None:  # history.jsonl matches the checkpoint again
+            text = "".join(json.dumps(r) + "\n" for r in self.history)
+            _atomic_write(self.run_dir / HISTORY_NAME, lambda f: f.write(text.encode()))
+        log.info("resumed %s at epoch %d", path, self.start_epoch)
+
+    def _append_history(self, record: dict[str, Any]) -> None:
+        with open(self.run_dir / HISTORY_NAME, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+# ----------------------------------------------------------------------------- one call
+def compress(model: nn.Module, config: DPRPConfig | None = None, train_data: Any = None, val_data: Any = None, *,
+             run_dir: str | os.PathLike | None = None, resume: str | os.PathLike | bool | None = None,
+             progress: bool = True) -> CompressionResult:
+    """Factorize `model` (unless it already has SVD layers) and train it with DPRP (`DPRPTrainer`).
+
+    Use `DPRPConfig.preset("finetune")` for a pretrained model, `DPRPConfig()` for the paper's recipe.
+
+    Returns:
+        CompressionResult with the trained model, its history, its Summary and the run folder.
+    """
+    config = config or DPRPConfig()
+    if train_data is None:
+        raise ValueError("compress needs train_data (a DataLoader, a TensorLoader or a Dataset)")
+    if not svd_layers(unwrap_model(model)):
+        model = factorize(unwrap_model(model), config)
+    trainer = DPRPTrainer(model, config, train_data, val_data, run_dir=run_dir, resume=resume, progress=progress)
+    history = trainer.fit()
+    return CompressionResult(model=trainer.model, history=history, summary=trainer.summary(), run_dir=trainer.run_dir)
+

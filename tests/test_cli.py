@@ -1,0 +1,287 @@
+"""The `dprp` command line: help texts, an end-to-end run on a tiny ImageFolder, and exit code 2 on bad input."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dprp_surgery.cli import app
+from dprp_surgery.models import resnet20
+
+runner = CliRunner()
+COMMANDS = ("inspect", "compress", "export", "eval", "report", "demo")
+
+
+def _flat(text: str) -> str:
+    """Output with whitespace runs collapsed (rich may wrap long lines)."""
+    return re.sub(r"\s+", " ", text)
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def bad(*args: str, words: tuple[str, ...]):
+    """Run a command that must fail with exit 2, a message naming `words` and no traceback."""
+    result = invoke(*args)
+    out = _flat(result.output)
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    assert "Traceback" not in result.output
+    for w in words:
+        assert w in out, (w, out)
+    return out
+
+
+def make_image_folder(root: pathlib.Path, classes=("cat", "dog"), per_class: int = 8) -> pathlib.Path:
+    """train/ and val/ ImageFolders of 32x32 PNGs, one colour per class plus noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c, colour in zip(classes, ((200, 60, 60), (60, 60, 200), (60, 200, 60))):
+            d = root / split / c
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                img = np.clip(np.array(colour)[None, None] + rng.integers(-50, 50, (32, 32, 3)), 0, 255)
+                Image.fromarray(img.astype(np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("DPRP_CACHE", str(tmp_path_factory.getbasetemp() / "dprp-cache"))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> pathlib.Path:
+    return make_image_folder(tmp_path_factory.mktemp("imgs"))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, data_dir) -> pathlib.Path:
+    """One real compress run (1 epoch on 12 images), shared by the export/eval/report tests."""
+    pytest.importorskip("dprp_surgery.trainer")
+    out = tmp_path_factory.mktemp("runs") / "r20"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DPRP_CACHE", str(tmp_path_factory.getbasetemp() / "dprp-cache"))
+        result = invoke("compress", "cifar:resnet20", "--data", data_dir, "--out", out, "--epochs", "1",
+                        "--batch-size", "8", "--limit-train", "12", "--lr", "0.01", "--epsilon", "0.3",
+                        "--export-mode", "factorized", "-q")
+    assert result.exit_code == 0, result.output
+    assert "before (dense)" in result.output and "after (exported)" in result.output
+    return out
+
+
+# ----------------------------------------------------------------------------- help
+@pytest.mark.parametrize("command", (None,) + COMMANDS)
+def test_help(command):
+    result = invoke(*([command] if command else []), "--help")
+    assert result.exit_code == 0, result.output
+    if command:
+        assert "Usage" in result.output
+        assert "Example" in result.output
+    else:
+        for c in COMMANDS:
+            assert c in result.output
+
+
+def test_compress_flags_cover_every_config_field():
+    from dataclasses import fields
+
+    from dprp_surgery.config import DPRPConfig
+
+    text = invoke("compress", "--help").output
+    for f in fields(DPRPConfig):
+        if f.name != "version":
+            assert "--" + f.name.replace("_", "-") in text, f.name
+
+
+def test_demo_help_documents_the_fallback():
+    assert "SYNTHETIC" in _flat(invoke("demo", "--help").output)
+
+
+# ----------------------------------------------------------------------------- inspect
+def test_inspect_json():
+    result = invoke("inspect", "cifar:resnet20", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    rows = data["summary"]["rows"]
+    assert len(rows) == 20 and all(r["status"] == "factorized" for r in rows)
+    assert data["input_size"] == [3, 32, 32] and 0.5 < min(data["rank1_compression"].values()) < 1
+    table = invoke("inspect", "cifar:resnet20", "--scheme", "channel", "--input-size", "3,16,16")
+    assert table.exit_code == 0 and "channel" in table.output and "R(1)" in table.output
+
+
+def test_inspect_state_dict_with_arch(tmp_path):
+    path = tmp_path / "sd.pth"
+    torch.save(resnet20().state_dict(), path)
+    bad("inspect", path, words=("--arch", str(path)))
+    assert invoke("inspect", path, "--arch", "cifar:resnet20", "--json").exit_code == 0
+
+
+# ----------------------------------------------------------------------------- end to end
+def test_compress_writes_the_run(run_dir):
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["arch"] == "cifar:resnet20" and info["num_classes"] == 2 and info["status"] == "done"
+    assert info["results"]["after"]["params"] > 0 and info["config"]["epochs"] == 1
+    for name in ("checkpoint.pt", "history.jsonl", "model/manifest.json", "model/model.safetensors"):
+        assert (run_dir / name).is_file(), name
+
+
+def test_export_every_format(run_dir, tmp_path):
+    import onnxruntime as ort
+
+    from dprp_surgery.export import load
+    from dprp_surgery.io import load_model
+
+    svd_model, _ = load_model(run_dir)
+    x = torch.randn(3, 3, 32, 32)
+    ref = svd_model.eval()(x)
+    art = tmp_path / "dense"
+    result = invoke("export", run_dir, "--mode", "dense", "--format", "safetensors", "--out", art, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["layers"] == {"dense": 20}
+    fresh = resnet20(num_classes=2).eval()
+    fresh.load_state_dict(load(art).state_dict(), strict=True)
+    torch.testing.assert_close(fresh(x), ref, atol=1e-5, rtol=1e-4)
+
+    onnx_path = tmp_path / "m.onnx"
+    assert invoke("export", run_dir, "--mode", "factorized", "--format", "onnx", "--out", onnx_path).exit_code == 0
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(got, ref.detach().numpy(), atol=1e-4, rtol=1e-4)
+
+    pt2 = tmp_path / "m.pt2"
+    result = invoke("export", run_dir / "model", "--mode", "auto", "--objective", "macs", "--format", "pt2",
+                    "--out", pt2)
+    assert result.exit_code == 0, result.output
+    torch.testing.assert_close(torch.export.load(str(pt2)).module()(x), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_eval_json(run_dir, data_dir):
+    result = invoke("eval", run_dir, "--data", data_dir, "--json", "--latency-runs", "1")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["images"] == 16 and 0 <= data["top1"] <= 100 and data["top5"] == 100.0
+    assert data["params"] > 0 and data["macs"] > 0 and data["latency_ms_b1"] > 0 and data["latency_ms_b64"] > 0
+
+
+def test_report(run_dir):
+    result = invoke("report", run_dir)
+    assert result.exit_code == 0, result.output
+    for name in ("report.md", "ranks.png", "params_macs.png", "singular_values.png", "losses.png"):
+        assert (run_dir / name).is_file(), name
+    text = (run_dir / "report.md").read_text()
+    assert "final val top-1" in text and "| layer1.0.conv1 |" in text
+
+
+def test_resume_continues_the_run(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    bad("compress", "cifar:resnet20", "--data", "x", "--out", copy, words=("--resume", str(copy)))
+    result = invoke("compress", "--out", copy, "--resume", "--epochs", "2", "-q")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (copy / "history.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1]
+
+
+def test_demo_synthetic_fallback(tmp_path, monkeypatch):
+    pytest.importorskip("dprp_surgery.trainer")
+    from dprp_surgery.cli import commands
+
+    monkeypatch.setattr(commands, "_demo_archive", lambda: None)
+    monkeypatch.setattr(commands, "DEMO_TRAIN", 40)
+    monkeypatch.setattr(commands, "DEMO_TEST", 20)
+    result = invoke("demo", "--out", tmp_path / "demo", "--epochs", "1", "-q")
+    assert result.exit_code == 0, result.output
+    assert "SYNTHETIC" in _flat(result.output)
+    assert (tmp_path / "demo" / "report.md").is_file() and (tmp_path / "demo" / "ranks.png").is_file()
+    assert json.loads((tmp_path / "demo" / "run.json").read_text())["synthetic"] is True
+
+
+# ----------------------------------------------------------------------------- bad input -> exit 2
+def test_missing_files(tmp_path, data_dir):
+    bad("inspect", tmp_path / "nope.pt", words=(str(tmp_path / "nope.pt"),))
+    bad("inspect", f"cifar:resnet20@{tmp_path / 'w.th'}", words=(str(tmp_path / "w.th"), "does not exist"))
+    bad("eval", "cifar:resnet20", "--data", tmp_path / "nodata", words=(str(tmp_path / "nodata"), "does not exist"))
+    bad("report", tmp_path, words=("history.jsonl",))
+    bad("compress", "cifar:resnet20", "--data", data_dir, "--out", tmp_path / "r", "--config", tmp_path / "c.yaml",
+        words=("--config", "c.yaml", "does not exist"))
+
+
+def test_corrupt_checkpoint_and_artifact(tmp_path, run_dir):
+    ckpt = tmp_path / "broken.th"
+    ckpt.write_bytes(b"\x00garbage" * 20)
+    bad("inspect", f"cifar:resnet20@{ckpt}", words=(str(ckpt), "corrupt"))
+    art = tmp_path / "art"
+    shutil.copytree(run_dir / "model", art)
+    weights = art / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64] + b"\x01" * 64)
+    bad("export", art, "--out", tmp_path / "x", words=("model.safetensors", "corrupt", "re-export"))
+    (art / "manifest.json").write_text("{")
+    bad("inspect", art, words=("manifest.json", "corrupt"))
+
+
+def test_wrong_architecture_state_dict(tmp_path):
+    path = tmp_path / "r20.pth"
+    torch.save(resnet20().state_dict(), path)
+    bad("inspect", f"timm:resnet18@{path}", words=(str(path), "timm:resnet18", "missing keys"))
+    bad("inspect", f"cifar:resnet32@{path}", words=(str(path), "resnet32"))
+
+
+def test_unknown_model_spec():
+    bad("inspect", "foo:bar", words=("unknown model spec prefix 'foo'", "timm:NAME"))
+    bad("inspect", "timm:not_a_model_xyz", words=("unknown timm model 'not_a_model_xyz'",))
+
+
+def test_data_dir_without_classes(tmp_path):
+    (tmp_path / "d" / "train").mkdir(parents=True)
+    (tmp_path / "d" / "val").mkdir()
+    bad("compress", "cifar:resnet20", "--data", tmp_path / "d", "--out", tmp_path / "r", "--epochs", "1",
+        words=("no class subfolders", "train"))
+
+
+def test_untrusted_pickle(tmp_path):
+    class Touch:
+        def __reduce__(self):
+            return (pathlib.Path.touch, (tmp_path / "pwned",))
+
+    path = tmp_path / "model.pt"
+    torch.save(Touch(), path)
+    bad("inspect", path, words=(str(path), "--trust-pickle", "arbitrary code"))
+    assert not (tmp_path / "pwned").exists()
+    whole = tmp_path / "whole.pt"
+    torch.save(resnet20(), whole)
+    bad("inspect", whole, words=("--trust-pickle",))
+    assert invoke("inspect", whole, "--trust-pickle", "--json").exit_code == 0
+
+
+def test_invalid_config_values(tmp_path, data_dir):
+    out = tmp_path / "r"
+    bad("compress", "cifar:resnet20", "--data", data_dir, "--out", out, "--epsilon", "2",
+        words=("--epsilon", "(0, 1)"))
+    bad("compress", "cifar:resnet20", "--data", data_dir, "--out", out, "--scheme", "diagonal",
+        words=("--scheme", "paper"))
+    bad("compress", "cifar:resnet20", "--data", data_dir, "--out", out, "--preset", "papr",
+        words=("--preset", "paper"))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("lambda_comp: -1\n")
+    bad("compress", "cifar:resnet20", "--data", data_dir, "--out", out, "--config", cfg,
+        words=("cfg.yaml", "lambda_comp"))
+    cfg.write_text("epsilom: 0.1\n")
+    bad("compress", "cifar:resnet20", "--data", data_dir, "--out", out, "--config", cfg,
+        words=("epsilom", "epsilon"))
+    bad("inspect", "cifar:resnet20", "--input-size", "3,x", words=("--input-size",))
+    assert not out.exists()
+
+
+def test_typer_usage_errors_exit_2():
+    assert invoke("export", "somewhere").exit_code == 2  # --out missing
+    assert invoke("export", "x", "--out", "y", "--format", "tflite").exit_code == 2

@@ -1,0 +1,227 @@
+"""Export of factorized models: dense/factorized/auto forms, pickle-free artifacts, ONNX and .pt2."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dprp_surgery import DPRPConfig, factorize, summarize, svd_layers
+from dprp_surgery.accounting import count_params
+from dprp_surgery.export import export, layer_forms, load, save, to_onnx, to_pt2
+from dprp_surgery.layers import SVDLayer
+from dprp_surgery.models import resnet20
+
+
+class SmallCNN(nn.Module):
+    """Convs of every flavour the realisations distinguish (paper orders, groups, padding modes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False)  # depthwise-first
+        self.c3 = nn.Conv2d(32, 4, 3, padding=1)  # pointwise-first (few outputs)
+        self.c4 = nn.Conv2d(4, 8, 3, padding=1, groups=2, padding_mode="reflect")
+        self.c5 = nn.Conv2d(8, 8, (3, 5), padding="same")
+        self.seq = nn.Conv1d(8, 12, 3, padding=1)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.c1(x))
+        x = torch.relu(self.c2(x))
+        x = torch.relu(self.c3(x))
+        x = torch.relu(self.c4(x))
+        x = self.c5(x)
+        x = self.seq(x.flatten(2)).mean(-1)
+        return self.fc(x)
+
+
+def _compressed(model: nn.Module, scheme: str = "paper", keep: float = 0.4) -> nn.Module:
+    """Factorize and truncate every other layer (the rest stay at full rank)."""
+    f = factorize(model, DPRPConfig(scheme=scheme, min_compressible=None)).eval()
+    for i, (_, layer) in enumerate(svd_layers(f)):
+        if i % 2 == 0:
+            layer.truncate_(max(1, int(layer.rank * keep)))
+    return f
+
+
+@pytest.fixture(scope="module")
+def r20() -> nn.Module:
+    torch.manual_seed(0)
+    return _compressed(resnet20())
+
+
+@pytest.mark.parametrize("scheme", ["paper", "channel", "spatial"])
+def test_small_cnn_modes_and_conversions(scheme):
+    torch.manual_seed(1)
+    model = _compressed(SmallCNN(), scheme)
+    x = torch.randn(2, 3, 16, 16)
+    ref = model(x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    outs = {}
+    for mode in ("dense", "factorized", "auto"):
+        e = export(model, mode)
+        assert not any(isinstance(m, SVDLayer) for m in e.modules())
+        torch.testing.assert_close(e(x), ref, atol=1e-5, rtol=1e-4)
+        outs[mode] = e
+    # forms convert into each other exactly (factorized -> dense -> factorized)
+    back = export(export(outs["factorized"], "dense"), "factorized")
+    torch.testing.assert_close(back(x), ref, atol=1e-5, rtol=1e-4)
+    assert {n: e["spec"]["rank"] for n, e in layer_forms(back).items()} == {n: m.rank for n, m in svd_layers(model)}
+    # the input is untouched
+    assert all(isinstance(m, SVDLayer) for _, m in svd_layers(model)) and len(svd_layers(model)) == 7
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+
+
+def test_paper_realisations_cover_both_orders():
+    model = _compressed(SmallCNN(), "paper", keep=1.0)
+    e = export(model, "factorized")
+    first_groups = {n: e.get_submodule(n)[-2].groups for n in ("c2", "c3")}
+    assert first_groups["c2"] == 16  # depthwise first: groups = in_channels
+    assert e.get_submodule("c3")[-1].groups == 4  # pointwise first: per-output basis filters
+
+
+def test_dense_export_loads_into_original_architectures():
+    import timm
+    import torchvision
+
+    x = torch.randn(1, 3, 64, 64)
+    for fresh_fn in (lambda: timm.create_model("resnet18"), lambda: torchvision.models.resnet18()):
+        torch.manual_seed(0)
+        f = factorize(fresh_fn(), DPRPConfig(include=("layer3.0.downsample.0", "layer4.1.conv1", "fc"))).eval()
+        for _, layer in svd_layers(f):
+            layer.truncate_(max(1, layer.rank // 4))
+        dense = export(f, "dense")
+        fresh = fresh_fn().eval()
+        fresh.load_state_dict(dense.state_dict(), strict=True)
+        torch.testing.assert_close(fresh(x), f(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["dense", "factorized", "auto"])
+def test_artifact_round_trip(r20, mode, tmp_path):
+    x = torch.randn(3, 3, 32, 32)
+    e = export(r20, mode, objective="macs", example_inputs=x[:1])
+    path = save(e, tmp_path / "art", config=DPRPConfig(), input_size=(3, 32, 32))
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["arch"] == "cifar:resnet20" and manifest["num_classes"] == 10
+    assert set(manifest["layers"]) == {n for n, _ in svd_layers(r20)}
+    assert manifest["config"]["scheme"] == "paper"
+    loaded = load(path)
+    torch.testing.assert_close(loaded(x), r20(x), atol=1e-5, rtol=1e-4)
+    assert {n: v["form"] for n, v in layer_forms(loaded).items() if v["form"] != "dense"} == {
+        n: v["form"] for n, v in layer_forms(e).items() if v["form"] != "dense"}
+    # an artifact re-exports into any form
+    torch.testing.assert_close(export(loaded, "dense")(x), r20(x), atol=1e-5, rtol=1e-4)
+
+
+def test_svd_form_artifact_and_overwrite(r20, tmp_path):
+    x = torch.randn(2, 3, 32, 32)
+    path = save(r20, tmp_path / "art")
+    save(r20, path)  # replacing an artifact is fine
+    loaded = load(path)
+    assert {n: m.rank for n, m in svd_layers(loaded)} == {n: m.rank for n, m in svd_layers(r20)}
+    torch.testing.assert_close(loaded(x), r20(x))
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp dirs left behind
+
+
+def test_auto_is_never_worse_than_dense(r20):
+    x = torch.randn(1, 3, 32, 32)
+    dense, fact = export(r20, "dense"), export(r20, "factorized")
+    auto_p = export(r20, "auto", objective="params")
+    assert count_params(auto_p) <= count_params(dense) and count_params(auto_p) <= count_params(fact)
+    auto_m = export(r20, "auto", objective="macs", example_inputs=x)
+    macs = {k: summarize(m, x).macs for k, m in (("dense", dense), ("fact", fact), ("auto", auto_m))}
+    assert macs["auto"] <= macs["dense"] and macs["auto"] <= macs["fact"]
+    forms = {v["form"] for v in layer_forms(auto_m).values()}
+    assert forms == {"dense", "factorized"}  # full-rank layers stay dense, truncated ones factorize
+    auto_t = export(r20, "auto", objective="latency", example_inputs=x)
+    torch.testing.assert_close(auto_t(x), r20(x), atol=1e-5, rtol=1e-4)
+
+
+def test_export_argument_errors(r20):
+    with pytest.raises(ValueError, match="mode='sparse'|mode=.sparse"):
+        export(r20, "sparse")
+    with pytest.raises(ValueError, match="example_inputs"):
+        export(r20, "auto", objective="macs")
+    with pytest.raises(ValueError, match="objective"):
+        export(r20, "auto", objective="energy")
+
+
+@pytest.mark.parametrize("mode", ["dense", "factorized"])
+def test_onnx_parity(r20, mode, tmp_path):
+    import onnxruntime as ort
+
+    e = export(r20, mode)
+    path = to_onnx(e, tmp_path / f"{mode}.onnx", torch.randn(1, 3, 32, 32))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(4, 3, 32, 32)  # a different batch size than exported with
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(got, e(x).detach().numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_pt2_round_trip(r20, tmp_path):
+    e = export(r20, "factorized")
+    path = to_pt2(e, tmp_path / "m.pt2", torch.randn(1, 3, 32, 32))
+    program = torch.export.load(str(path))
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(program.module()(x), e(x), atol=1e-5, rtol=1e-4)
+
+
+def test_bad_artifacts(r20, tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load(tmp_path / "nope")
+    f = tmp_path / "file.bin"
+    f.write_bytes(b"x")
+    with pytest.raises(ValueError, match="is a file"):
+        load(f)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="manifest.json.*missing"):
+        load(tmp_path / "empty")
+    path = save(export(r20, "factorized"), tmp_path / "art")
+    manifest = (path / "manifest.json").read_text()
+    weights = (path / "model.safetensors").read_bytes()
+
+    (path / "manifest.json").write_text(manifest[:50])
+    with pytest.raises(ValueError, match="manifest.json.*corrupt"):
+        load(path)
+    (path / "manifest.json").write_text(manifest)
+
+    (path / "model.safetensors").write_bytes(weights[:-100] + b"\x00" * 100)
+    with pytest.raises(ValueError, match="model.safetensors.*corrupt"):
+        load(path)
+    (path / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="model.safetensors.*missing"):
+        load(path)
+    (path / "model.safetensors").write_bytes(weights)
+
+    m = json.loads(manifest)
+    m["layers"]["layer9.conv"] = m["layers"].pop("layer1.0.conv1")
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="layer9.conv"):
+        load(path)
+
+    m = json.loads(manifest)
+    m["format_version"] = 99
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="upgrade"):
+        load(path)
+
+
+def test_save_needs_a_rebuildable_arch(tmp_path):
+    import torchvision
+
+    model = factorize(torchvision.models.resnet18(num_classes=3), DPRPConfig(include=("fc",)))
+    with pytest.raises(ValueError, match="arch="):
+        save(model, tmp_path / "a")
+    path = save(model, tmp_path / "a", arch="torchvision:resnet18")
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(load(path)(x), model.eval()(x))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="refusing to overwrite"):
+        save(model, tmp_path / "other", arch="torchvision:resnet18")
+    assert (tmp_path / "other" / "keep.txt").read_text() == "mine"

@@ -1,0 +1,263 @@
+"""Model specs: every accepted form, safe weight loading, the untrusted-pickle guard, data recipes."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from dprp_surgery.data import IMAGENET_MEAN, IMAGENET_STD
+from dprp_surgery.io import (
+    ModelSpecError,
+    UntrustedPickleError,
+    build_arch,
+    data_recipe,
+    infer_arch,
+    infer_num_classes,
+    load_model,
+    parse_model_spec,
+    read_state_dict,
+    set_num_classes,
+)
+from dprp_surgery.models import CifarResNet, resnet20
+
+
+class _Touch:
+    """Unpickling this object creates its marker file: stands in for arbitrary code execution."""
+
+    def __init__(self, marker: pathlib.Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k])
+
+
+# ----------------------------------------------------------------------------- parsing
+def test_parse_forms(tmp_path):
+    w = tmp_path / "w.pth"
+    w.write_bytes(b"x")
+    assert parse_model_spec("timm:resnet18").arch == "timm:resnet18"
+    s = parse_model_spec(f"cifar:resnet20@{w}")
+    assert (s.kind, s.name, s.weights) == ("cifar", "resnet20", w)
+    assert parse_model_spec("torchvision:resnet18").kind == "torchvision"
+    (tmp_path / "art").mkdir()
+    (tmp_path / "art" / "manifest.json").write_text("{}")
+    assert parse_model_spec(tmp_path / "art").kind == "artifact"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text("{}")
+    assert parse_model_spec(tmp_path / "run").kind == "run"
+    p2 = tmp_path / "m.pt2"
+    p2.write_bytes(b"x")
+    assert parse_model_spec(p2).kind == "pt2"
+    assert parse_model_spec(w).kind == "file"
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("foo:resnet18", ["unknown model spec prefix", "'foo'", "timm:NAME"]),
+    ("resnet18", ["Did you mean timm:resnet18", "torchvision:resnet18"]),
+    ("timm:", ["names no architecture"]),
+    ("cifar:resnet20@/nonexistent/w.th", ["/nonexistent/w.th", "does not exist"]),
+    ("/nonexistent/model.pt", ["/nonexistent/model.pt", "Accepted forms"]),
+])
+def test_bad_specs(spec, words):
+    with pytest.raises(ModelSpecError) as info:
+        load_model(spec)
+    for w in words:
+        assert w in str(info.value)
+
+
+def test_unknown_names_suggest():
+    with pytest.raises(ModelSpecError, match="Did you mean .*cifar:resnet20"):
+        load_model("cifar:resnet21")
+    with pytest.raises(ModelSpecError, match="unknown timm model 'resnet18x'"):
+        load_model("timm:resnet18x")
+
+
+def test_empty_directory_is_rejected(tmp_path):
+    with pytest.raises(ModelSpecError, match="neither a dprp artifact"):
+        load_model(tmp_path)
+
+
+# ----------------------------------------------------------------------------- architectures and weights
+def test_cifar_spec_with_weights_and_wrappers(tmp_path):
+    src = resnet20()
+    path = tmp_path / "r20.th"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}, "best_prec1": 1.0}, path)
+    model, arch = load_model(f"cifar:resnet20@{path}")
+    assert arch == "cifar:resnet20" and isinstance(model, CifarResNet)
+    _same(model, src)
+    assert infer_arch(model) == "cifar:resnet20"
+
+
+def test_pretrained_cifar_checkpoint(shared_dir):
+    path = shared_dir / "models" / "cifar10_resnet20.th"
+    if not path.is_file():
+        pytest.skip("pretrained ResNet-20 not available")
+    model, arch = load_model(f"cifar:resnet20@{path}")
+    assert arch == "cifar:resnet20" and infer_num_classes(model) == 10
+
+
+def test_cifar_num_classes_follow_weights(tmp_path):
+    src = resnet20(num_classes=3)
+    path = tmp_path / "r20c3.safetensors"
+    save_file(src.state_dict(), str(path))
+    model, _ = load_model(f"cifar:resnet20@{path}")
+    assert infer_num_classes(model) == 3
+    _same(model, src)
+
+
+def test_timm_and_torchvision_specs(tmp_path):
+    model, arch = load_model("timm:resnet18", num_classes=7)
+    assert arch == "timm:resnet18" and infer_num_classes(model) == 7
+    path = tmp_path / "r18.pth"
+    torch.save({"model": model.state_dict()}, path)
+    again, _ = load_model(f"timm:resnet18@{path}")  # num_classes inferred from the head
+    _same(again, model)
+    tv, tv_arch = load_model("torchvision:resnet18", num_classes=5)
+    assert tv_arch == "torchvision:resnet18" and infer_num_classes(tv) == 5
+    tv_path = tmp_path / "tv.safetensors"
+    save_file(tv.state_dict(), str(tv_path))
+    tv2, _ = load_model(f"torchvision:resnet18@{tv_path}")
+    _same(tv2, tv)
+
+
+def test_wrong_arch_state_dict(tmp_path):
+    path = tmp_path / "r20.pth"
+    torch.save(resnet20().state_dict(), path)
+    with pytest.raises(ValueError) as info:
+        load_model(f"timm:resnet18@{path}")
+    text = str(info.value)
+    assert str(path) in text and "timm:resnet18" in text and "missing keys" in text and "unexpected keys" in text
+    with pytest.raises(ValueError, match="resnet32"):
+        load_model(f"cifar:resnet32@{path}")
+
+
+def test_bare_state_dict_needs_arch(tmp_path):
+    path = tmp_path / "sd.pth"
+    src = resnet20()
+    torch.save(src.state_dict(), path)
+    with pytest.raises(ValueError, match="--arch"):
+        load_model(path)
+    model, arch = load_model(path, arch="cifar:resnet20")
+    assert arch == "cifar:resnet20"
+    _same(model, src)
+
+
+def test_corrupt_weights(tmp_path):
+    path = tmp_path / "bad.pth"
+    path.write_bytes(b"definitely not a checkpoint" * 4)
+    with pytest.raises(ValueError, match="corrupt"):
+        load_model(f"cifar:resnet20@{path}")
+    st = tmp_path / "bad.safetensors"
+    st.write_bytes(b"\x00" * 10)
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        read_state_dict(st)
+
+
+# ----------------------------------------------------------------------------- pickles
+def test_untrusted_pickle_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"payload": _Touch(marker)}, path)
+    with pytest.raises(UntrustedPickleError) as info:
+        load_model(path)
+    assert "--trust-pickle" in str(info.value) and "arbitrary code" in str(info.value)
+    assert not marker.exists()
+    with pytest.raises(UntrustedPickleError):  # also as weights of an architecture
+        load_model(f"cifar:resnet20@{path}")
+    assert not marker.exists()
+    # the guard is what stops it: trusting the file does run the payload
+    with pytest.raises(ValueError, match="not an nn.Module"):
+        load_model(path, trust_pickle=True)
+    assert marker.exists()
+
+
+def test_plain_pickle_is_untrusted(tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned2"
+    path = tmp_path / "evil.pkl"
+    path.write_bytes(pickle.dumps(_Touch(marker), protocol=4))
+    with pytest.raises(UntrustedPickleError):
+        load_model(path)
+    assert not marker.exists()
+
+
+def test_trusted_whole_module(tmp_path):
+    src = resnet20()
+    path = tmp_path / "whole.pt"
+    torch.save(src, path)
+    with pytest.raises(UntrustedPickleError):
+        load_model(path)
+    model, arch = load_model(path, trust_pickle=True)
+    assert arch == "cifar:resnet20"
+    _same(model, src)
+
+
+# ----------------------------------------------------------------------------- pt2, run dirs, recipes
+def test_pt2_spec(tmp_path):
+    model = resnet20().eval()
+    x = torch.randn(2, 3, 32, 32)
+    program = torch.export.export(model, (x,))
+    path = tmp_path / "m.pt2"
+    torch.export.save(program, str(path))
+    loaded, arch = load_model(path)
+    assert arch.startswith("pt2:")
+    torch.testing.assert_close(loaded(x), model(x))
+    bad = tmp_path / "bad.pt2"
+    bad.write_bytes(b"zzz")
+    with pytest.raises(ValueError, match="bad.pt2"):
+        load_model(bad)
+
+
+def test_run_dir_rebuilds_factorized_model(tmp_path):
+    from dprp_surgery import DPRPConfig, factorize, svd_layers
+
+    config = DPRPConfig(scheme="channel")
+    model = factorize(resnet20(), config)
+    for _, layer in svd_layers(model):
+        layer.truncate_(max(1, layer.rank // 2))
+    torch.save({"model": model.state_dict(), "ranks": {n: m.rank for n, m in svd_layers(model)},
+                "config": config.to_dict(), "epoch": 0, "history": []}, tmp_path / "checkpoint.pt")
+    (tmp_path / "run.json").write_text(json.dumps({"arch": "cifar:resnet20", "num_classes": 10}))
+    loaded, arch = load_model(tmp_path)
+    assert arch == "cifar:resnet20"
+    assert {n: m.rank for n, m in svd_layers(loaded)} == {n: m.rank for n, m in svd_layers(model)}
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded.eval()(x), model.eval()(x))
+    with pytest.raises(ValueError, match="run directory"):  # the checkpoint alone needs its run dir
+        load_model(tmp_path / "checkpoint.pt")
+
+
+def test_corrupt_run_json(tmp_path):
+    (tmp_path / "run.json").write_text("{not json")
+    (tmp_path / "checkpoint.pt").write_bytes(b"x")
+    with pytest.raises(ValueError, match="run.json"):
+        load_model(tmp_path)
+
+
+def test_data_recipes():
+    r = data_recipe("cifar:resnet20", resnet20())
+    assert (r.mean, r.std, r.image_size, r.augment) == (IMAGENET_MEAN, IMAGENET_STD, 32, "cifar")
+    model = build_arch("timm:resnet18")
+    r = data_recipe("timm:resnet18", model)
+    assert r.image_size == 224 and len(r.mean) == 3 and r.input_size() == (3, 224, 224)
+    assert data_recipe("torchvision:resnet18").image_size == 224
+    assert data_recipe("pt2:/x.pt2").image_size is None
+
+
+def test_set_num_classes():
+    m = set_num_classes(resnet20(), 4)
+    assert infer_num_classes(m) == 4 and m(torch.randn(1, 3, 32, 32)).shape == (1, 4)
+    t = set_num_classes(build_arch("torchvision:resnet18"), 3)
+    assert t.fc.out_features == 3

@@ -1,0 +1,263 @@
+"""The DPRP loss terms (eqs. (10)-(12), (15)-(17)) against numbers worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from dprp_surgery import DPRPConfig, SVDLinear, factorize
+from dprp_surgery.losses import (
+    DPRPRegularizer,
+    compression_loss,
+    keep_counts,
+    orthogonality_loss,
+    regularization_loss,
+    sorting_loss,
+)
+
+
+def lin(out_f: int, in_f: int, s, U=None, V=None) -> SVDLinear:
+    """An SVDLinear (U: out x r, V: in x r) with the given factors (identity-like when not given)."""
+    s = torch.tensor(s, dtype=torch.float32)
+    layer = SVDLinear(in_f, out_f, rank=s.numel())
+    with torch.no_grad():
+        layer.s.copy_(s)
+        layer.U.copy_(torch.eye(out_f, s.numel()) if U is None else torch.tensor(U, dtype=torch.float32))
+        layer.V.copy_(torch.eye(in_f, s.numel()) if V is None else torch.tensor(V, dtype=torch.float32))
+    return layer
+
+
+def close(a, b):
+    torch.testing.assert_close(torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32),
+                               rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- eq. (10)
+def test_orthogonality_by_hand_with_padding():
+    # A: U (3x2) = [[1,0],[0,2],[0,0]] -> U^T U = diag(1, 4), minus I = diag(0, 3): ||.||_F = 3.
+    #    V = I (2x2) -> 0.  r = 2: (3 + 0) / 4 = 0.75
+    a = lin(3, 2, [1, 1], U=[[1, 0], [0, 2], [0, 0]], V=[[1, 0], [0, 1]])
+    # B: U (2x1) = [2, 0]^T -> 4 - 1 = 3;  V (3x1) = [1, 1, 0]^T -> 2 - 1 = 1.  r = 1: (3 + 1) / 1 = 4
+    b = lin(2, 3, [1], U=[[2], [0]], V=[[1], [1], [0]])
+    # C: U (3x1) = [1, 1, 1]^T -> 3 - 1 = 2;  V (3x1) = [0, 0, 1]^T -> 0.  r = 1: 2
+    #    (C shares h = 3 with A at another rank: the U group is zero-padded to r_max = 2;
+    #     C shares w = 3 with B: one V group without padding.)
+    c = lin(3, 3, [1], U=[[1], [1], [1]], V=[[0], [0], [1]])
+    close(orthogonality_loss([a]), 0.75)
+    close(orthogonality_loss([b]), 4.0)
+    # mean over L = 3 layers: (0.75 + 4 + 2) / 3 = 2.25
+    close(orthogonality_loss([a, b, c]), 2.25)
+    close(orthogonality_loss([("a", a), ("c", c)]), (0.75 + 2) / 2)
+
+
+def test_orthogonality_zero_for_svd_factors():
+    torch.manual_seed(0)
+    model = factorize(nn.Sequential(nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 3)))
+    assert float(orthogonality_loss(model).detach()) < 1e-5
+
+
+# ----------------------------------------------------------------------------- eq. (11)
+def test_sorting_by_hand():
+    # [3, 1, 2, -1]: rises (1 -> 2) = 1, gamma = 1 -> 1/1 * 1 = 1; negatives {-1}, eta = 1 -> 1.  total 2
+    close(sorting_loss([lin(4, 4, [3, 1, 2, -1])]), 2.0)
+    # [1, 2, 4]: rises 1 and 2, gamma = 2 -> (1 + 2) / 2 = 1.5; no negatives.  total 1.5
+    close(sorting_loss([lin(3, 3, [1, 2, 4])]), 1.5)
+    # [2, 1, -3]: sorted, gamma = 0 -> 0; the LAST value is negative: eta = 1 -> 3
+    # (the paper's sum j = 1..r-1 would give 0 here; we sum over all r entries, docs/method.md).
+    close(sorting_loss([lin(3, 3, [2, 1, -3])]), 3.0)
+    # [-1, -2]: sorted; eta = 2 -> (1 + 2) / 2 = 1.5
+    close(sorting_loss([lin(2, 2, [-1, -2])]), 1.5)
+    # sorted and non-negative (zeros and ties included): 0
+    close(sorting_loss([lin(4, 4, [2, 2, 1, 0])]), 0.0)
+    # mean over layers of different ranks (2, 1.5, 3): 6.5 / 3
+    layers = [lin(4, 4, [3, 1, 2, -1]), lin(3, 3, [1, 2, 4]), lin(3, 3, [2, 1, -3])]
+    close(sorting_loss(layers), 6.5 / 3)
+
+
+# ----------------------------------------------------------------------------- tau_l
+@pytest.mark.parametrize(
+    "s, eps, tau",
+    [
+        ([4, 2, 1], 0.1, 3),          # rho = 0.5, 0.5: nothing <= 0.1 -> r
+        ([1, 0.05, 0.04], 0.1, 1),    # rho_1 = 0.05 -> first position
+        ([1, 0.9, 0.05], 0.1, 2),     # rho_1 = 0.9, rho_2 = 0.0556 -> 2 (last pair)
+        ([2, 1, 0, 5], 0.1, 2),       # rho_2 = 0 / 1 = 0 -> 2
+        ([0, 1, 2], 0.1, 1),          # |s_1| = 0: rho_1 taken as 0 -> prune after the zero
+        ([2, 0, 0], 0.1, 1),          # rho_1 = 0; rho_2 = 0/0 taken as 0
+        ([1, 0.5], 0.5, 1),           # rho = 0.5 <= 0.5 (inclusive)
+        ([1, -0.05], 0.1, 1),         # ratios of absolute values
+        ([5], 0.1, 1),                # rank 1
+    ],
+)
+def test_keep_count_cases(s, eps, tau):
+    assert keep_counts([torch.tensor(s, dtype=torch.float32)], eps).tolist() == [tau]
+
+
+def test_keep_counts_batched_and_named():
+    s = [torch.tensor([4.0, 2, 1]), torch.tensor([1.0, 0.05, 0.04]), torch.tensor([3.0])]
+    assert keep_counts(s, 0.1).tolist() == [3, 1, 1]
+    model = nn.Sequential(lin(3, 3, [4, 2, 1]), lin(3, 3, [1, 0.05, 0.04]))
+    assert DPRPRegularizer(DPRPConfig()).keep_counts(model) == {"0": 3, "1": 1}
+    assert DPRPRegularizer(DPRPConfig()).keep_counts(model, epsilon=0.6) == {"0": 1, "1": 1}
+
+
+# ----------------------------------------------------------------------------- eq. (12)
+def test_compression_by_hand():
+    # [3, 4, 0], eps 0.1: rho_1 = 4/3, rho_2 = 0 -> tau = 2; sum_{i=2..3} = 4 + 0 = 4; n = 3 - 2 + 1 = 2;
+    # ||s|| = 5 -> 4 / (2 * 5) = 0.4
+    close(compression_loss([lin(3, 3, [3, 4, 0])], 0.1), 0.4)
+    # n_l = 1: [3, 4], no cut -> tau = r = 2; sum_{i=2..2} = 4; n = 1; ||s|| = 5 -> 0.8
+    close(compression_loss([lin(2, 2, [3, 4])], 0.1), 0.8)
+    # zero first: [0, 3, 4] -> tau = 1; sum = 7; n = 3; ||s|| = 5 -> 7/15
+    close(compression_loss([lin(3, 3, [0, 3, 4])], 0.1), 7 / 15)
+    # negative value: [4, -3], rho = 0.75 -> tau = 2; |-3| / (1 * 5) = 0.6
+    close(compression_loss([lin(2, 2, [4, -3])], 0.1), 0.6)
+    # mean of 0.4, 0.8, 7/15 (ranks 3, 2, 3): (6 + 12 + 7) / 15 / 3 = 5/9
+    layers = [lin(3, 3, [3, 4, 0]), lin(2, 2, [3, 4]), lin(3, 3, [0, 3, 4])]
+    close(compression_loss(layers, 0.1), 5 / 9)
+
+
+def test_compression_all_zero_is_finite():
+    loss = compression_loss([lin(2, 2, [0, 0])], 0.1).detach()
+    assert float(loss) == 0.0
+
+
+# ----------------------------------------------------------------------------- eqs. (15)-(17)
+def test_ablation_regularizers_by_hand():
+    layers = [lin(2, 2, [3, -4]), lin(1, 1, [1])]
+    # l1: [3,-4] -> 7/2 = 3.5; [1] -> 1; mean 2.25
+    close(regularization_loss(layers, "l1"), 2.25)
+    # l2: 5/2 = 2.5; 1; mean 1.75
+    close(regularization_loss(layers, "l2"), 1.75)
+    # funnel, delta = 1: (3/4 + 4/5) / 2 = 0.775; (1/2) / 1 = 0.5; mean 0.6375
+    close(regularization_loss(layers, "funnel", delta=1.0), 0.6375)
+    close(regularization_loss(layers, "none"), 0.0)
+    with pytest.raises(ValueError, match="unknown ablation"):
+        regularization_loss(layers, "l3")
+
+
+# ----------------------------------------------------------------------------- eq. (8)
+def _model():
+    return nn.Sequential(lin(3, 2, [1, 1], U=[[1, 0], [0, 2], [0, 0]], V=[[1, 0], [0, 1]]),
+                         lin(3, 3, [3, 4, 0]), lin(4, 4, [3, 1, 2, -1]))
+
+
+def test_total_dprp_weights():
+    cfg = DPRPConfig(lambda_str=2.0, mu_orth=10.0, mu_sort=3.0, lambda_comp=0.5, epsilon=0.1)
+    model = _model()
+    loss, terms = DPRPRegularizer(cfg)(model)
+    orth, sort, comp = orthogonality_loss(model), sorting_loss(model), compression_loss(model, 0.1)
+    close(terms["orth"], orth)
+    close(terms["sort"], sort)
+    close(terms["comp"], comp)
+    close(terms["structure"], 10 * orth + 3 * sort)
+    close(loss, 2 * (10 * orth + 3 * sort) + 0.5 * comp)
+    close(terms["total_reg"], loss)
+    assert not any(t.requires_grad for t in terms.values())
+
+
+@pytest.mark.parametrize("kind", ["l1", "l2", "funnel", "none"])
+def test_total_ablation(kind):
+    cfg = DPRPConfig(regularizer=kind, lambda_comp=0.25, delta=0.5)
+    model = _model()
+    loss, terms = DPRPRegularizer(cfg)(model)
+    assert set(terms) == {"reg", "total_reg"}
+    close(loss, 0.25 * regularization_loss(model, kind, 0.5))
+
+
+def test_schedules():
+    reg = DPRPRegularizer(DPRPConfig(reg_warmup_epochs=4, lambda_str=2.0, lambda_comp=0.4, epsilon_start=0.001,
+                                     epsilon=0.1, epsilon_ramp_epochs=2))
+    assert reg.weights_at(0)["lambda_comp"] == 0.0
+    assert reg.weights_at(2) == {"lambda_str": 1.0, "lambda_comp": 0.2, "mu_orth": 1000.0, "mu_sort": 1.0}
+    assert reg.weights_at(10)["lambda_str"] == 2.0 and reg.weights_at(None)["lambda_comp"] == 0.4
+    # geometric: 0.001 * (0.1 / 0.001) ** (e / 2): 0.001, 0.01, 0.1, then constant
+    assert [round(reg.epsilon_at(e), 12) for e in (0, 1, 2, 5)] == [0.001, 0.01, 0.1, 0.1]
+    assert reg.epsilon_at(None) == 0.1
+    # at epoch 0 of the warm-up the regularizer contributes nothing
+    assert float(reg(_model(), epoch=0)[0].detach()) == 0.0
+    assert DPRPRegularizer(DPRPConfig(epsilon=0.2)).epsilon_at(7) == 0.2
+
+
+# ----------------------------------------------------------------------------- vectorised == loop
+def _reference(layers, eps, delta):
+    """A plain per-layer Python loop over the equations."""
+    orth = sort = comp = l1 = l2 = fun = 0.0
+    for m in layers:
+        U, s, V = m.U.detach().double(), m.s.detach().double().tolist(), m.V.detach().double()
+        r = len(s)
+        eye = torch.eye(r, dtype=torch.float64)
+        orth += (torch.linalg.norm(U.T @ U - eye) + torch.linalg.norm(V.T @ V - eye)).item() / r**2
+        rises = [max(0.0, s[j + 1] - s[j]) for j in range(r - 1)]
+        gamma = sum(1 for j in range(r - 1) if s[j + 1] > s[j])
+        negs = [max(0.0, -v) for v in s]
+        eta = sum(1 for v in s if v < 0)
+        sort += (sum(rises) / gamma if gamma else 0.0) + (sum(negs) / eta if eta else 0.0)
+        tau = r
+        for j in range(r - 1):
+            rho = abs(s[j + 1]) / abs(s[j]) if s[j] != 0 else 0.0
+            if rho <= eps:
+                tau = j + 1
+                break
+        norm = math.sqrt(sum(v * v for v in s))
+        comp += sum(abs(v) for v in s[tau - 1:]) / ((r - tau + 1) * norm)
+        l1 += sum(abs(v) for v in s) / r
+        l2 += norm / r
+        fun += sum(abs(v) / (abs(v) + delta) for v in s) / r
+    n = len(layers)
+    return {k: v / n for k, v in dict(orth=orth, sort=sort, comp=comp, l1=l1, l2=l2, funnel=fun).items()}
+
+
+def test_vectorised_equals_loop():
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(5, 3, 3), (5, 4, 2), (7, 3, 1), (2, 6, 2), (4, 4, 4), (3, 5, 3)]  # (out, in, rank), h and w repeat
+    layers = []
+    for out_f, in_f, r in shapes:
+        m = SVDLinear(in_f, out_f, rank=r)
+        with torch.no_grad():
+            m.U.copy_(torch.randn(out_f, r, generator=gen))
+            m.V.copy_(torch.randn(in_f, r, generator=gen))
+            m.s.copy_(torch.randn(r, generator=gen))
+            if r >= 3:
+                m.s[1] = 0.0  # a zero in the middle
+        layers.append(m)
+    ref = _reference(layers, 0.3, 0.01)
+    got = {"orth": orthogonality_loss(layers), "sort": sorting_loss(layers), "comp": compression_loss(layers, 0.3),
+           "l1": regularization_loss(layers, "l1"), "l2": regularization_loss(layers, "l2"),
+           "funnel": regularization_loss(layers, "funnel", 0.01)}
+    for k, v in got.items():
+        torch.testing.assert_close(v.double(), torch.tensor(ref[k], dtype=torch.float64), rtol=1e-5, atol=1e-6,
+                                   msg=f"term {k}")
+
+
+# ----------------------------------------------------------------------------- gradients
+def test_gradients_flow_and_grad_untouched(monkeypatch):
+    def no_svd(*args, **kwargs):
+        raise AssertionError("the losses must not compute an SVD")
+
+    torch.manual_seed(0)
+    model = factorize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 5)))
+    with torch.no_grad():
+        model[0].s[0] = -model[0].s[0]  # a negative and out-of-order entry: L_sort has gradient
+    monkeypatch.setattr(torch.linalg, "svd", no_svd)
+    monkeypatch.setattr(torch, "svd", no_svd)
+    reg = DPRPRegularizer(DPRPConfig(lambda_comp=1.0))
+    loss, _ = reg(model)
+    assert all(p.grad is None for p in model.parameters())  # computing the loss never sets .grad
+    for kind in ("l1", "l2", "funnel"):
+        DPRPRegularizer(DPRPConfig(regularizer=kind))(model)
+    reg.keep_counts(model)
+    assert all(p.grad is None for p in model.parameters())
+    loss.backward()
+    for layer in (model[0], model[3]):
+        for p in (layer.U, layer.s, layer.V):
+            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
+def test_no_svd_layers_gives_zero():
+    loss, terms = DPRPRegularizer(DPRPConfig())(nn.Linear(3, 2))
+    assert float(loss.detach()) == 0.0 and set(terms) == {"orth", "sort", "comp", "structure", "total_reg"}
+    assert keep_counts([], 0.1).numel() == 0

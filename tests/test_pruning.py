@@ -1,0 +1,171 @@
+"""RankPruner: truncation to tau_l, optimizer-state slicing, errors and the DDP broadcast."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dprp_surgery import DPRPConfig, factorize, svd_layers
+from dprp_surgery.pruning import RankPruner
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    """Two factorized Linear layers whose singular values have a clear cut at epsilon = 0.1."""
+    torch.manual_seed(seed)
+    model = factorize(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 5)))
+    with torch.no_grad():
+        model[0].s.copy_(torch.tensor([5.0, 4.0, 3.0, 0.01, 0.005, 0.001]))  # tau = 3
+        model[2].s.copy_(torch.tensor([2.0, 1.5, 1.2, 1.0, 0.01]))  # tau = 4
+    return model
+
+
+def batch(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(16, 8, generator=g), torch.randint(0, 5, (16,), generator=g)
+
+
+def train_step(model, opt, seed):
+    x, y = batch(seed)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def make_opt(kind, model):
+    if kind == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    return torch.optim.AdamW(model.parameters(), lr=1e-3, amsgrad=True)
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_prune_then_step_equals_truncated_fresh_model(kind):
+    model = make_model()
+    opt = make_opt(kind, model)
+    for i in range(3):  # build momentum / Adam moments
+        train_step(model, opt, i)
+    pruner = RankPruner(DPRPConfig(epsilon=0.1))
+    keep = pruner.keep_counts(model)
+    assert keep == {"0": 3, "2": 4}
+
+    # Reference: a copy truncated by hand and a fresh optimizer loaded with hand-sliced state.
+    ref = copy.deepcopy(model)
+    state = copy.deepcopy(opt.state_dict())
+    for name, layer in svd_layers(ref):
+        layer.truncate_(keep[name])
+    ref_opt = make_opt(kind, ref)
+    names = [n for n, _ in ref.named_parameters()]
+    for idx, pname in enumerate(names):
+        layer_name, attr = pname.rsplit(".", 1)
+        if attr not in ("U", "s", "V"):
+            continue
+        k = keep[layer_name]
+        for key, value in state["state"][idx].items():
+            if value.ndim == 0:
+                continue
+            state["state"][idx][key] = value[:k].clone() if attr == "s" else value[:, :k].clone()
+    ref_opt.load_state_dict(state)
+
+    params_before = {n: p for n, p in model.named_parameters()}
+    numel_before = sum(p.numel() for p in model.parameters())
+    step_before = {k: v.clone() for k, v in opt.state[model[0].s].items() if v.ndim == 0}
+    changes = pruner.step(model, opt)
+    assert changes == {"0": (6, 3), "2": (5, 4)}
+    # the Parameter objects are the same, their data shrank
+    assert all(p is params_before[n] for n, p in model.named_parameters())
+    assert sum(p.numel() for p in model.parameters()) < numel_before
+    assert model[0].U.shape == (6, 3) and model[0].V.shape == (8, 3) and model[2].s.shape == (4,)
+    for key, value in step_before.items():  # Adam's scalar `step` is untouched
+        torch.testing.assert_close(opt.state[model[0].s][key], value)
+
+    for i in range(3, 5):
+        train_step(model, opt, i)
+        train_step(ref, ref_opt, i)
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p, q, msg=f"parameter {n}")
+    for p, q in zip(model.parameters(), ref.parameters()):
+        for key in opt.state[p]:
+            torch.testing.assert_close(opt.state[p][key], ref_opt.state[q][key])
+
+
+def test_min_rank_and_no_change():
+    model = make_model()
+    pruner = RankPruner(epsilon=0.1, min_rank=4)
+    # layer 0: tau = 3 raised to min_rank 4; layer 2: tau = 4 = min_rank
+    assert pruner.step(model) == {"0": (6, 4), "2": (5, 4)}
+    assert model[0].rank == 4 and model[2].rank == 4
+    assert RankPruner(epsilon=0.1, min_rank=4).step(model) == {}
+    # min_rank above the current rank never grows a layer
+    assert RankPruner(epsilon=0.9, min_rank=10).step(model) == {}
+    assert RankPruner(epsilon=0.1).step(model) == {"0": (4, 3)}
+    # epsilon given per call (e.g. from an epsilon schedule)
+    assert RankPruner(epsilon=0.1).step(model, epsilon=0.95) == {"0": (3, 1), "2": (4, 1)}
+
+
+def test_scheduler_keeps_working():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    train_step(model, opt, 0)
+    sched.step()
+    RankPruner(epsilon=0.1).step(model, opt)
+    train_step(model, opt, 1)
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
+    assert opt.state[model[0].U]["momentum_buffer"].shape == (6, 3)
+
+
+def test_prune_while_last_graph_is_alive():
+    # A custom loop keeps the last step's `loss` (and so its autograd graph) alive while pruning;
+    # the next backward must see the new shapes, not autograd's cached accumulator of the old ones.
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = batch(0)
+    loss = F.cross_entropy(model(x), y) + sum((m.U.T @ m.U).sum() for m in (model[0], model[2]))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    assert RankPruner(epsilon=0.1).step(model, opt)
+    loss = F.cross_entropy(model(x), y) + sum((m.U.T @ m.U).sum() for m in (model[0], model[2]))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    assert model[0].U.grad.shape == model[0].U.shape == (6, 3)
+
+
+class OddStateSGD(torch.optim.SGD):
+    """An optimizer whose extra state cannot be sliced along the rank."""
+
+    def step(self, closure=None):
+        out = super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["odd_stat"] = torch.zeros(p.numel() + 1)
+        return out
+
+
+def test_unsliceable_state_raises_and_changes_nothing():
+    model = make_model()
+    opt = OddStateSGD(model.parameters(), lr=0.01, momentum=0.9)
+    train_step(model, opt, 0)
+    with pytest.raises(ValueError) as err:
+        RankPruner(epsilon=0.1).step(model, opt)
+    msg = str(err.value)
+    assert "OddStateSGD" in msg and "'0'" in msg and "odd_stat" in msg
+    assert model[0].rank == 6 and model[2].rank == 5  # nothing was truncated
+    assert opt.state[model[0].U]["momentum_buffer"].shape == (6, 6)
+
+
+def test_no_svd_layers_and_validation():
+    assert RankPruner().step(nn.Linear(3, 3)) == {}
+    with pytest.raises(ValueError):
+        RankPruner(epsilon=1.5)
+    with pytest.raises(ValueError):
+        RankPruner(min_rank=0)
+
+
+# The DDP broadcast of the keep counts (rank 0 decides) is tested in the 2-process worker of
+# tests/test_trainer.py::test_ddp_two_processes, to start the processes only once.

@@ -1,0 +1,289 @@
+"""DPRPTrainer / compress: pruning, history, determinism, checkpoints, resume after a kill, DDP.
+
+Everything runs on a CIFAR ResNet-8 with 16 x 16 random images for a few batches. Torch is kept to one
+thread: on the shared 2-core machine, two OpenMP threads competing with other processes slow small
+ops down a hundredfold.
+
+This file is also the script of the child processes (``python tests/test_trainer.py child RUN_DIR``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from dprp_surgery import DPRPConfig, SVDLinear, factorize, svd_layers
+from dprp_surgery.data import TensorImageDataset
+from dprp_surgery.models import CifarResNet
+from dprp_surgery.trainer import CompressionResult, DPRPTrainer, NonFiniteLossError, compress
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Strong compression so that ranks drop within two epochs of a few batches.
+STRONG = {"batch_size": 16, "lr": 0.05, "lambda_comp": 10.0, "epsilon": 0.5, "sigma_lr_scale": 10.0, "device": "cpu"}
+
+HISTORY_FIELDS = {
+    "epoch", "step", "loss", "app", "orth", "sort", "comp", "structure", "total_reg", "train_top1", "train_top5",
+    "val_loss", "val_top1", "val_top5", "lr", "lrs", "epsilon", "lambda_str", "lambda_comp", "mu_orth", "mu_sort",
+    "ranks", "mean_rank", "pruned", "params", "macs", "dense_params", "dense_macs", "params_removed", "macs_removed",
+    "singular_values", "time",
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+_BASE: dict[str, nn.Module] = {}
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    """A factorized CIFAR ResNet-8 (factorized once per process, then copied)."""
+    import copy
+
+    if seed not in _BASE:
+        torch.manual_seed(seed)
+        _BASE[seed] = factorize(CifarResNet(8), DPRPConfig())
+    return copy.deepcopy(_BASE[seed])
+
+
+def make_data(n: int = 48, seed: int = 1) -> TensorImageDataset:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8, generator=g)
+    return TensorImageDataset(images, torch.randint(0, 10, (n,), generator=g), [str(i) for i in range(10)])
+
+
+def weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def ranks(model: nn.Module) -> dict[str, int]:
+    return {n: m.rank for n, m in svd_layers(model)}
+
+
+# ----------------------------------------------------------------------------- training and history
+def test_ranks_shrink_and_history_has_every_field(tmp_path):
+    model = make_model()
+    full = ranks(model)
+    cfg = DPRPConfig(epochs=2, **STRONG)
+    trainer = DPRPTrainer(model, cfg, make_data(), make_data(16, seed=2), run_dir=tmp_path, progress=False)
+    history = trainer.fit()
+    final = ranks(trainer.model)
+    assert all(final[n] <= full[n] for n in full) and sum(final.values()) < sum(full.values())
+    lines = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert len(lines) == len(history) == 2
+    assert lines == json.loads(json.dumps(list(history)))
+    for rec in lines:
+        assert HISTORY_FIELDS <= set(rec), HISTORY_FIELDS - set(rec)
+        assert set(rec["lrs"]) == {"other", "factors", "sigma"}
+        assert {n: len(v) for n, v in rec["singular_values"].items()} == rec["ranks"]
+        assert 0 <= rec["val_top1"] <= rec["val_top5"] <= 100 and rec["time"] > 0
+    assert lines[-1]["ranks"] == final and lines[-1]["params"] < lines[-1]["dense_params"] + 10**6
+    assert any(rec["pruned"] for rec in lines)
+    assert lines[0]["params"] >= lines[-1]["params"]
+    assert lines[-1]["lrs"]["sigma"] == pytest.approx(10 * lines[-1]["lrs"]["other"])
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["ranks"] == final and len(ckpt["history"]) == 2
+
+
+def test_determinism_same_seed_same_weights():
+    cfg = DPRPConfig(epochs=2, seed=3, **STRONG)
+    x = torch.randn(48, 3, 16, 16)
+    y = torch.randint(0, 10, (48,))
+    runs = []
+    for _ in range(2):
+        trainer = DPRPTrainer(make_model(), cfg, TensorDataset(x, y), progress=False)  # Dataset -> seeded DataLoader
+        trainer.fit()
+        runs.append((ranks(trainer.model), weights(trainer.model), trainer.history))
+    assert runs[0][0] == runs[1][0]
+    for k in runs[0][1]:
+        assert torch.equal(runs[0][1][k], runs[1][1][k]), k
+    assert [h["loss"] for h in runs[0][2]] == [h["loss"] for h in runs[1][2]]
+
+
+def test_adamw_cosine_warmup_and_compress():
+    cfg = DPRPConfig(epochs=2, optimizer="adamw", lr_schedule="cosine", warmup_epochs=1, lr=0.01, batch_size=16,
+                     device="cpu")
+    torch.manual_seed(0)
+    result = compress(CifarResNet(8), cfg, make_data(), progress=False)
+    assert isinstance(result, CompressionResult) and result.run_dir is None
+    assert svd_layers(result.model) and result.summary.params == result.history[-1]["params"]
+    # warm-up reaches the scheduled lr at the last step of epoch 0; cosine (T_max = 2) halves it for epoch 1
+    assert [h["lr"] for h in result.history] == pytest.approx([0.01, 0.005])
+
+
+# ----------------------------------------------------------------------------- failures
+def test_non_finite_loss_keeps_last_good_checkpoint(tmp_path):
+    x = torch.randn(48, 3, 16, 16)
+    y = torch.randint(0, 10, (48,))
+    cfg = DPRPConfig(epochs=2, **STRONG)
+    DPRPTrainer(make_model(), DPRPConfig(epochs=1, **STRONG), TensorDataset(x, y), run_dir=tmp_path,
+                progress=False).fit()
+    good = (tmp_path / "checkpoint.pt").read_bytes()
+    poisoned = x.clone()
+    poisoned[:] = float("nan")
+    trainer = DPRPTrainer(make_model(), cfg, TensorDataset(poisoned, y), run_dir=tmp_path, resume=True,
+                          progress=False)
+    with pytest.raises(FloatingPointError) as err:
+        trainer.fit()
+    assert isinstance(err.value, NonFiniteLossError)
+    assert err.value.term == "app" and err.value.epoch == 1 and err.value.step == 0
+    assert "'app'" in str(err.value) and "epoch 1" in str(err.value) and "step 0" in str(err.value)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == good
+    assert len((tmp_path / "history.jsonl").read_text().splitlines()) == 1
+
+
+def test_exploding_lr_raises_before_any_checkpoint(tmp_path):
+    cfg = DPRPConfig(epochs=1, batch_size=16, lr=1e30, device="cpu")
+    with pytest.raises(NonFiniteLossError) as err:
+        DPRPTrainer(make_model(), cfg, make_data(), run_dir=tmp_path, progress=False).fit()
+    assert err.value.term in ("app", "orth", "sort", "comp") and err.value.epoch == 0
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_corrupt_and_foreign_checkpoints(tmp_path):
+    cfg = DPRPConfig(epochs=1, **STRONG)
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(ValueError, match="checkpoint.pt.*corrupt"):
+        DPRPTrainer(make_model(), cfg, make_data(), run_dir=tmp_path, resume=True, progress=False)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(ValueError, match="foreign.pt.*not a dprp_surgery"):
+        DPRPTrainer(make_model(), cfg, make_data(), resume=foreign, progress=False)
+    # a real checkpoint of another model
+    other = tmp_path / "other"
+    torch.manual_seed(0)
+    small = factorize(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 14 * 14, 10)))
+    DPRPTrainer(small, cfg, make_data(), run_dir=other, progress=False).fit()
+    with pytest.raises(ValueError, match="belongs to another model"):
+        DPRPTrainer(make_model(), cfg, make_data(), resume=other, progress=False)
+    with pytest.raises(ValueError, match="does not exist"):
+        DPRPTrainer(make_model(), cfg, make_data(), resume=tmp_path / "missing.pt", progress=False)
+
+
+# ----------------------------------------------------------------------------- resume after SIGKILL
+RESUME_CFG = {**STRONG, "epochs": 3}
+
+
+def _resume_setup():
+    return make_model(), make_data(96), make_data(16, seed=2)
+
+
+def _child(run_dir: str) -> None:
+    """Train with a slow forward (0.15 s per batch) until killed."""
+    torch.set_num_threads(1)
+    model, train, val = _resume_setup()
+    model.register_forward_pre_hook(lambda m, a: time.sleep(0.15) if m.training else None)
+    DPRPTrainer(model, DPRPConfig(**RESUME_CFG), train, val, run_dir=run_dir, progress=False).fit()
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, __file__, "child", str(run_dir)], env=env, cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ckpt = run_dir / "checkpoint.pt"
+    try:
+        deadline = time.time() + 120
+        while not ckpt.exists():
+            assert child.poll() is None, child.stdout.read().decode()
+            assert time.time() < deadline, "the child wrote no checkpoint"
+            time.sleep(0.02)
+        time.sleep(0.3)  # into epoch 1 (6 batches of 0.15 s each)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait()
+        child.stdout.close()
+    state = torch.load(ckpt, weights_only=True)
+    assert state["epoch"] == 0, "the child was not killed during epoch 1"
+    assert len((run_dir / "history.jsonl").read_text().splitlines()) == 1
+
+    model, train, val = _resume_setup()
+    resumed = DPRPTrainer(model, DPRPConfig(**RESUME_CFG), train, val, run_dir=run_dir, resume=True, progress=False)
+    assert resumed.start_epoch == 1 and ranks(resumed.model) == state["ranks"]
+    resumed.fit()
+
+    model, train, val = _resume_setup()
+    straight = DPRPTrainer(model, DPRPConfig(**RESUME_CFG), train, val, progress=False)
+    straight.fit()
+
+    assert ranks(resumed.model) == ranks(straight.model)
+    assert ranks(straight.model) != ranks(make_model())
+    want = weights(straight.model)
+    for k, v in weights(resumed.model).items():
+        torch.testing.assert_close(v, want[k], msg=k)
+    assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in straight.history])
+    lines = (run_dir / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2]
+
+
+# ----------------------------------------------------------------------------- DDP (2 processes, gloo)
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, port: int, out: str, model_file: str) -> None:
+    import torch.distributed as dist
+
+    from dprp_surgery.pruning import RankPruner
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        # pruning every 2 steps re-wraps the model in a new DDP in the middle of epochs
+        cfg = DPRPConfig(epochs=2, prune_unit="step", prune_every=2, **STRONG)
+        model = torch.load(model_file, weights_only=False)  # factorized once by the parent (saves seconds)
+        g = torch.Generator().manual_seed(5)  # a plain Dataset: sharded by a DistributedSampler
+        val = TensorDataset(torch.randn(20, 3, 16, 16, generator=g), torch.randint(0, 10, (20,), generator=g))
+        trainer = DPRPTrainer(model, cfg, make_data(64), val, run_dir=f"{out}/run", progress=False)
+        history = trainer.fit()
+        # RankPruner: rank 0 decides; rank 1 alone would keep every component
+        probe = nn.Sequential(SVDLinear(6, 4))
+        with torch.no_grad():
+            probe[0].s.copy_(torch.tensor([1.0, 0.9, 0.01, 0.001]) if rank == 0 else torch.tensor([1.0, 0.9, 0.8, 0.7]))
+        changes = RankPruner(epsilon=0.1).step(probe)
+        torch.save({"weights": weights(trainer.model), "ranks": ranks(trainer.model), "history": list(history),
+                    "probe": changes}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_processes(tmp_path):
+    model_file = tmp_path / "model.pt"
+    torch.save(make_model(), model_file)
+    # fork: the workers inherit the imported torch (spawn would spend ~10 s importing it again)
+    torch.multiprocessing.start_processes(_ddp_worker, args=(_free_port(), str(tmp_path), str(model_file)),
+                                          nprocs=2, start_method="fork")
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert r0["ranks"] == r1["ranks"] and r0["ranks"] != ranks(make_model())
+    for k, v in r0["weights"].items():
+        torch.testing.assert_close(v, r1["weights"][k], msg=k)
+    assert [h["val_top1"] for h in r0["history"]] == [h["val_top1"] for h in r1["history"]]
+    assert [h["loss"] for h in r0["history"]] == pytest.approx([h["loss"] for h in r1["history"]])
+    assert r0["probe"] == r1["probe"] == {"0": (4, 2)}
+    assert len((tmp_path / "run" / "history.jsonl").read_text().splitlines()) == 2  # only rank 0 wrote
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["child"]:
+        _child(sys.argv[2])
