@@ -125,6 +125,7 @@ class Summary:
         table.add_column("MACs", justify="right",
                          footer=f"{_si(self.dense_macs)} -> {_si(self.macs)} ({self.macs_removed:+.1%})")
         table.add_column("R(r) eq.4/7", justify="right")
+        table.add_column("R(1) max", justify="right")
         table.add_column("note")
         for r in self.rows:
             table.add_row(
@@ -134,6 +135,7 @@ class Summary:
                 f"{_si(r.dense_params)} -> {_si(r.params)}" if r.status == "factorized" else _si(r.params),
                 f"{_si(r.dense_macs)} -> {_si(r.macs)}" if r.status == "factorized" else _si(r.macs),
                 f"{r.compression:+.1%}" if r.status == "factorized" else "-",
+                f"{r.max_compression:+.1%}" if r.max_compression is not None else "-",
                 r.note or "",
             )
         return table

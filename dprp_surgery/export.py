@@ -26,7 +26,9 @@ import os
 import shutil
 import statistics
 import tempfile
+import sys
 import time
+import types
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -594,3 +596,18 @@ def to_pt2(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any, 
         if tmp.exists():
             tmp.unlink()
     return final
+
+
+class _CallableModule(types.ModuleType):
+    """This module, callable as `export` itself.
+
+    Importing the submodule ``dprp_surgery.export`` rebinds the package attribute ``export`` to the
+    module; making the module callable keeps ``from dprp_surgery import export; export(model)`` working
+    in whatever order things were imported.
+    """
+
+    def __call__(self, model: nn.Module, mode: str = "dense", **kwargs: Any) -> nn.Module:
+        return export(model, mode, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -227,7 +227,8 @@ class SVDLayer(nn.Module):
         """Keep the `keep` leading components in place (U[:, :k], s[:k], V[:, :k]).
 
         The Parameter objects stay the same (only their data shrinks), so optimizers keep
-        referring to them; their gradients are sliced alike. Returns self.
+        referring to them; their gradients are sliced alike, and autograd's cached gradient
+        accumulators are reset so the next backward accepts the new shapes. Returns self.
         """
         keep = int(keep)
         if not 1 <= keep <= self.rank:
@@ -238,6 +239,7 @@ class SVDLayer(nn.Module):
             p.data = p.data.narrow(dim, 0, keep).clone()
             if p.grad is not None:
                 p.grad = p.grad.narrow(dim, 0, keep).clone()
+            reset_grad_accumulator(p)
         return self
 
     def spec(self) -> dict:
@@ -525,3 +527,20 @@ def layer_from_spec(spec: dict, device=None, dtype=None) -> SVDLayer:
     if kind not in by_name:
         raise ValueError(f"unknown layer type {kind!r} in spec; expected one of {', '.join(by_name)}")
     return by_name[kind](**kwargs, device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def reset_grad_accumulator(param: torch.Tensor) -> None:
+    """Drop autograd's cached gradient accumulator of `param` after its shape changed in place.
+
+    Autograd keeps one AccumulateGrad node per leaf while any graph that used the leaf is alive (for
+    instance the previous step's ``loss`` tensor) and checks incoming gradients against the shape
+    recorded in it, so the first backward after ``param.data = smaller`` fails with "returned an invalid
+    gradient ... expected shape compatible with" the old shape. Assigning ``.data`` of another dtype
+    makes autograd forget the node (torch resets it only on a dtype or device change), and assigning the
+    real data back keeps the same Parameter object.
+    """
+    data = param.data
+    other = torch.float64 if data.dtype != torch.float64 else torch.float32
+    param.data = torch.empty(0, dtype=other, device=data.device)
+    param.data = data

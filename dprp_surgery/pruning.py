@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .config import DPRPConfig
-from .layers import SVDLayer
+from .layers import SVDLayer, reset_grad_accumulator
 from .losses import keep_counts, unwrap_model
 from .surgery import svd_layers
 
@@ -106,8 +106,6 @@ class RankPruner:
         for name, layer, k in todo:
             old = layer.rank
             layer.truncate_(k)
-            for attr, _ in _FACTOR_DIMS:
-                reset_grad_accumulator(getattr(layer, attr))
             if optimizer is not None:
                 for attr, dim in _FACTOR_DIMS:
                     slice_optimizer_state(optimizer, getattr(layer, attr), dim, old, k)
@@ -165,20 +163,3 @@ def slice_optimizer_state(optimizer: torch.optim.Optimizer, param: Tensor, dim: 
                 raise ValueError(f"{type(optimizer).__name__} state {key!r} has shape {tuple(value.shape)}, which "
                                  f"does not match the parameter's shape {tuple(shape)} along dimension {dim}")
             state[key] = value.narrow(dim, 0, keep).clone()
-
-
-@torch.no_grad()
-def reset_grad_accumulator(param: Tensor) -> None:
-    """Drop autograd's cached gradient accumulator of `param` after its shape changed in place.
-
-    Autograd keeps one AccumulateGrad node per leaf while any graph that used the leaf is alive (for
-    instance the previous step's ``loss`` tensor) and checks incoming gradients against the shape
-    recorded in it, so the first backward after ``param.data = smaller`` fails with "returned an invalid
-    gradient ... expected shape compatible with" the old shape. Assigning ``.data`` of another dtype
-    makes autograd forget the node (torch resets it only on a dtype or device change), and assigning the
-    real data back keeps the same Parameter object.
-    """
-    data = param.data
-    other = torch.float64 if data.dtype != torch.float64 else torch.float32
-    param.data = torch.empty(0, dtype=other, device=data.device)
-    param.data = data

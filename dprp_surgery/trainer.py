@@ -305,7 +305,7 @@ def build_optimizer(model: nn.Module, config: DPRPConfig) -> torch.optim.Optimiz
     """SGD (the paper: momentum 0.9, weight decay 1e-4) or AdamW over three parameter groups.
 
     Groups: "other" (every non-factor parameter, `weight_decay`), "factors" (U and V,
-    `factor_weight_decay` or `weight_decay`) and "sigma" (s, `sigma_weight_decay` or `weight_decay`, learning
+    `factor_weight_decay` or `weight_decay`, learning rate lr * `factor_lr_scale`) and "sigma" (s, `sigma_weight_decay` or `weight_decay`, learning
     rate lr * `sigma_lr_scale`). Empty groups are left out.
     """
     model = unwrap_model(model)
@@ -323,7 +323,8 @@ def build_optimizer(model: nn.Module, config: DPRPConfig) -> torch.optim.Optimiz
     if others:
         groups.append({"params": others, "weight_decay": wd, "name": "other"})
     if factors:
-        groups.append({"params": factors, "weight_decay": fwd, "name": "factors"})
+        groups.append({"params": factors, "weight_decay": fwd, "lr": config.lr * config.factor_lr_scale,
+                       "name": "factors"})
     if sigmas:
         groups.append({"params": sigmas, "weight_decay": swd, "lr": config.lr * config.sigma_lr_scale,
                        "name": "sigma"})
@@ -668,10 +669,12 @@ class DPRPTrainer:
         if not self.progress:
             yield None
             return
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+        # progress goes to stderr, so that stdout stays clean for tables and --json output
         bars = Progress(TextColumn("{task.description:>9}"), BarColumn(bar_width=20), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
+                        TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=Console(stderr=True))
         self._epoch_task = bars.add_task("epochs", total=self.config.epochs, completed=self.start_epoch,
                                          info=self._model_info())
         self._batch_task = bars.add_task("epoch", total=None, info="")

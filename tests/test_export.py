@@ -225,3 +225,14 @@ def test_save_needs_a_rebuildable_arch(tmp_path):
     with pytest.raises(ValueError, match="refusing to overwrite"):
         save(model, tmp_path / "other", arch="torchvision:resnet18")
     assert (tmp_path / "other" / "keep.txt").read_text() == "mine"
+
+
+def test_export_name_is_callable_whatever_the_import_order():
+    import dprp_surgery
+    import dprp_surgery.export as export_module
+    from dprp_surgery import export as exported
+
+    model = factorize(nn.Sequential(nn.Linear(8, 6)))
+    for fn in (dprp_surgery.export, export_module, exported):
+        out = fn(model, "dense")
+        assert isinstance(out[0], nn.Linear)

@@ -101,6 +101,15 @@ def test_ranks_shrink_and_history_has_every_field(tmp_path):
     assert ckpt["epoch"] == 1 and ckpt["ranks"] == final and len(ckpt["history"]) == 2
 
 
+def test_prune_every_step_and_factor_lr_scale():
+    cfg = DPRPConfig(epochs=2, prune_unit="step", prune_every=1, factor_lr_scale=0.5, **STRONG)
+    trainer = DPRPTrainer(make_model(), cfg, make_data(), progress=False)
+    history = trainer.fit()
+    assert sum(len(rec["pruned"]) for rec in history) >= 2  # pruned inside epochs, between live graphs
+    assert history[-1]["lrs"]["factors"] == pytest.approx(0.5 * history[-1]["lrs"]["other"])
+    assert sum(ranks(trainer.model).values()) < sum(ranks(make_model()).values())
+
+
 def test_determinism_same_seed_same_weights():
     cfg = DPRPConfig(epochs=2, seed=3, **STRONG)
     x = torch.randn(48, 3, 16, 16)
