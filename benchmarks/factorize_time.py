@@ -39,10 +39,10 @@ def main() -> None:
         x = torch.randn(1, *model.pretrained_cfg["input_size"])
         with torch.no_grad():
             model(x)
-            fwd = _median_time(lambda: model(x), args.repeats)
+            fwd = _median_time(lambda m=model, x=x: m(x), args.repeats)
         for scheme in args.schemes:
             cfg = DPRPConfig(scheme=scheme)
-            t = _median_time(lambda: factorize(model, cfg), args.repeats)
+            t = _median_time(lambda m=model, c=cfg: factorize(m, c), args.repeats)
             print(f"| {name} | {scheme} | {t:.2f} | {fwd:.3f} | {t / fwd:.0f}x |", flush=True)
 
 

@@ -18,6 +18,7 @@ Usage:
     python benchmarks/latency.py                                   # both models, keep 0.5
     python benchmarks/latency.py --keep 0.25 --timm resnet18 --timm-size 160
     python benchmarks/latency.py --run-dir runs/demo --skip-timm --md docs/benchmarks.md
+    python benchmarks/latency.py --smoke          # seconds, meaningless timings: keeps the script alive in tests
 
 ``--md FILE`` writes the table with the command, machine and versions into FILE under
 ``## Inference latency (issue 4)`` (replacing only that section; other sections are kept).
@@ -144,12 +145,12 @@ def bench_model(name: str, svd_model: nn.Module, size: tuple[int, ...], args, wo
         for form, model in forms.items():
             s = summarize(model, one)
             with torch.inference_mode():
-                eager = median_latency(lambda m=model: m(x), args.runs)
+                eager = median_latency(lambda m=model, x=x: m(x), args.runs, args.warmup_s)
             ort_s = None
             if not args.skip_onnx:
                 session = ort_session(model, one, threads, workdir, f"{name}-{form}-{batch}")
                 feed = {session.get_inputs()[0].name: x.numpy()}
-                ort_s = median_latency(lambda: session.run(None, feed), args.runs)
+                ort_s = median_latency(lambda s=session, f=feed: s.run(None, f), args.runs, args.warmup_s)
                 del session
             n_fact = sum(1 for v in getattr(model, "_dprp_layers", {}).values() if v["form"] == "factorized")
             results[form] = {"model": name, "form": form, "batch": batch, "params": count_params(model),
@@ -204,7 +205,8 @@ def markdown(rows: list[dict], models: dict[str, str], command: str) -> str:
     for name, desc in models.items():
         lines.append(f"- {name}: {desc}")
     lines += ["",
-              "| model | form | batch | params | MACs/img | factorized layers | eager ms | x dense | ORT ms | x dense |",
+              "| model | form | batch | params | MACs/img | factorized layers | eager ms | x dense | ORT ms | "
+              "x dense |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         ort_ms = "-" if r["ort_ms"] is None else f"{r['ort_ms']:.2f}"
@@ -277,15 +279,25 @@ def main(argv: list[str] | None = None) -> int:
                              "OpenMP threads stall for hundreds of ms whenever a neighbour takes a core)")
     parser.add_argument("--md", type=Path, default=None, help="markdown file to write the section into")
     parser.add_argument("--json", type=Path, default=None, help="write the rows as JSON")
+    parser.add_argument("--smoke", action="store_true",
+                        help="seconds, not minutes (batch 1, 1 run, no warm-ups, timm model at 32 px): keeps the "
+                             "script alive in tests; the timings mean nothing")
     args = parser.parse_args(argv)
     if not 0 < args.keep <= 1:
         parser.error("--keep must lie in (0, 1]")
+    args.warmup_s, warm_up_s = 0.5, 5.0
+    if args.smoke:
+        if args.md:
+            parser.error("--smoke timings mean nothing: do not write them into --md")
+        args.batches, args.runs, args.warmup_s, warm_up_s = [1], 1, 0.0, 0.0
+        if args.timm_size == parser.get_default("timm_size"):
+            args.timm_size = 32
     if args.threads:
         torch.set_num_threads(args.threads)
     command = "python benchmarks/latency.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
                                                                                  else sys.argv[1:]))
     t0 = time.perf_counter()
-    warm_up_process()
+    warm_up_process(warm_up_s)
     rows: list[dict] = []
     models: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,6 +3,7 @@
     python benchmarks/train_step.py --steps 10 --warmup 3 --fraction 0.5
     python benchmarks/train_step.py --ranks runs/r20/history.jsonl   # ranks of a finished run
     python benchmarks/train_step.py --profile paper                     # where the time of one step goes
+    python benchmarks/train_step.py --smoke          # seconds, meaningless timings: keeps the script alive in tests
 
 One step = forward, cross-entropy, the DPRP regularizer (factorized models only; eq. (8) with the
 default weights), backward and an SGD step (momentum 0.9, weight decay 1e-4), on a random batch. The
@@ -92,7 +93,8 @@ def overheads(model, reg: DPRPRegularizer, repeats: int) -> tuple[float, float]:
 
 
 def profile(cfg: Config, x, y, rows: int) -> None:
-    from torch.profiler import ProfilerActivity, profile as prof
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
 
     cfg.step(x, y)
     with prof(activities=[ProfilerActivity.CPU]) as p:
@@ -101,7 +103,7 @@ def profile(cfg: Config, x, y, rows: int) -> None:
     print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
@@ -114,7 +116,13 @@ def main() -> None:
                         help="also time the factorized models without the regularizer")
     parser.add_argument("--profile", metavar="CONFIG", help="profile one step of a configuration (e.g. 'paper')")
     parser.add_argument("--rows", type=int, default=15)
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true",
+                        help="seconds, not minutes (batch 8, 1 warm-up and 1 timed step, 2 overhead repeats): keeps "
+                             "the script alive in tests; the timings mean nothing")
+    args = parser.parse_args(argv)
+    repeats = 20
+    if args.smoke:
+        args.batch_size, args.steps, args.warmup, repeats = 8, 1, 1, 2
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -158,13 +166,13 @@ def main() -> None:
         mean_rank = f"{sum(m.rank for _, m in layers) / len(layers):.2f}" if layers else "-"
         med = statistics.median(c.times)
         print(f"| {c.name} | {mean_rank} | {med:.3f} | {med / base:.2f} |", flush=True)
-    print("\nwhere the extra time goes (median of 20, each alone; a share of the dense step):")
+    print(f"\nwhere the extra time goes (median of {repeats}, each alone; a share of the dense step):")
     print("| configuration | regularizer fwd+bwd (ms) | dense-weight rebuild fwd+bwd (ms) | sum / dense step |")
     print("|---|---|---|---|")
     for c in configs:
         if c.reg is None:
             continue
-        r, w = overheads(c.model, c.reg, 20)
+        r, w = overheads(c.model, c.reg, repeats)
         print(f"| {c.name} | {1e3 * r:.1f} | {1e3 * w:.1f} | {(r + w) / base:.1%} |", flush=True)
 
 

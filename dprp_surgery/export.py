@@ -25,8 +25,8 @@ import math
 import os
 import shutil
 import statistics
-import tempfile
 import sys
+import tempfile
 import time
 import types
 from collections.abc import Sequence

@@ -305,8 +305,8 @@ def build_optimizer(model: nn.Module, config: DPRPConfig) -> torch.optim.Optimiz
     """SGD (the paper: momentum 0.9, weight decay 1e-4) or AdamW over three parameter groups.
 
     Groups: "other" (every non-factor parameter, `weight_decay`), "factors" (U and V,
-    `factor_weight_decay` or `weight_decay`, learning rate lr * `factor_lr_scale`) and "sigma" (s, `sigma_weight_decay` or `weight_decay`, learning
-    rate lr * `sigma_lr_scale`). Empty groups are left out.
+    `factor_weight_decay` or `weight_decay`, learning rate lr * `factor_lr_scale`) and "sigma" (s,
+    `sigma_weight_decay` or `weight_decay`, learning rate lr * `sigma_lr_scale`). Empty groups are left out.
     """
     model = unwrap_model(model)
     factors, sigmas = [], []

@@ -7,19 +7,103 @@ import runpy
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def test_custom_loop(monkeypatch, capsys):
+def run_example(name: str, args: list[str], monkeypatch) -> dict:
+    """Run examples/NAME as a script (raises on a non-zero exit) and return its globals."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small ops on a shared 2-core machine
-    monkeypatch.setattr(sys, "argv", [str(EXAMPLES / "custom_loop.py")])
+    monkeypatch.setattr(sys, "argv", [str(EXAMPLES / name), *args])
     try:
-        runpy.run_path(str(EXAMPLES / "custom_loop.py"), run_name="__main__")  # raises on a non-zero exit
+        return runpy.run_path(str(EXAMPLES / name), run_name="__main__")
     finally:
         torch.set_num_threads(threads)
+
+
+def ranks_line(out: str) -> tuple[int, int]:
+    match = re.search(r"ranks: (\d+) -> (\d+) \(sum over \d+ layers\)", out)
+    assert match, out
+    return int(match.group(1)), int(match.group(2))
+
+
+def test_custom_loop(monkeypatch, capsys):
+    run_example("custom_loop.py", [], monkeypatch)
+    before, after = ranks_line(capsys.readouterr().out)
+    assert after < before
+
+
+def test_cifar_resnet20_smoke(shared_dir, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    run_example("cifar_resnet20.py", ["--smoke", "--quiet", "--out", str(run)], monkeypatch)
     out = capsys.readouterr().out
-    before, after = map(int, re.search(r"ranks: (\d+) -> (\d+)", out).groups())
-    assert after < before, out
+    assert "256 train / 128 test images" in out and "1 epochs" in out, out
+    before, after = ranks_line(out)
+    assert 0 < after <= before
+    dense, now = map(int, re.search(r"params: (\d+) -> (\d+)", out).groups())
+    assert dense == 269722 and now > 0  # the CIFAR ResNet-20's 0.27M parameters
+    top1 = [float(v) for v in re.search(r"top-1: ([\d.]+)% -> ([\d.]+)%", out).groups()]
+    assert all(0 <= v <= 100 for v in top1)
+    assert top1[0] > 50, out  # the pretrained weights were loaded (random init gives ~10%)
+    exported = int(re.search(r"exported \(auto\): (\d+) params", out).group(1))
+    assert exported <= dense  # auto keeps the cheaper form of every layer
+    assert re.search(r"load-back check: max \|output difference\| \S+ on 16 test images: OK", out), out
+    assert (run / "model" / "manifest.json").is_file() and (run / "model" / "model.safetensors").is_file()
+    assert (run / "checkpoint.pt").is_file() and (run / "history.jsonl").is_file()
+
+
+def test_cifar_resnet20_missing_files(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match="pretrained weights .*nope.th not found"):
+        run_example("cifar_resnet20.py", ["--weights", str(tmp_path / "nope.th")], monkeypatch)
+    weights = tmp_path / "w.th"
+    weights.write_bytes(b"")  # only its existence is checked before the data
+    with pytest.raises(SystemExit, match="dataset .*none.tar.gz not found"):
+        run_example("cifar_resnet20.py", ["--weights", str(weights), "--data", str(tmp_path / "none.tar.gz")],
+                    monkeypatch)
+
+
+def test_timm_model_smoke(monkeypatch, capsys):
+    run_example("timm_model.py", ["--smoke"], monkeypatch)
+    out = capsys.readouterr().out
+    assert "random-init model (temporary file)" in out and "10 classes, 64 px" in out, out
+    assert len(re.findall(r"^epoch \d+: loss", out, flags=re.M)) == 2
+    before, after = ranks_line(out)
+    assert after < before  # aggressive demo settings: ranks fall within two epochs
+    assert re.search(r"params: \d+ -> \d+; MACs: \d+ -> \d+", out), out
+    assert "dense export: loads strict=True into timm.create_model('resnet18', num_classes=10)" in out
+    assert out.rstrip().endswith(": OK")
+
+
+def test_timm_model_image_folder_and_weights(tmp_path, monkeypatch, capsys):
+    """A local .pth with an ImageNet-sized head, a 3-class ImageFolder, and the dense export written back."""
+    import timm
+    from PIL import Image
+
+    from dprp_surgery.io import load_model
+
+    monkeypatch.setenv("DPRP_CACHE", str(tmp_path / "cache"))  # decoded-image cache away from ~/.cache
+    rng = np.random.default_rng(0)
+    for c in ("ant", "bee", "cat"):
+        (tmp_path / "images" / c).mkdir(parents=True)
+        for i in range(4):
+            pixels = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "images" / c / f"{i}.png")
+    torch.manual_seed(0)
+    weights = tmp_path / "resnet18.pth"
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), weights)  # 1000 classes
+    out_file = tmp_path / "export" / "resnet18-dprp.safetensors"
+    run_example("timm_model.py", ["--weights", str(weights), "--data", str(tmp_path / "images"), "--image-size",
+                                  "32", "--epochs", "1", "--batch-size", "4", "--batches", "2", "--out",
+                                  str(out_file)], monkeypatch)
+    out = capsys.readouterr().out
+    assert f"with weights {weights}" in out and "12 images of" in out and "3 classes, 32 px" in out, out
+    assert "mean (0.485, 0.456, 0.406)" in out  # timm's data config of resnet18
+    assert "1 epochs of 2 batches of 4" in out
+    ranks_line(out)
+    assert "timm.create_model('resnet18', num_classes=3)" in out and out_file.is_file()
+    model, arch = load_model(f"timm:resnet18@{out_file}")  # the class count comes from the file
+    assert arch == "timm:resnet18" and model.num_classes == 3

@@ -95,7 +95,8 @@ class WSConv(nn.Conv2d):
     """A weight-standardising conv: a subclass with its own forward."""
 
     def forward(self, x):
-        w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / (self.weight.std((1, 2, 3), keepdim=True) + 1e-5)
+        mean, std = self.weight.mean((1, 2, 3), keepdim=True), self.weight.std((1, 2, 3), keepdim=True)
+        w = (self.weight - mean) / (std + 1e-5)
         return self._conv_forward(x, w, self.bias)
 
 

@@ -61,19 +61,19 @@ ModelArg = Annotated[str, typer.Argument(help=f"The model: {MODEL_FORMS}.", show
 DataOpt = Annotated[str, typer.Option(
     "--data", "-d", help="Dataset: a directory with train/ and val/ or test/ ImageFolders, a .tar.gz of one, "
     "or cifar10:DIR / cifar100:DIR.", show_default=False)]
-ArchOpt = Annotated[Optional[str], typer.Option(
+ArchOpt = Annotated[str | None, typer.Option(
     "--arch", help="Architecture of a bare state-dict file given as MODEL (timm:NAME, torchvision:NAME, "
     "cifar:NAME); also recorded when exporting a pickled model.")]
-NumClassesOpt = Annotated[Optional[int], typer.Option(
+NumClassesOpt = Annotated[int | None, typer.Option(
     "--num-classes", min=1, help="Classifier outputs when building the architecture (default: the weights' or "
     "the dataset's).")]
 TrustPickleOpt = Annotated[bool, typer.Option(
     "--trust-pickle", help="Allow loading a whole pickled module (torch.save(model)). Unpickling runs arbitrary code "
     "from the file: use it only for files you trust.")]
-InputSizeOpt = Annotated[Optional[str], typer.Option(
+InputSizeOpt = Annotated[str | None, typer.Option(
     "--input-size", help="Input shape C,H,W of one image (e.g. 3,32,32; a single number means 3,N,N). Default: the "
     "model's recipe (CIFAR 32, timm pretrained_cfg, torchvision 224).")]
-ImageSizeOpt = Annotated[Optional[int], typer.Option(
+ImageSizeOpt = Annotated[int | None, typer.Option(
     "--image-size", min=1, help="Resize images to this square size at decode time (default: the model's recipe).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout instead of tables.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
@@ -83,11 +83,11 @@ ModeOpt = Annotated[ExportMode, typer.Option(
 ObjectiveOpt = Annotated[Objective, typer.Option(
     "--objective", help="What --mode auto minimises per layer: params, macs or measured latency.",
     case_sensitive=False)]
-SchemeOpt = Annotated[Optional[str], typer.Option(
+SchemeOpt = Annotated[str | None, typer.Option(
     "--scheme", help="Matricization of k x k convs: paper, channel or spatial (default: paper).")]
-IncludeOpt = Annotated[Optional[list[str]], typer.Option(
+IncludeOpt = Annotated[list[str] | None, typer.Option(
     "--include", help="Glob of layer names to factorize (repeatable).")]
-ExcludeOpt = Annotated[Optional[list[str]], typer.Option(
+ExcludeOpt = Annotated[list[str] | None, typer.Option(
     "--exclude", help="Glob of layer names to keep dense (repeatable).")]
 
 
@@ -142,7 +142,7 @@ def _field_docs() -> dict[str, str]:
     return out
 
 
-def _choices(name: str) -> Optional[tuple]:
+def _choices(name: str) -> tuple | None:
     from .. import config as config_module
 
     table = {"scheme": "SCHEMES", "regularizer": "REGULARIZERS", "optimizer": "OPTIMIZERS",
@@ -206,25 +206,25 @@ def _preset_names() -> list[str]:
 
 
 def compress_cmd(
-    model: Annotated[Optional[str], typer.Argument(
+    model: Annotated[str | None, typer.Argument(
         help=f"The model to compress: {MODEL_FORMS}. Optional with --resume (taken from RUN_DIR/run.json).",
         show_default=False)] = None,
-    data: Annotated[Optional[str], typer.Option(
+    data: Annotated[str | None, typer.Option(
         "--data", "-d", help="Dataset: a directory with train/ and val/ or test/ ImageFolders, a .tar.gz of one, "
         "or cifar10:DIR / cifar100:DIR. Optional with --resume.", show_default=False)] = None,
-    out: Annotated[Optional[Path], typer.Option(
+    out: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Run directory: checkpoint.pt, history.jsonl, run.json and the exported model/.",
         show_default=False)] = None,
-    config_file: Annotated[Optional[Path], typer.Option(
+    config_file: Annotated[Path | None, typer.Option(
         "--config", "-c", help="DPRP config file (.yaml, .yml or .json); overrides --preset.")] = None,
-    preset: Annotated[Optional[str], typer.Option(
+    preset: Annotated[str | None, typer.Option(
         "--preset", help=f"Named DPRPConfig preset: {', '.join(_preset_names())}.")] = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the run in --out from its checkpoint.pt (model, data and config from run.json; "
         "flags given now override the config).")] = False,
-    limit_train: Annotated[Optional[int], typer.Option(
+    limit_train: Annotated[int | None, typer.Option(
         "--limit-train", min=1, help="Use a class-balanced subset of this many training images (quick runs).")] = None,
-    limit_val: Annotated[Optional[int], typer.Option(
+    limit_val: Annotated[int | None, typer.Option(
         "--limit-val", min=1, help="Use a class-balanced subset of this many validation images.")] = None,
     export_mode: Annotated[ExportMode, typer.Option(
         "--export-mode", help="Form of the exported model written to RUN_DIR/model (see `dprp export --help`).",
@@ -310,7 +310,7 @@ def export_cmd(
 def eval_cmd(
     model: ModelArg,
     data: DataOpt,
-    limit: Annotated[Optional[int], typer.Option(
+    limit: Annotated[int | None, typer.Option(
         "--limit", min=1, help="Evaluate a class-balanced subset of this many images.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Evaluation batch size.")] = 256,
     latency: Annotated[bool, typer.Option(

@@ -513,8 +513,8 @@ def run_export(*, source: str, out: Path, mode: str, fmt: str, objective: str, i
                arch: str | None, trust_pickle: bool, json_out: bool) -> None:
     """`dprp export`."""
     with cli_errors():
-        from ..export import layer_forms, save, to_onnx, to_pt2
         from ..export import export as export_model
+        from ..export import layer_forms, save, to_onnx, to_pt2
 
         net, net_arch = _load(source, arch=arch, num_classes=None, trust_pickle=trust_pickle)
         recipe = data_recipe(net_arch, net)

@@ -1,0 +1,73 @@
+"""The benchmark scripts run to completion in their --smoke modes."""
+
+from __future__ import annotations
+
+import json
+import re
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_main(name: str, argv: list[str]):
+    """Call benchmarks/NAME's main(argv) on one thread (the scripts may change the thread count)."""
+    main = runpy.run_path(str(BENCHMARKS / name), run_name=f"benchmark_{Path(name).stem}")["main"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small ops on a shared 2-core machine
+    try:
+        return main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cifar10_smoke(shared_dir, tmp_path, capsys):
+    rows = ["dense", "paper2", "tuned"]
+    assert run_main("cifar10.py", ["--smoke", "--quiet", "--out", str(tmp_path), "--rows", *rows]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["row"] for r in results] == rows and all(r["model"] == "resnet20" for r in results)
+    for r in results:
+        assert 0 <= r["top1"] <= 100 and 0 <= r["top5"] <= 100
+        assert isinstance(r["params_removed"], float) and r["params"] > 0
+    assert results[0]["params_removed"] == 0.0 and results[0]["ranks"] == {}  # dense stays dense
+    assert all(len(r["ranks"]) == 20 for r in results[1:])  # every conv and the classifier factorized
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "256 train / 128 test images" in md and all(f"| resnet20 | {row} |" in md for row in rows)
+    for row in rows:
+        assert (tmp_path / "resnet20" / row / "history.jsonl").is_file()
+
+
+def test_train_step_smoke(capsys):
+    run_main("train_step.py", ["--smoke", "--model-only", "--schemes", "paper", "channel"])
+    out = capsys.readouterr().out
+    assert "batch 8" in out and "median of 1 steps after 1 warm-up" in out
+    table = re.findall(r"^\| (.+?) \| ([\d.-]+) \| ([\d.]+) \| ([\d.]+) \|$", out, flags=re.M)
+    assert [t[0] for t in table] == ["dense", "paper", "paper (model only)", "paper pruned", "channel",
+                                     "channel (model only)", "channel pruned"]
+    assert all(float(t[2]) > 0 for t in table)
+    assert re.search(r"^\| paper pruned \| [\d.]+ \| [\d.]+ \| [\d.]+% \|$", out, flags=re.M), out
+    run_main("train_step.py", ["--smoke", "--schemes", "paper", "--profile", "paper", "--rows", "3"])
+    assert "profile of one step: paper" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("flags", "models"), [(["--skip-timm"], ["resnet20"]),
+                                               (["--skip-onnx"], ["resnet20", "convnext_atto"])],
+                         ids=["onnx", "timm"])
+def test_latency_smoke(flags, models, tmp_path, capsys):
+    """Two halves of one --smoke run (the ONNX exports take most of the time): ResNet-20 with onnxruntime; both
+    models (the timm one at 32 px) in eager mode only."""
+    pytest.importorskip("onnxruntime")
+    assert run_main("latency.py", ["--smoke", *flags, "--json", str(tmp_path / "rows.json")]) == 0
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [(r["model"], r["form"], r["batch"]) for r in rows] == [
+        (m, f, 1) for m in models for f in ("dense", "factorized", "auto")]
+    assert all(r["eager_ms"] > 0 for r in rows) and all(r["factorized_layers"] <= r["layers"] for r in rows)
+    assert all((r["ort_ms"] is None) == ("--skip-onnx" in flags) for r in rows)
+    out = capsys.readouterr().out
+    assert "## Inference latency (issue 4)" in out and ("timm:convnext_atto at 32px" in out) == ("--skip-onnx" in flags)
+    with pytest.raises(SystemExit):  # smoke timings never go into the docs
+        run_main("latency.py", ["--smoke", "--md", str(tmp_path / "bench.md")])
+    assert not (tmp_path / "bench.md").exists()
