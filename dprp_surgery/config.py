@@ -280,7 +280,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "finetune": {"epochs": 10, "lr": 0.01, "lr_schedule": "cosine", "batch_size": 128},
     # the reproduction's tuned settings for pretrained models (docs/benchmarks.md, "What we learnt")
     "tuned": {"epochs": 10, "lr": 0.01, "lr_schedule": "cosine", "batch_size": 128, "factor_lr_scale": 0.05,
-              "sigma_lr_scale": 10.0, "lambda_comp": 5.0, "epsilon": 0.3},
+              "sigma_lr_scale": 10.0, "lambda_comp": 5.0, "epsilon": 0.3, "prune_unit": "step", "prune_every": 25},
 }
 
 

@@ -71,3 +71,20 @@ def test_latency_smoke(flags, models, tmp_path, capsys):
     with pytest.raises(SystemExit):  # smoke timings never go into the docs
         run_main("latency.py", ["--smoke", "--md", str(tmp_path / "bench.md")])
     assert not (tmp_path / "bench.md").exists()
+
+
+def test_sweep_runs_each_entry(shared_dir, tmp_path, capsys):
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps({"dense": {"dense": True, "epochs": 1, "batch_size": 32},
+                                 "dprp": {"epochs": 1, "batch_size": 32, "factor_lr_scale": 0.05,
+                                          "lambda_comp": 5.0, "epsilon": 0.3}}))
+    assert run_main("sweep.py", [str(sweep), "--train-limit", "64", "--test-limit", "40"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["name"] for r in lines] == ["dense", "dprp"]
+    assert lines[0]["removed"] == 0.0 and lines[0]["ranks"] == [] and len(lines[1]["ranks"]) == 20
+    assert all(len(r["val"]) == 1 and 0 <= r["val"][0] <= 100 for r in lines)
+
+
+def test_sweep_reports_unreadable_file(tmp_path):
+    with pytest.raises(SystemExit, match="cannot read sweep file"):
+        run_main("sweep.py", [str(tmp_path / "missing.json")])

@@ -615,8 +615,9 @@ def run_report(*, run_dir: Path, json_out: bool) -> None:
 
 # ----------------------------------------------------------------------------- demo
 DEMO_TRAIN, DEMO_TEST = 2000, 1000
-DEMO_CONFIG: dict[str, Any] = {"batch_size": 128, "lr": 3e-4, "epsilon": 0.5, "lambda_comp": 0.5, "seed": 0}
-"""Overrides of the "finetune" preset used by `dprp demo`."""
+DEMO_CONFIG: dict[str, Any] = {"batch_size": 128, "seed": 0, "prune_every": 5, "lambda_comp": 20.0, "epsilon": 0.5}
+"""Overrides of the "tuned" preset used by `dprp demo`: it has only ~15 steps per epoch, so it prunes every 5
+steps and pushes harder (lambda_comp 20, epsilon 0.5) to show rank pruning within minutes."""
 
 
 def _demo_archive() -> Path | None:
@@ -758,9 +759,9 @@ def run_demo(*, out: Path, epochs: int, quiet: bool, json_out: bool) -> None:
             _note("Pretrained ResNet-20 weights not found: starting from a random initialisation.")
         if not json_out:
             _err().print(f"[bold]dprp demo[/bold]: {escape(model_spec)} on {escape(data_spec)}, {epochs} epochs.")
-        # Pretrained factors need a small learning rate (SGD on U, s, V scales the effective step on W by about
-        # s^2); epsilon 0.5 and lambda_comp 0.5 make the pruning visible within two short epochs.
-        config = DPRPConfig.preset("finetune", **DEMO_CONFIG, epochs=epochs)
+        # the tuned preset: pretrained factors at 1/20 of the lr (a step on U or V moves W about s^2 times
+        # further than a dense step), singular values at 10x, L_comp strong enough to act within minutes
+        config = DPRPConfig.preset("tuned", **DEMO_CONFIG, epochs=epochs)
         recipe = data_recipe(net_arch, net)
         compress_pipeline(model=net, arch=net_arch, model_spec=model_spec, data_spec=data_spec, train=train,
                                  val=val, recipe=recipe, config=config, out=out, export_mode="auto",
