@@ -85,6 +85,8 @@ class DPRPConfig:
             "funnel" (17), "none".
         delta: delta of the funnel regularizer, eq. (17).
         reg_warmup_epochs: Epochs over which lambda_str and lambda_comp ramp linearly from 0.
+        reg_cooldown_epochs: In the last this many epochs lambda_comp is 0 and no pruning runs, so
+            the model settles at its final ranks (L_str stays on). 0 (the paper) prunes to the end.
         epsilon_start: If set, epsilon grows geometrically from this value to `epsilon` over
             `epsilon_ramp_epochs` epochs (a schedule for epsilon); ``None`` keeps it fixed.
         epsilon_ramp_epochs: Length of the epsilon schedule.
@@ -129,6 +131,7 @@ class DPRPConfig:
     regularizer: str = "dprp"
     delta: float = 1e-3
     reg_warmup_epochs: int = 0
+    reg_cooldown_epochs: int = 0
     epsilon_start: float | None = None
     epsilon_ramp_epochs: int = 0
     # --- pruning (Sec. III-D) ---
@@ -161,7 +164,7 @@ class DPRPConfig:
         for name in ("epochs", "batch_size", "min_rank", "prune_every"):
             v = getattr(self, name)
             _check(isinstance(v, int) and v >= 1, name, v, "must be an integer >= 1")
-        for name in ("lr_patience", "warmup_epochs", "reg_warmup_epochs", "epsilon_ramp_epochs",
+        for name in ("lr_patience", "warmup_epochs", "reg_warmup_epochs", "reg_cooldown_epochs", "epsilon_ramp_epochs",
                      "prune_start_epoch", "seed"):
             v = getattr(self, name)
             _check(isinstance(v, int) and v >= 0, name, v, "must be an integer >= 0")

@@ -292,7 +292,8 @@ class DPRPRegularizer:
     doubles as lambda_reg). Add it to your application loss: ``L_total = L_app + reg(model)[0]``.
 
     Schedules (both optional, from the config): lambda_str and lambda_comp ramp linearly from 0 over
-    `reg_warmup_epochs` (``weights_at``), and epsilon grows geometrically from `epsilon_start` to
+    `reg_warmup_epochs` (``weights_at``), lambda_comp is 0 in the last `reg_cooldown_epochs` epochs
+    (``cooling_at``; the trainer also stops pruning then), and epsilon grows geometrically from `epsilon_start` to
     `epsilon` over `epsilon_ramp_epochs` (``epsilon_at``). Calling without an epoch uses the final values.
 
     The regularizer only returns a loss tensor; it never touches ``.grad``.
@@ -315,13 +316,19 @@ class DPRPRegularizer:
         return c.epsilon_start * (c.epsilon / c.epsilon_start) ** t
 
     def weights_at(self, epoch: float | None = None) -> dict[str, float]:
-        """Loss weights at `epoch` (0-based): lambda_str and lambda_comp times min(1, epoch / reg_warmup_epochs)."""
+        """Loss weights at `epoch` (0-based): lambda_str and lambda_comp times min(1, epoch / reg_warmup_epochs);
+        lambda_comp 0 during the cool-down."""
         c = self.config
         ramp = 1.0
         if epoch is not None and c.reg_warmup_epochs > 0:
             ramp = min(1.0, max(0.0, float(epoch) / c.reg_warmup_epochs))
-        return {"lambda_str": c.lambda_str * ramp, "lambda_comp": c.lambda_comp * ramp,
-                "mu_orth": c.mu_orth, "mu_sort": c.mu_sort}
+        comp = 0.0 if self.cooling_at(epoch) else c.lambda_comp * ramp
+        return {"lambda_str": c.lambda_str * ramp, "lambda_comp": comp, "mu_orth": c.mu_orth, "mu_sort": c.mu_sort}
+
+    def cooling_at(self, epoch: float | None = None) -> bool:
+        """True in the last `reg_cooldown_epochs` of `epochs` (no L_comp, no pruning); False without an epoch."""
+        c = self.config
+        return epoch is not None and c.reg_cooldown_epochs > 0 and epoch >= c.epochs - c.reg_cooldown_epochs
 
     # ------------------------------------------------------------------ losses
     def __call__(self, model: LayersLike, epoch: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:

@@ -489,7 +489,8 @@ class DPRPTrainer:
         stats = self._train_epoch(epoch)
         pruned: dict[str, tuple[int, int]] = dict(stats.pop("_pruned"))
         since = epoch - c.prune_start_epoch
-        if c.prune_unit == "epoch" and since >= 0 and since % c.prune_every == 0:
+        cooling = self.regularizer.cooling_at(epoch)
+        if c.prune_unit == "epoch" and since >= 0 and since % c.prune_every == 0 and not cooling:
             pruned.update(self._prune(eps))
         self._sync_buffers()
         record: dict[str, Any] = {"epoch": epoch, "step": self.global_step, **stats}
@@ -552,7 +553,8 @@ class DPRPTrainer:
                 sums += torch.stack([*(values[k].to(self.device, torch.float64) for k in keys), c1.double(),
                                      c5.double(), torch.tensor(float(y.shape[0]), device=self.device),
                                      torch.tensor(1.0, device=self.device)]).to(sums)
-            if (c.prune_unit == "step" and epoch >= c.prune_start_epoch and self.global_step % c.prune_every == 0):
+            if (c.prune_unit == "step" and epoch >= c.prune_start_epoch and self.global_step % c.prune_every == 0
+                    and not self.regularizer.cooling_at(epoch)):
                 pruned.update(self._prune(self.regularizer.epsilon_at(epoch)))
             if bars is not None:
                 now = time.perf_counter()

@@ -182,6 +182,18 @@ def test_schedules():
     assert DPRPRegularizer(DPRPConfig(epsilon=0.2)).epsilon_at(7) == 0.2
 
 
+def test_cooldown_switches_compression_off_in_the_last_epochs():
+    reg = DPRPRegularizer(DPRPConfig(epochs=5, reg_cooldown_epochs=2, lambda_comp=0.4, lambda_str=2.0))
+    assert [reg.cooling_at(e) for e in (None, 0, 2, 3, 4)] == [False, False, False, True, True]
+    assert reg.weights_at(2)["lambda_comp"] == 0.4
+    assert reg.weights_at(3) == {"lambda_str": 2.0, "lambda_comp": 0.0, "mu_orth": 1000.0, "mu_sort": 1.0}
+    model = _model()
+    structure_only = DPRPRegularizer(DPRPConfig(lambda_comp=1e-12, lambda_str=2.0))(model)[0]
+    torch.testing.assert_close(reg(model, epoch=4)[0], structure_only, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="reg_cooldown_epochs"):
+        DPRPConfig(reg_cooldown_epochs=-1)
+
+
 # ----------------------------------------------------------------------------- vectorised == loop
 def _reference(layers, eps, delta):
     """A plain per-layer Python loop over the equations."""

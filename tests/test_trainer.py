@@ -110,6 +110,14 @@ def test_prune_every_step_and_factor_lr_scale():
     assert sum(ranks(trainer.model).values()) < sum(ranks(make_model()).values())
 
 
+def test_cooldown_epoch_neither_compresses_nor_prunes():
+    cfg = DPRPConfig(epochs=3, reg_cooldown_epochs=1, prune_unit="step", prune_every=1, **STRONG)
+    history = DPRPTrainer(make_model(), cfg, make_data(), progress=False).fit()
+    assert any(rec["pruned"] for rec in history[:2])
+    assert history[2]["pruned"] == {} and history[2]["lambda_comp"] == 0.0 and history[2]["comp"] >= 0
+    assert history[2]["ranks"] == history[1]["ranks"]
+
+
 def test_determinism_same_seed_same_weights():
     cfg = DPRPConfig(epochs=2, seed=3, **STRONG)
     x = torch.randn(48, 3, 16, 16)
