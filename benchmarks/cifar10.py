@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from dprp_surgery import DPRPConfig, factorize, summarize
+from dprp_surgery import DPRPConfig, export, factorize, save, summarize
+from dprp_surgery.cli.commands import RUN_FORMAT, RUN_VERSION
 from dprp_surgery.data import IMAGENET_MEAN, IMAGENET_STD, TensorLoader, open_data, subset
 from dprp_surgery.models import CIFAR_MODELS, load_cifar_checkpoint
 from dprp_surgery.trainer import DPRPTrainer
@@ -112,7 +113,7 @@ def run_row(row: str, model_name: str, args, train_ds, test_ds, base: DPRPConfig
     device = next(model.parameters()).device
     top1, top5 = evaluate(model, test, device)
     s = summarize(model.cpu(), example)
-    return {
+    result = {
         "model": model_name, "row": row, "top1": top1, "top5": top5,
         "params": s.params, "dense_params": dense_summary.params,
         "params_removed": 100.0 * (1 - s.params / dense_summary.params),
@@ -120,19 +121,75 @@ def run_row(row: str, model_name: str, args, train_ds, test_ds, base: DPRPConfig
         "macs_removed": 100.0 * (1 - s.macs / dense_summary.macs),
         "ranks": s.ranks(), "wall_s": wall, "config": config.to_dict(),
     }
+    return {**result, **ship(model, model_name, config, run_dir, dense_summary, result)}
+
+
+def ship(model: torch.nn.Module, model_name: str, config: DPRPConfig, run_dir: Path, dense_summary, result: dict
+         ) -> dict:
+    """Export the trained row as a user would ship it and make `run_dir` a dprp run directory.
+
+    The shipped model is ``export(model, "auto", objective="params")`` (per layer the smaller of the dense and
+    the factorized realisation, never larger than dense), saved as a pickle-free artifact in ``run_dir/model``;
+    ``run_dir/run.json`` lets ``dprp export``, ``dprp eval``, ``dprp report`` and ``benchmarks/latency.py
+    --run-dir`` open the row. A dense row ships the fine-tuned dense model as it is.
+    """
+    arch = f"cifar:{model_name}"
+    shipped = model if result["row"] == "dense" else export(model, "auto", objective="params")
+    artifact = save(shipped, run_dir / "model", arch=arch, config=config, input_size=[3, 32, 32])
+    s = summarize(shipped, torch.zeros(1, 3, 32, 32))
+    info = {"format": RUN_FORMAT, "version": RUN_VERSION, "model": arch, "arch": arch,
+            "num_classes": 10, "input_size": [3, 32, 32], "config": config.to_dict(), "export_mode": "auto",
+            "objective": "params", "status": "done", "artifact": str(artifact), "ranks": result["ranks"],
+            "benchmark_row": {k: v for k, v in result.items() if k != "config"}}
+    tmp = run_dir / "run.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2))
+    tmp.replace(run_dir / "run.json")
+    return {"shipped_params": s.params, "shipped_macs": s.macs,
+            "shipped_params_removed": 100.0 * (1 - s.params / dense_summary.params),
+            "shipped_macs_removed": 100.0 * (1 - s.macs / dense_summary.macs)}
+
+
+def rescore(out: Path) -> int:
+    """Re-export every row of ``out/results.json`` from its checkpoint and rewrite the results."""
+    from dprp_surgery.io import load_run
+    from dprp_surgery.surgery import svd_layers
+
+    results = json.loads((out / "results.json").read_text())
+    for r in results:
+        run_dir = out / r["model"] / r["row"]
+        config = DPRPConfig.from_dict(r["config"])
+        if not (run_dir / "run.json").is_file():  # rows written before run directories carried run.json
+            (run_dir / "run.json").write_text(json.dumps({"format": RUN_FORMAT, "version": RUN_VERSION,
+                                                          "arch": f"cifar:{r['model']}", "num_classes": 10,
+                                                          "config": r["config"], "status": "done"}))
+        model, _ = load_run(run_dir)
+        ranks = {n: m.rank for n, m in svd_layers(model)}
+        if ranks != r["ranks"]:
+            raise SystemExit(f"{run_dir}: checkpoint ranks differ from results.json; was the row re-run?")
+        dense_summary = summarize(CIFAR_MODELS[r["model"]](), torch.zeros(1, 3, 32, 32))
+        r.update(ship(model.eval(), r["model"], config, run_dir, dense_summary, r))
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    md = (out / "RESULTS.md").read_text().split("\n", 1)[0] if (out / "RESULTS.md").is_file() else ""
+    (out / "RESULTS.md").write_text(markdown(results, md))
+    print(markdown(results, md))
+    return 0
 
 
 def markdown(results: list[dict], header: str) -> str:
     """The results as a markdown table, deltas against each model's dense row."""
     lines = [header, "",
-             "| model | row | top-1 | delta top-1 | top-5 | params removed | MACs removed | wall (min) | final ranks |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model | row | top-1 | delta top-1 | top-5 | params removed | MACs removed | shipped: params removed "
+             "| shipped: MACs removed | wall (min) | final ranks |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     dense = {r["model"]: r["top1"] for r in results if r["row"] == "dense"}
     for r in results:
         delta = f"{r['top1'] - dense[r['model']]:+.2f}" if r["model"] in dense else "-"
         ranks = " ".join(str(v) for v in r["ranks"].values()) or "-"
+        shipped = (f"{r['shipped_params_removed']:.1f}% | {r['shipped_macs_removed']:.1f}%"
+                   if "shipped_params" in r else "- | -")
         lines.append(f"| {r['model']} | {r['row']} | {r['top1']:.2f} | {delta} | {r['top5']:.2f} | "
-                     f"{r['params_removed']:.1f}% | {r['macs_removed']:.1f}% | {r['wall_s'] / 60:.1f} | {ranks} |")
+                     f"{r['params_removed']:.1f}% | {r['macs_removed']:.1f}% | {shipped} | {r['wall_s'] / 60:.1f} | "
+                     f"{ranks} |")
     return "\n".join(lines) + "\n"
 
 
@@ -158,7 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="256 train / 128 test images, 1 epoch")
     parser.add_argument("--out", type=Path, default=Path("runs/cifar10"))
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--rescore", action="store_true",
+                        help="train nothing: re-export and re-measure the rows of --out/results.json from their "
+                             "checkpoints (adds the shipped columns to tables of older runs)")
     args = parser.parse_args(argv)
+    if args.rescore:
+        return rescore(args.out)
     if args.smoke:
         args.epochs, args.train_limit, args.test_limit = 1, args.train_limit or 256, args.test_limit or 128
     if args.from_scratch and args.lr == 0.01:

@@ -267,8 +267,9 @@ class DPRPConfig:
             "paper-proposed1": "proposed 1" of Sec. IV-C (lambda_comp 0.5, epsilon 0.01).
             "finetune": the paper's losses for a pretrained model: 10 epochs, lr 0.01, cosine.
             "tuned": "finetune" with the settings the CIFAR-10 reproduction found best for
-                pretrained models: factors at 1/20 of the lr, singular values at 10x, stronger
-                L_comp and a wider epsilon (docs/benchmarks.md).
+                pretrained models: factors at 1/20 of the lr, singular values at 10x, a stronger
+                L_comp (lambda_comp 2), epsilon 0.1, pruning every 25 steps, and a last epoch
+                without L_comp or pruning (docs/benchmarks.md).
         """
         if name not in PRESETS:
             close = difflib.get_close_matches(name, PRESETS, n=1)
@@ -283,7 +284,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "finetune": {"epochs": 10, "lr": 0.01, "lr_schedule": "cosine", "batch_size": 128},
     # the reproduction's tuned settings for pretrained models (docs/benchmarks.md, "What we learnt")
     "tuned": {"epochs": 10, "lr": 0.01, "lr_schedule": "cosine", "batch_size": 128, "factor_lr_scale": 0.05,
-              "sigma_lr_scale": 10.0, "lambda_comp": 5.0, "epsilon": 0.3, "prune_unit": "step", "prune_every": 25},
+              "sigma_lr_scale": 10.0, "lambda_comp": 2.0, "epsilon": 0.1, "prune_unit": "step", "prune_every": 25,
+              "reg_cooldown_epochs": 1},
 }
 
 

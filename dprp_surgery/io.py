@@ -586,7 +586,9 @@ def load_run(run_dir: str | os.PathLike[str]) -> tuple[nn.Module, str]:
 
     Rebuilds the architecture recorded in ``run.json``, factorizes it with the run's config,
     truncates every SVD layer to the rank stored in ``checkpoint.pt`` and loads the weights
-    (strict). Falls back to the exported artifact ``RUN_DIR/model`` when there is no checkpoint.
+    (strict). A checkpoint of a dense model (no SVD factors, e.g. a dense fine-tune baseline) loads
+    into the architecture as it is. Falls back to the exported artifact ``RUN_DIR/model`` when there
+    is no checkpoint.
 
     Raises:
         ValueError: Missing/corrupt run.json or checkpoint, or weights that do not fit.
@@ -617,6 +619,12 @@ def load_run(run_dir: str | os.PathLike[str]) -> tuple[nn.Module, str]:
                          "export the model from the run with the Python API instead.")
     config_dict = ckpt.get("config") if isinstance(ckpt.get("config"), Mapping) else info.get("config")
     config = DPRPConfig.from_dict(dict(config_dict)) if isinstance(config_dict, Mapping) else DPRPConfig()
+    if not any(k.endswith(".s") and f"{k[:-2]}.U" in state for k in state):
+        # a dense run (a fine-tune baseline trained without factorization): the weights fit the architecture as is
+        model = build_arch(arch, info.get("num_classes"))
+        _load_strict(model, state, ckpt_path, arch)
+        _tag(model, arch)
+        return model, arch
     model = factorize(build_arch(arch, info.get("num_classes")), config)
     for name, layer in {n: m for n, m in model.named_modules() if isinstance(m, SVDLayer)}.items():
         s = state.get(f"{name}.s")

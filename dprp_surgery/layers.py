@@ -132,6 +132,32 @@ def resolve_scheme(module: nn.Module, requested: str) -> tuple[str, str | None]:
 
 
 # ----------------------------------------------------------------------------- base layer
+GRAM_SVD_MIN = 256
+"""Tall CPU matrices with at least this many columns take the float64 Gram path of `_thin_svd`."""
+
+_GRAM_COND = 1e-4
+"""Smallest s_min / s_max for which the Gram path is as accurate as a float32 SVD (else exact SVD)."""
+
+
+def _thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD (U, s, V) of a tall float32 matrix, singular values descending.
+
+    Large CPU matrices go through the eigendecomposition of the float64 Gram matrix A^T A (2-3x faster
+    than LAPACK's float32 SVD on 768-wide ViT weights): V and s^2 come from ``eigh``, U = A V / s. In
+    float64 the error of s_i and U_i is about 1e-16 (s_max / s_i)^2, below float32 resolution while
+    s_min / s_max > 1e-4; worse-conditioned (e.g. rank-deficient) matrices use ``torch.linalg.svd``.
+    """
+    if matrix.device.type == "cpu" and matrix.shape[1] >= GRAM_SVD_MIN:
+        a = matrix.double()
+        lam, v = torch.linalg.eigh(a.T @ a)
+        lam, v = lam.flip(0), v.flip(1)
+        s = lam.clamp_min(0).sqrt()
+        if s[-1] > s[0] * _GRAM_COND:
+            return ((a @ v) / s).to(matrix.dtype), s.to(matrix.dtype), v.to(matrix.dtype)
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return u, s, vh.T
+
+
 class SVDLayer(nn.Module):
     """Base of the factorized twins: W = reshape(U diag(s) V^T) (eqs. (2) and (5)).
 
@@ -179,11 +205,9 @@ class SVDLayer(nn.Module):
         """Set U, s, V to the leading `rank` components of the SVD of the reshaped weight."""
         matrix = MATRICIZATIONS[self.scheme].to_matrix(weight.detach()).to(torch.float32)
         if matrix.shape[0] >= matrix.shape[1]:
-            u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-            v = vh.T
+            u, s, v = _thin_svd(matrix)
         else:  # LAPACK is about twice as fast on the tall orientation
-            v, s, uh = torch.linalg.svd(matrix.T, full_matrices=False)
-            u = uh.T
+            v, s, u = _thin_svd(matrix.T)
         r = self.rank
         self.U.copy_(u[:, :r])
         self.s.copy_(s[:r])

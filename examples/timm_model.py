@@ -19,7 +19,7 @@ ordinary PyTorch loop. (4) ``export(model, "dense")`` turns every SVD layer back
 type: its state dict loads with ``strict=True`` into a fresh ``timm.create_model(NAME, num_classes=...)``,
 which the example checks. The optimizer follows ``DPRPConfig.preset("tuned")`` (U and V at 1/20 of the
 learning rate, the singular values at 10x); lambda_comp and epsilon default to deliberately aggressive values
-so that ranks fall within a few epochs of random data (the tuned preset uses 5.0 and 0.3).
+so that ranks fall within a few epochs of random data (the tuned preset uses 2.0 and 0.1).
 """
 
 from __future__ import annotations

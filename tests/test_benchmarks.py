@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from dprp_surgery import load_model
+from dprp_surgery.surgery import svd_layers
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -36,8 +39,24 @@ def test_cifar10_smoke(shared_dir, tmp_path, capsys):
     assert all(len(r["ranks"]) == 20 for r in results[1:])  # every conv and the classifier factorized
     md = (tmp_path / "RESULTS.md").read_text()
     assert "256 train / 128 test images" in md and all(f"| resnet20 | {row} |" in md for row in rows)
-    for row in rows:
-        assert (tmp_path / "resnet20" / row / "history.jsonl").is_file()
+    for r in results:  # the shipped (auto, params) export is never larger than dense nor than the factorized model
+        assert r["shipped_params_removed"] >= max(0.0, r["params_removed"]) - 1e-9
+    assert results[0]["shipped_params_removed"] == 0.0
+    for row, r in zip(rows, results):
+        run_dir = tmp_path / "resnet20" / row
+        assert (run_dir / "history.jsonl").is_file() and (run_dir / "model" / "manifest.json").is_file()
+        trained, arch = load_model(run_dir)  # every row is a dprp run directory (dense rows included)
+        assert arch == "cifar:resnet20"
+        assert {n: m.rank for n, m in svd_layers(trained)} == r["ranks"]
+        shipped, _ = load_model(run_dir / "model")
+        assert sum(p.numel() for p in shipped.parameters()) == r["shipped_params"]
+        x = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(shipped.eval()(x), trained.eval()(x), rtol=1e-4, atol=1e-4)
+    (tmp_path / "resnet20" / "dense" / "run.json").unlink()  # as in tables written before rows carried run.json
+    assert run_main("cifar10.py", ["--rescore", "--out", str(tmp_path)]) == 0
+    rescored = json.loads((tmp_path / "results.json").read_text())
+    assert [r["shipped_params"] for r in rescored] == [r["shipped_params"] for r in results]
+    assert "shipped: params removed" in (tmp_path / "RESULTS.md").read_text()
 
 
 def test_train_step_smoke(capsys):

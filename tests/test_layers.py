@@ -201,3 +201,42 @@ def test_linear_forward_paths_agree():
     w = layer.dense_weight()
     for x in (x_small, x_big):
         torch.testing.assert_close(layer(x), x @ w.T + layer.bias, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(300, 256), (256, 700)])
+def test_large_layers_take_the_gram_path_exactly(shape):
+    """Wide/tall Linear layers (>= GRAM_SVD_MIN) are initialised via the float64 Gram matrix, as exactly as by SVD."""
+    from dprp_surgery.layers import GRAM_SVD_MIN
+
+    assert min(shape) >= GRAM_SVD_MIN
+    torch.manual_seed(0)
+    dense = nn.Linear(shape[1], shape[0])
+    layer = SVDLinear.from_dense(dense)
+    reference = torch.linalg.svdvals(dense.weight.detach())
+    torch.testing.assert_close(layer.s.detach(), reference, rtol=1e-5, atol=1e-6)
+    eye = torch.eye(layer.rank)
+    torch.testing.assert_close(layer.U.T @ layer.U, eye, rtol=0, atol=1e-5)
+    torch.testing.assert_close(layer.V.T @ layer.V, eye, rtol=0, atol=1e-5)
+    x = torch.randn(4, shape[1])
+    torch.testing.assert_close(layer(x), dense(x), rtol=1e-5, atol=1e-5)
+    k = layer.rank // 3  # Eckart-Young still holds for the truncation
+    w = dense.weight.detach()
+    layer.truncate_(k)
+    err = torch.linalg.matrix_norm(layer.dense_weight().detach() - w)
+    torch.testing.assert_close(err, reference[k:].norm(), rtol=1e-4, atol=1e-5)
+
+
+def test_rank_deficient_large_layer_falls_back_to_svd():
+    """A rank-deficient weight (here 200 zero rows) cannot be split by A V / s; the exact SVD is used instead."""
+    torch.manual_seed(0)
+    dense = nn.Linear(300, 400, bias=False)
+    with torch.no_grad():
+        dense.weight[:200] = 0
+        dense.weight[200:] = torch.randn(200, 300) @ torch.randn(300, 300) / 30
+        dense.weight[200:, :1] = 0
+    layer = SVDLinear.from_dense(dense)
+    assert torch.isfinite(layer.U).all() and torch.isfinite(layer.V).all()
+    torch.testing.assert_close(layer.V.T @ layer.V, torch.eye(300), rtol=0, atol=1e-5)
+    x = torch.randn(3, 300)
+    y = dense(x)
+    torch.testing.assert_close(layer(x), y, rtol=0, atol=1e-5 * y.abs().max().item())  # zero rows: relative is inf

@@ -615,9 +615,10 @@ def run_report(*, run_dir: Path, json_out: bool) -> None:
 
 # ----------------------------------------------------------------------------- demo
 DEMO_TRAIN, DEMO_TEST = 2000, 1000
-DEMO_CONFIG: dict[str, Any] = {"batch_size": 128, "seed": 0, "prune_every": 5, "lambda_comp": 20.0, "epsilon": 0.5}
+DEMO_CONFIG: dict[str, Any] = {"batch_size": 128, "seed": 0, "prune_every": 5, "lambda_comp": 20.0, "epsilon": 0.5,
+                               "reg_cooldown_epochs": 0}
 """Overrides of the "tuned" preset used by `dprp demo`: it has only ~15 steps per epoch, so it prunes every 5
-steps and pushes harder (lambda_comp 20, epsilon 0.5) to show rank pruning within minutes."""
+steps, pushes harder (lambda_comp 20, epsilon 0.5) and prunes until the end, to show rank pruning within minutes."""
 
 
 def _demo_archive() -> Path | None:
