@@ -17,6 +17,7 @@ Layers own both conversions: ``SVDConv2d.from_dense(conv)`` / ``.to_dense()``, a
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import torch
@@ -39,22 +40,22 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- schemes
-class Scheme:
+class Scheme(ABC):
     """A matricization: how a dense weight tensor maps to the matrix M that is factorized."""
 
     name: ClassVar[str]
 
+    @abstractmethod
     def matrix_shape(self, weight_shape: tuple[int, ...]) -> tuple[int, int]:
         """(h, w) of M for a weight of this shape."""
-        raise NotImplementedError  # pragma: no cover - abstract
 
+    @abstractmethod
     def to_matrix(self, weight: torch.Tensor) -> torch.Tensor:
         """Reshape a dense weight into M."""
-        raise NotImplementedError  # pragma: no cover - abstract
 
+    @abstractmethod
     def to_weight(self, matrix: torch.Tensor, weight_shape: tuple[int, ...]) -> torch.Tensor:
         """Inverse of `to_matrix`."""
-        raise NotImplementedError  # pragma: no cover - abstract
 
 
 class PaperScheme(Scheme):
@@ -158,7 +159,7 @@ def _thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return u, s, vh.T
 
 
-class SVDLayer(nn.Module):
+class SVDLayer(nn.Module, ABC):
     """Base of the factorized twins: W = reshape(U diag(s) V^T) (eqs. (2) and (5)).
 
     Attributes:
@@ -275,26 +276,26 @@ class SVDLayer(nn.Module):
         return f"{self._dense_repr()}, scheme={self.scheme}, rank={self.rank}/{self.full_rank}, M={h}x{w}"
 
     # ------------------------------------------------------------------ hooks for subclasses
+    @abstractmethod
     def _hparams(self) -> dict:
         """Constructor hyper-parameters other than bias and rank."""
-        raise NotImplementedError  # pragma: no cover - abstract
 
+    @abstractmethod
     def _dense_repr(self) -> str:
         """Hyper-parameters in the dense layer's repr style."""
-        raise NotImplementedError  # pragma: no cover - abstract
 
+    @abstractmethod
     def to_dense(self) -> nn.Module:
         """The dense layer this twin computes, with identical hyper-parameters."""
-        raise NotImplementedError  # pragma: no cover - abstract
 
+    @abstractmethod
     def to_factorized(self) -> nn.Sequential:
         """The factors realised with standard torch.nn layers (Sigma folded into the U side)."""
-        raise NotImplementedError  # pragma: no cover - abstract
 
     @classmethod
+    @abstractmethod
     def from_dense(cls, module: nn.Module, scheme: str = "paper", rank: int | None = None) -> SVDLayer:
         """Factorize a dense layer at `rank` (default full rank theta), preserving its function."""
-        raise NotImplementedError  # pragma: no cover - abstract
 
 
 # ----------------------------------------------------------------------------- Linear
