@@ -57,7 +57,8 @@ MODES: tuple[str, ...] = ("dense", "factorized", "auto")
 OBJECTIVES: tuple[str, ...] = ("params", "macs", "latency")
 FORMS: tuple[str, ...] = ("svd", "factorized", "dense")
 ARTIFACT_FORMAT = "dprp-artifact"
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2
+"""2: paper-scheme convs are realised with their r basis filters stored once (1 stored them per channel)."""
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 
@@ -144,12 +145,10 @@ def _factors_of(seq: nn.Module, layer: SVDLayer) -> tuple[torch.Tensor, torch.Te
         kh = layer.kernel_size[0]
         u = w2.reshape(s, r, kh).permute(0, 2, 1).reshape(s * kh, r)
         return u, w1.reshape(r, -1).T, second.bias
-    if layer._paper_order() == "depthwise_first":
-        v = w1.reshape(c, r, k)[0].T  # every channel holds the same r basis filters
-        return w2.reshape(s * (c // g), r), v, second.bias
+    if layer._paper_order() == "depthwise_first":  # the r basis filters, shared by every input channel
+        return w2.reshape(s * (c // g), r), w1.reshape(r, k).T, second.bias
     u = w1.reshape(s, r, c // g).permute(0, 2, 1).reshape(s * (c // g), r)
-    v = w2.reshape(s, r, k)[0].T  # (V diag(s)), same for every output channel
-    return u, v, second.bias
+    return u, w2.reshape(r, k).T, second.bias  # V diag(s), shared by every output channel
 
 
 # ----------------------------------------------------------------------------- costs
@@ -469,6 +468,11 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
         if form == "dense":
             recorded[name] = {"form": form, "spec": spec}
             continue
+        if (form == "factorized" and manifest["format_version"] < 2 and spec.get("scheme") == "paper"
+                and str(spec.get("type", "")).startswith("SVDConv")):
+            raise ValueError(f"{str(mpath)!r}: layer {name!r} is a paper-scheme conv in the format_version 1 "
+                             "layout (basis filters repeated per channel), which this dprp_surgery no longer "
+                             "builds; re-export it from its run directory (`dprp export RUN_DIR --out DIR`).")
         try:
             layer = layer_from_spec(spec, device="meta", dtype=dtype)
         except (TypeError, ValueError) as exc:

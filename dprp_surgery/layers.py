@@ -469,12 +469,18 @@ class _SVDConvNd(SVDLayer):
         return kinds[self.padding_mode][self._ndim - 1](pad)
 
     def _paper_order(self) -> str:
-        """Which paper-scheme realisation needs fewer MACs per output position (docs/method.md)."""
+        """Which paper-scheme realisation needs fewer MACs per output position (docs/method.md).
+
+        A layer with a bias always takes "depthwise_first": its last conv is the 1x1 mix, which can hold
+        a bias per output channel, while the last conv of "pointwise_first" is shared by all of them.
+        """
         c, s, g = self.in_channels, self.out_channels, self.groups
         k = math.prod(self.kernel_size)
         depthwise_first = c * k + s * (c // g)
         pointwise_first = s * (c // g) * math.prod(self.stride) + s * k
-        return "depthwise_first" if depthwise_first <= pointwise_first else "pointwise_first"
+        if self.bias is not None or depthwise_first <= pointwise_first:
+            return "depthwise_first"
+        return "pointwise_first"
 
     def to_factorized(self) -> nn.Sequential:
         conv_t = self._conv_type()
@@ -502,24 +508,40 @@ class _SVDConvNd(SVDLayer):
             w1 = self.V.T.reshape(r, c, 1, kw_)
             w2 = us.reshape(s, kh, r).permute(0, 2, 1).reshape(s, r, kh, 1)
         elif self._paper_order() == "depthwise_first":
-            # r basis filters V_g on every input channel, then a grouped 1x1 mix with U diag(s).
-            first = conv_t(c, c * r, self.kernel_size, self.stride, p, self.dilation, groups=c, bias=False, **kw)
+            # The r basis filters V_g on every input channel (channels folded into the batch, so the
+            # filters are stored once), then a grouped 1x1 mix with U diag(s).
+            first = conv_t(1, r, self.kernel_size, self.stride, p, self.dilation, bias=False, **kw)
             second = conv_t(c * r, s, 1, groups=g, bias=has_bias, **kw)
-            w1 = self.V.T.reshape(1, r, *self.kernel_size).expand(c, -1, *(-1,) * self._ndim)
-            w1 = w1.reshape(c * r, 1, *self.kernel_size)
+            w1 = self.V.T.reshape(r, 1, *self.kernel_size)
             w2 = us.reshape(s, (c // g) * r, *ones)
+            first = nn.Sequential(nn.Unflatten(1, (c, 1)), nn.Flatten(0, 1), first, nn.Unflatten(0, (-1, c)),
+                                  nn.Flatten(1, 2))
         else:
-            # A grouped 1x1 projection with U to S*r channels, then per-channel basis filters s_g V_g.
+            # A grouped 1x1 projection with U to S*r channels, then the r filters s_g V_g summed per
+            # output channel (output channels folded into the batch; no bias, see `_paper_order`).
             first = conv_t(c, s * r, 1, groups=g, bias=False, **kw)
-            second = conv_t(s * r, s, self.kernel_size, self.stride, p, self.dilation, groups=s, bias=has_bias, **kw)
+            second = conv_t(r, 1, self.kernel_size, self.stride, p, self.dilation, bias=False, **kw)
             w1 = self.U.reshape(s, c // g, r).permute(0, 2, 1).reshape(s * r, c // g, *ones)
-            w2 = (self.V * self.s).T.reshape(1, r, *self.kernel_size).expand(s, -1, *(-1,) * self._ndim)
+            w2 = (self.V * self.s).T.reshape(1, r, *self.kernel_size)
+            second = nn.Sequential(nn.Unflatten(1, (s, r)), nn.Flatten(0, 1), second, nn.Unflatten(0, (-1, s)),
+                                   nn.Flatten(1, 2))
+        conv1, conv2 = (_only_conv(m) for m in (first, second))
         with torch.no_grad():
-            first.weight.copy_(w1)
-            second.weight.copy_(w2)
+            conv1.weight.copy_(w1)
+            conv2.weight.copy_(w2)
             if has_bias:
-                second.bias.copy_(self.bias)
-        return nn.Sequential(*layers, first, second)
+                conv2.bias.copy_(self.bias)
+        return nn.Sequential(*layers, *_items(first), *_items(second))
+
+
+def _items(module: nn.Module) -> list[nn.Module]:
+    """The modules of a Sequential, or the module itself, as a flat list."""
+    return list(module) if isinstance(module, nn.Sequential) else [module]
+
+
+def _only_conv(module: nn.Module) -> nn.Module:
+    """The one convolution in `module` (itself or inside a Sequential)."""
+    return next(m for m in _items(module) if isinstance(m, nn.Conv1d | nn.Conv2d))
 
 
 class SVDConv1d(_SVDConvNd):

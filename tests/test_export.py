@@ -23,7 +23,7 @@ class SmallCNN(nn.Module):
         super().__init__()
         self.c1 = nn.Conv2d(3, 16, 3, padding=1)
         self.c2 = nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False)  # depthwise-first
-        self.c3 = nn.Conv2d(32, 4, 3, padding=1)  # pointwise-first (few outputs)
+        self.c3 = nn.Conv2d(32, 4, 3, padding=1, bias=False)  # pointwise-first (few outputs, no bias)
         self.c4 = nn.Conv2d(4, 8, 3, padding=1, groups=2, padding_mode="reflect")
         self.c5 = nn.Conv2d(8, 8, (3, 5), padding="same")
         self.seq = nn.Conv1d(8, 12, 3, padding=1)
@@ -80,9 +80,18 @@ def test_small_cnn_modes_and_conversions(scheme):
 def test_paper_realisations_cover_both_orders():
     model = _compressed(SmallCNN(), "paper", keep=1.0)
     e = export(model, "factorized")
-    first_groups = {n: e.get_submodule(n)[-2].groups for n in ("c2", "c3")}
-    assert first_groups["c2"] == 16  # depthwise first: groups = in_channels
-    assert e.get_submodule("c3")[-1].groups == 4  # pointwise first: per-output basis filters
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(e(x), model(x), rtol=1e-5, atol=1e-5)
+    for name, order in (("c2", "depthwise_first"), ("c3", "pointwise_first")):
+        layer = model.get_submodule(name)
+        assert layer._paper_order() == order
+        convs = [m for m in e.get_submodule(name) if isinstance(m, torch.nn.Conv2d)]
+        spatial = convs[0] if order == "depthwise_first" else convs[1]
+        # the r basis filters are stored once (channels folded into the batch): in 1 -> r, or r -> 1
+        assert tuple(spatial.weight.shape[:2]) == ((layer.rank, 1) if order == "depthwise_first" else (1, layer.rank))
+        h, w = layer.matrix_shape  # Sigma folded into U: eq. (4) minus the r singular values
+        bias = layer.bias.numel() if layer.bias is not None else 0
+        assert sum(p.numel() for p in e.get_submodule(name).parameters()) == layer.rank * (h + w) + bias
 
 
 def test_dense_export_loads_into_original_architectures():
@@ -208,6 +217,11 @@ def test_bad_artifacts(r20, tmp_path):
     m["format_version"] = 99
     (path / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ValueError, match="upgrade"):
+        load(path)
+
+    m["format_version"] = 1  # paper-scheme convs of format 1 repeat the basis filters per channel
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=r"layer 'conv1'.*format_version 1.*re-export"):
         load(path)
 
 
