@@ -233,9 +233,8 @@ def notes(rows: list[dict]) -> list[str]:
         out.append(f"- The all-factorized export is slower than dense in eager mode in {len(slow)} of "
                    f"{sum(r['form'] == 'factorized' for r in rows)} rows (up to {worst['eager_vs_dense']:.1f}x, "
                    f"{worst['model']} batch {worst['batch']}) even where it has fewer MACs: the paper scheme's "
-                   "realisation is a grouped/depthwise k x k conv to C*r (or S*r) channels plus a 1x1 conv, which is "
-                   "memory-bound on CPUs, and at the same keep fraction some layers have more parameters factorized "
-                   "than dense.")
+                   "realisation runs its k x k conv with r filters on the C (or S) channels folded into the "
+                   "batch, producing C*r (or S*r) maps for a 1x1 conv, which is memory-bound on CPUs.")
     auto = [r for r in rows if r["form"] == "auto" and r["factorized_layers"] > 0]
     if auto:
         out.append("- auto(latency) picks, per layer, the form that ran faster in eager mode at the row's batch "
