@@ -9,6 +9,9 @@ a step on a factor moves the weight about s^2 times further than the same step o
     paper2    DPRP, paper scheme, "proposed 2" (Table I: R20 lambda 0.1 eps 0.1; R32 lambda 0.5 eps 0.001)
     paper1    DPRP, paper scheme, "proposed 1" (Sec. IV-C: R20 lambda 0.5 eps 0.01; R32 lambda 1 eps 0.001)
     tuned     DPRP with the toolkit's tuned preset (DPRPConfig.preset("tuned"), docs/benchmarks.md)
+    distill   the tuned row plus knowledge distillation (DPRPConfig.distill = --distill, T 4) from --teacher:
+              a dprp artifact, default the dense row's fine-tuned model in --out when it exists (run the
+              dense row first), else the pretrained weights. Not in the paper; not in the default rows.
     none/l1/l2/funnel   the ablation of Table IV: factorized (paper scheme) with eq. (14) regularizers,
               lambda_reg 0.1 and epsilon 0.001 as in the paper; the DPRP row of Table IV is paper2.
 
@@ -31,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from dprp_surgery import DPRPConfig, export, factorize, save, summarize
+from dprp_surgery import DPRPConfig, export, factorize, load, save, summarize
 from dprp_surgery.cli.commands import RUN_FORMAT, RUN_VERSION
 from dprp_surgery.data import IMAGENET_MEAN, IMAGENET_STD, TensorLoader, open_data, subset
 from dprp_surgery.models import CIFAR_MODELS, load_cifar_checkpoint
@@ -47,24 +50,26 @@ PAPER_SETTINGS = {
     "resnet56": {"paper2": (0.5, 0.001), "paper1": (1.0, 0.001)},
 }
 ABLATIONS = ("none", "l1", "l2", "funnel")
-ALL_ROWS = ("dense", "paper2", "paper1", "tuned", *ABLATIONS)
-DEFAULT_ROWS = {"resnet20": ALL_ROWS, "resnet32": ALL_ROWS, "resnet56": ("dense", "tuned")}
+ALL_ROWS = ("dense", "paper2", "paper1", "tuned", "distill", *ABLATIONS)
+PAPER_ROWS = tuple(r for r in ALL_ROWS if r != "distill")
+DEFAULT_ROWS = {"resnet20": PAPER_ROWS, "resnet32": PAPER_ROWS, "resnet56": ("dense", "tuned")}
 
 
 def row_config(row: str, model_name: str, base: DPRPConfig) -> DPRPConfig:
     """The DPRPConfig of one table row (the shared schedule in `base`)."""
     if row == "dense":
-        return base.replace(regularizer="none")
+        return base.replace(regularizer="none", distill=0.0)
     if row in ("paper1", "paper2"):
         lam, eps = PAPER_SETTINGS[model_name][row]
-        return base.replace(scheme="paper", regularizer="dprp", lambda_comp=lam, epsilon=eps)
-    if row == "tuned":
+        return base.replace(scheme="paper", regularizer="dprp", lambda_comp=lam, epsilon=eps, distill=0.0)
+    if row in ("tuned", "distill"):
         tuned = DPRPConfig.preset("tuned")
         keep = {f: getattr(base, f) for f in ("epochs", "batch_size", "lr", "lr_schedule", "seed", "device",
-                                                "momentum", "weight_decay", "warmup_epochs", "factor_lr_scale")}
+                                                "momentum", "weight_decay", "warmup_epochs", "factor_lr_scale",
+                                                "distill")}
         return tuned.replace(**keep)
     if row in ABLATIONS:
-        return base.replace(scheme="paper", regularizer=row, lambda_comp=0.1, epsilon=0.001)
+        return base.replace(scheme="paper", regularizer=row, lambda_comp=0.1, epsilon=0.001, distill=0.0)
     raise ValueError(f"unknown row {row!r}; use one of {', '.join(ALL_ROWS)}")
 
 
@@ -93,9 +98,20 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device) -> tuple[floa
     return 100.0 * correct1 / total, 100.0 * correct5 / total
 
 
+def teacher_for(model_name: str, args) -> tuple[torch.nn.Module, str]:
+    """The distillation teacher of the distill row and where it came from."""
+    path = args.teacher or args.out / model_name / "dense" / "model"
+    if Path(path).exists():
+        return load(path), str(path)
+    if args.teacher:
+        raise SystemExit(f"--teacher {args.teacher} does not exist: give a dprp artifact "
+                         "(e.g. RUN/resnet20/dense/model)")
+    return pretrained(model_name, args.weights_dir, args.from_scratch), "pretrained weights"
+
+
 def run_row(row: str, model_name: str, args, train_ds, test_ds, base: DPRPConfig) -> dict:
     """Train one row and measure it."""
-    config = row_config(row, model_name, base)
+    config = row_config(row, model_name, base.replace(distill=args.distill if row == "distill" else 0.0))
     torch.manual_seed(config.seed)
     dense = pretrained(model_name, args.weights_dir, args.from_scratch)
     example = torch.zeros(1, 3, 32, 32)
@@ -106,7 +122,8 @@ def run_row(row: str, model_name: str, args, train_ds, test_ds, base: DPRPConfig
     test = TensorLoader(test_ds, 256, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     run_dir = args.out / model_name / row
     t0 = time.perf_counter()
-    trainer = DPRPTrainer(model, config, train, test, run_dir=run_dir, progress=not args.quiet)
+    teacher, teacher_from = teacher_for(model_name, args) if config.distill > 0 else (None, None)
+    trainer = DPRPTrainer(model, config, train, test, run_dir=run_dir, progress=not args.quiet, teacher=teacher)
     trainer.fit()
     wall = time.perf_counter() - t0
     model = trainer.model
@@ -121,6 +138,8 @@ def run_row(row: str, model_name: str, args, train_ds, test_ds, base: DPRPConfig
         "macs_removed": 100.0 * (1 - s.macs / dense_summary.macs),
         "ranks": s.ranks(), "wall_s": wall, "config": config.to_dict(),
     }
+    if teacher_from is not None:
+        result["teacher"] = teacher_from
     return {**result, **ship(model, model_name, config, run_dir, dense_summary, result)}
 
 
@@ -207,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--factor-lr-scale", type=float, default=None,
                         help="lr multiplier of U and V in every factorized row (default: the tuned preset's)")
+    parser.add_argument("--distill", type=float, default=0.5,
+                        help="distillation weight alpha of the distill row (DPRPConfig.distill)")
+    parser.add_argument("--teacher", type=Path, default=None,
+                        help="dprp artifact the distill row distils from (default: the dense row's model in --out)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--train-limit", type=int, default=None, help="class-balanced training subset")

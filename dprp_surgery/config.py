@@ -98,6 +98,11 @@ class DPRPConfig:
         device: "auto" (CUDA when available), "cpu" or "cuda[:N]".
         amp: Mixed precision on CUDA.
         label_smoothing: Label smoothing of the cross-entropy application loss.
+        distill: Weight alpha of knowledge distillation from the dense model (not in the paper; 0, the
+            paper, trains on labels only). L_app of eq. (8) becomes (1 - alpha) CE + alpha T^2
+            KL(softmax(teacher / T) || softmax(student / T)); `compress` uses the model it was given,
+            before factorizing, as the teacher (docs/method.md).
+        distill_temperature: Softmax temperature T of the distillation term.
         version: Schema version, written into JSON/YAML.
     """
 
@@ -144,6 +149,8 @@ class DPRPConfig:
     device: str = "auto"
     amp: bool = False
     label_smoothing: float = 0.0
+    distill: float = 0.0
+    distill_temperature: float = 4.0
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -185,6 +192,10 @@ class DPRPConfig:
         _check(_finite(self.lr_factor) and 0 < self.lr_factor < 1, "lr_factor", self.lr_factor,
                "must lie in (0, 1)")
         _check(self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "must be < 1")
+        _check(_finite(self.distill) and 0 <= self.distill <= 1, "distill", self.distill,
+               "the distillation weight must lie in [0, 1] (0 turns distillation off)")
+        _check(_finite(self.distill_temperature) and self.distill_temperature > 0, "distill_temperature",
+               self.distill_temperature, "must be a finite number > 0")
         _check(self.min_compressible is None or _finite(self.min_compressible), "min_compressible",
                self.min_compressible, "must be None or a finite number")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),

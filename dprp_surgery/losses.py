@@ -36,6 +36,7 @@ from .surgery import svd_layers
 
 __all__ = [
     "DPRPRegularizer",
+    "distillation_loss",
     "orthogonality_loss",
     "sorting_loss",
     "compression_loss",
@@ -283,6 +284,28 @@ def _ablation_from_padded(S: Tensor, mask: Tensor, r: Tensor, kind: str, delta: 
 
 
 # ----------------------------------------------------------------------------- eq. (8)
+def distillation_loss(student: Tensor, teacher: Tensor, temperature: float = 4.0) -> Tensor:
+    """Knowledge-distillation term T^2 KL(softmax(teacher / T) || softmax(student / T)), mean over the batch.
+
+    Not part of the paper: an optional addition to its application loss L_app (eq. (8)) that keeps the
+    factorized model close to the dense model it started from (`DPRPConfig.distill`). The T^2 factor keeps
+    the gradient's scale independent of T (Hinton et al., 2015).
+
+    Args:
+        student: Logits of the model being trained, (batch, classes).
+        teacher: Logits of the dense model, same shape (no gradient flows into them).
+        temperature: Softmax temperature T > 0.
+    """
+    if student.shape != teacher.shape:
+        raise ValueError(f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ: "
+                         "distillation needs a teacher with the same outputs as the model")
+    t = float(temperature)
+    log_p_student = torch.log_softmax(student.float() / t, dim=-1)
+    log_p_teacher = torch.log_softmax(teacher.detach().float() / t, dim=-1)
+    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=-1)
+    return kl.mean() * (t * t)
+
+
 class DPRPRegularizer:
     """The regularization part of L_total (eq. (8)): everything except the application loss L_app.
 

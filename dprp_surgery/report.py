@@ -67,7 +67,7 @@ def _flatten(rec: dict[str, Any], prefix: str = "") -> dict[str, float]:
     return out
 
 
-_LOSS_TERMS = ("app", "orth", "sort", "comp", "structure", "total_reg", "reg")
+_LOSS_TERMS = ("app", "ce", "kd", "orth", "sort", "comp", "structure", "total_reg", "reg")
 """Loss-term names the trainer writes besides ``*loss*`` (L_app, L_orth, L_sort, L_comp, L_str, ...)."""
 
 

@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import json
 import logging
@@ -45,7 +46,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 from .accounting import Summary, summarize
 from .config import DPRPConfig
 from .data import TensorImageDataset, TensorLoader
-from .losses import DPRPRegularizer, unwrap_model
+from .losses import DPRPRegularizer, distillation_loss, unwrap_model
 from .pruning import RankPruner
 from .surgery import factorize, svd_layers
 
@@ -73,7 +74,7 @@ CHECKPOINT_NAME = "checkpoint.pt"
 HISTORY_NAME = "history.jsonl"
 _CHECKPOINT_FORMAT = "dprp_surgery.trainer.checkpoint"
 _CHECKPOINT_VERSION = 1
-_LOSS_TERMS = ("app", "orth", "sort", "comp", "reg")
+_LOSS_TERMS = ("app", "kd", "orth", "sort", "comp", "reg")
 
 
 # ----------------------------------------------------------------------------- results and errors
@@ -81,7 +82,7 @@ class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or infinite during training.
 
     Attributes:
-        term: The first non-finite term ("app", "orth", "sort", "comp" or "reg").
+        term: The first non-finite term ("app", "kd", "orth", "sort", "comp" or "reg").
         epoch: Epoch (0-based) in which it happened.
         step: Batch index (0-based) inside that epoch.
         values: Every term's value at that step.
@@ -378,14 +379,18 @@ class DPRPTrainer:
             training continues at the next epoch.
         progress: Show rich progress bars (rank 0 only).
         example_inputs: Inputs for the parameter/MAC accounting; default a batch of one from the first batch.
+        teacher: The dense model to distil from when ``config.distill > 0`` (a frozen copy is kept; it is not
+            checkpointed, so pass it again on resume). `compress` passes the model it was given.
+
+    With distillation ``app`` in the history is (1 - alpha) CE + alpha KD, and ``ce`` and ``kd`` hold the two parts.
 
     Raises:
-        ValueError: A corrupt or foreign checkpoint, or unusable data.
+        ValueError: A corrupt or foreign checkpoint, unusable data, or ``distill > 0`` without a teacher.
     """
 
     def __init__(self, model: nn.Module, config: DPRPConfig | None, train_data: Any, val_data: Any = None, *,
                  run_dir: str | os.PathLike | None = None, resume: str | os.PathLike | bool | None = None,
-                 progress: bool = True, example_inputs: Any = None) -> None:
+                 progress: bool = True, example_inputs: Any = None, teacher: nn.Module | None = None) -> None:
         self.config = config = config or DPRPConfig()
         self.rank, self.world = _dist_info()
         self.device = _resolve_device(config)
@@ -401,6 +406,7 @@ class DPRPTrainer:
         self.example_inputs = example_inputs
         self.regularizer = DPRPRegularizer(config)
         self.pruner = RankPruner(config)
+        self.teacher = self._frozen_teacher(teacher)
         if train_data is None:
             raise ValueError("DPRPTrainer needs train_data (a DataLoader, a TensorLoader or a Dataset)")
         self.train_loader = _make_loader(train_data, config, True, self.device)
@@ -499,7 +505,7 @@ class DPRPTrainer:
         # the learning rates used in this epoch's last step (before the scheduler moves them on)
         lrs = {g.get("name", str(i)): g["lr"] * self._warm for i, g in enumerate(self.optimizer.param_groups)}
         lr = self.optimizer.param_groups[0]["lr"] * self._warm
-        self._step_scheduler(epoch, stats["app"])
+        self._step_scheduler(epoch, stats.get("ce", stats["app"]))
         summ = self.summary()
         layers = svd_layers(self.model)
         record.update(
@@ -526,6 +532,8 @@ class DPRPTrainer:
         self.model.train()
         keys = ("loss", "app", "orth", "sort", "comp", "structure", "total_reg") if c.regularizer == "dprp" else (
             "loss", "app", "reg", "total_reg")
+        if self.teacher is not None:
+            keys = (*keys[:2], "ce", "kd", *keys[2:])
         sums = torch.zeros(len(keys) + 4, dtype=torch.float64, device=self.device)  # + top1, top5, count, steps
         pruned: dict[str, tuple[int, int]] = {}
         bars = getattr(self, "_bars", None)
@@ -539,9 +547,16 @@ class DPRPTrainer:
             with self._autocast():
                 out = _logits(self._net(x))
             app = F.cross_entropy(out.float(), y, label_smoothing=c.label_smoothing)
+            parts: dict[str, Tensor] = {}
+            if self.teacher is not None:
+                with torch.no_grad(), self._autocast():
+                    target = _logits(self.teacher(x))
+                kd = distillation_loss(out, target, c.distill_temperature)
+                parts = {"ce": app.detach(), "kd": kd.detach()}
+                app = (1.0 - c.distill) * app + c.distill * kd
             reg, terms = self.regularizer(self.model, epoch=epoch)
             loss = app + reg.to(app.device)
-            values = {"loss": loss.detach(), "app": app.detach(), **terms}
+            values = {"loss": loss.detach(), "app": app.detach(), **parts, **terms}
             self._check_finite(values, epoch, i)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
@@ -570,6 +585,17 @@ class DPRPTrainer:
         return stats
 
     # ------------------------------------------------------------------ pieces of a step
+    def _frozen_teacher(self, teacher: nn.Module | None) -> nn.Module | None:
+        """A frozen eval-mode copy of the distillation teacher on the training device (None without distillation)."""
+        if self.config.distill == 0:
+            return None
+        if teacher is None:
+            raise ValueError(f"DPRPConfig.distill={self.config.distill} needs a teacher model: pass "
+                             "DPRPTrainer(..., teacher=dense_model), or use compress(), which distils from the model "
+                             "it was given; or set distill=0")
+        frozen = copy.deepcopy(unwrap_model(teacher)).to(self.device).eval()
+        return frozen.requires_grad_(False)
+
     def _to_device(self, batch: Any) -> tuple[Any, Tensor]:
         x, y = _split_batch(batch)
         nb = self.device.type == "cuda"
@@ -810,6 +836,7 @@ def compress(model: nn.Module, config: DPRPConfig | None = None, train_data: Any
     """Factorize `model` (unless it already has SVD layers) and train it with DPRP (`DPRPTrainer`).
 
     Use `DPRPConfig.preset("finetune")` for a pretrained model, `DPRPConfig()` for the paper's recipe.
+    With ``config.distill > 0`` the model as given (before factorizing) is the distillation teacher.
 
     Returns:
         CompressionResult with the trained model, its history, its Summary and the run folder.
@@ -817,9 +844,11 @@ def compress(model: nn.Module, config: DPRPConfig | None = None, train_data: Any
     config = config or DPRPConfig()
     if train_data is None:
         raise ValueError("compress needs train_data (a DataLoader, a TensorLoader or a Dataset)")
+    teacher = unwrap_model(model) if config.distill > 0 else None
     if not svd_layers(unwrap_model(model)):
         model = factorize(unwrap_model(model), config)
-    trainer = DPRPTrainer(model, config, train_data, val_data, run_dir=run_dir, resume=resume, progress=progress)
+    trainer = DPRPTrainer(model, config, train_data, val_data, run_dir=run_dir, resume=resume, progress=progress,
+                          teacher=teacher)
     history = trainer.fit()
     return CompressionResult(model=trainer.model, history=history, summary=trainer.summary(), run_dir=trainer.run_dir)
 

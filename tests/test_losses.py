@@ -12,6 +12,7 @@ from dprp_surgery import DPRPConfig, SVDLinear, factorize
 from dprp_surgery.losses import (
     DPRPRegularizer,
     compression_loss,
+    distillation_loss,
     keep_counts,
     orthogonality_loss,
     regularization_loss,
@@ -273,3 +274,26 @@ def test_no_svd_layers_gives_zero():
     loss, terms = DPRPRegularizer(DPRPConfig())(nn.Linear(3, 2))
     assert float(loss.detach()) == 0.0 and set(terms) == {"orth", "sort", "comp", "structure", "total_reg"}
     assert keep_counts([], 0.1).numel() == 0
+
+
+# ----------------------------------------------------------------------------- distillation (not in the paper)
+def test_distillation_by_hand():
+    # teacher logits (ln 3, 0) -> p_t = (3/4, 1/4); student (0, 0) -> p_s = (1/2, 1/2)
+    # T = 1: KL = 3/4 ln(3/2) + 1/4 ln(1/2) = 0.130812036
+    # T = 2: p_t = (sqrt3, 1) / (sqrt3 + 1) = (0.633975, 0.366025); KL = 0.0363408 -> T^2 KL = 0.145363131
+    teacher = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]])
+    student = torch.zeros(2, 2)
+    # the second row is already matched (KL 0), so the batch mean is half the first row's value
+    close(distillation_loss(student, teacher, 1.0), 0.130812036 / 2)
+    close(distillation_loss(student, teacher, 2.0), 0.145363131 / 2)
+    close(distillation_loss(teacher, teacher, 3.0), 0.0)
+
+
+def test_distillation_gradient_only_to_the_student_and_shapes_checked():
+    student = torch.randn(4, 5, requires_grad=True)
+    teacher = torch.randn(4, 5, requires_grad=True)
+    distillation_loss(student, teacher, 4.0).backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    assert teacher.grad is None
+    with pytest.raises(ValueError, match="teacher logits"):
+        distillation_loss(torch.zeros(2, 5), torch.zeros(2, 6))

@@ -144,6 +144,37 @@ def test_adamw_cosine_warmup_and_compress():
     assert [h["lr"] for h in result.history] == pytest.approx([0.01, 0.005])
 
 
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+@pytest.mark.parametrize("distill", [0.0, 1.0])
+def test_distillation_from_the_dense_teacher(distill):
+    # no batch norm, so the factorized student computes the teacher's function exactly at the start: with
+    # distill = 1 and no regularizer its first steps have (almost) zero gradient; with distill = 0 it learns labels
+    cfg = DPRPConfig(epochs=1, batch_size=16, lr=0.1, momentum=0.0, weight_decay=0.0, regularizer="none",
+                     distill=distill, distill_temperature=2.0, device="cpu")
+    dense = _mlp()
+    before = weights(factorize(dense, cfg))
+    result = compress(dense, cfg, make_data(), progress=False)
+    moved = max((result.model.state_dict()[k] - v).abs().max().item() for k, v in before.items())
+    record = result.history[-1]
+    if distill:
+        assert moved < 1e-4 and record["kd"] < 1e-6 and record["app"] == pytest.approx(record["kd"])
+        assert record["ce"] > 1.0  # the labels are random: cross-entropy stays near ln 10
+    else:
+        assert moved > 1e-3 and "kd" not in record
+    assert all(p.requires_grad for p in dense.parameters())  # the user's model is not frozen or moved
+
+
+def test_distillation_needs_a_teacher():
+    with pytest.raises(ValueError, match="distill=0.5 needs a teacher"):
+        DPRPTrainer(make_model(), DPRPConfig(distill=0.5, device="cpu"), make_data(), progress=False)
+    with pytest.raises(ValueError, match="distill"):
+        DPRPConfig(distill=1.5)
+
+
 # ----------------------------------------------------------------------------- failures
 def test_non_finite_loss_keeps_last_good_checkpoint(tmp_path):
     x = torch.randn(48, 3, 16, 16)
