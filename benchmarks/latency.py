@@ -18,6 +18,7 @@ Usage:
     python benchmarks/latency.py                                   # both models, keep 0.5
     python benchmarks/latency.py --keep 0.25 --timm resnet18 --timm-size 160
     python benchmarks/latency.py --run-dir runs/demo --skip-timm --md docs/benchmarks.md
+    python benchmarks/latency.py --case run:runs/r20/resnet20/tuned --case timm:convnext_atto:channel:0.25
     python benchmarks/latency.py --smoke          # seconds, meaningless timings: keeps the script alive in tests
 
 ``--md FILE`` writes the table with the command, machine and versions into FILE under
@@ -85,36 +86,58 @@ def truncate(model: nn.Module, keep: float | None, ranks: dict[str, int] | None)
     return model
 
 
-def cifar_model(args) -> tuple[nn.Module, tuple[int, ...], str]:
-    """The compressed CIFAR ResNet-20 (SVD form), its input size and a description."""
-    if args.run_dir:
-        from dprp_surgery.io import load_model
-
-        model, arch = load_model(args.run_dir)
-        return model.eval(), (3, 32, 32), f"{arch} from run {args.run_dir}"
+def cifar_model(scheme: str, keep: float, ranks_file: str | None = None) -> tuple[nn.Module, tuple[int, ...], str]:
+    """The compressed CIFAR ResNet-20 (SVD form, shared pretrained weights when present), input size, description."""
     from dprp_surgery.models import load_cifar_checkpoint, resnet20
 
     model = resnet20()
     weights = REPO.parent / "shared" / "models" / "cifar10_resnet20.th"
     if weights.is_file():
         load_cifar_checkpoint(model, weights)
-    f = factorize(model, DPRPConfig(scheme=args.scheme))
-    ranks = json.loads(Path(args.ranks).read_text()) if args.ranks else None
-    truncate(f, args.keep, ranks)
-    how = f"ranks from {args.ranks}" if args.ranks else f"keep {args.keep:g} of each rank"
-    return f.eval(), (3, 32, 32), f"cifar:resnet20, {args.scheme} scheme, {how}"
+    f = factorize(model, DPRPConfig(scheme=scheme))
+    ranks = json.loads(Path(ranks_file).read_text()) if ranks_file else None
+    truncate(f, keep, ranks)
+    how = f"ranks from {ranks_file}" if ranks_file else f"keep {keep:g} of each rank"
+    return f.eval(), (3, 32, 32), f"cifar:resnet20, {scheme} scheme, {how}"
 
 
-def timm_model(args) -> tuple[nn.Module, tuple[int, ...], str]:
-    """The compressed timm model (SVD form), its input size and a description."""
+def run_model(run_dir: str) -> tuple[nn.Module, tuple[int, ...], str]:
+    """The trained model of a dprp run directory (SVD form at its final ranks)."""
+    from dprp_surgery.io import load_model
+
+    model, arch = load_model(run_dir)
+    return model.eval(), (3, 32, 32), f"{arch} from run {run_dir}"
+
+
+def timm_model(name: str, scheme: str, keep: float, size: int) -> tuple[nn.Module, tuple[int, ...], str]:
+    """The compressed timm model (SVD form, random init), its input size and a description."""
     import timm
 
     torch.manual_seed(0)
-    model = timm.create_model(args.timm, pretrained=False)
-    f = factorize(model, DPRPConfig(scheme=args.scheme))
-    truncate(f, args.keep, None)
-    return f.eval(), (3, args.timm_size, args.timm_size), (
-        f"timm:{args.timm} at {args.timm_size}px, {args.scheme} scheme, keep {args.keep:g} of each rank")
+    model = timm.create_model(name, pretrained=False)
+    f = factorize(model, DPRPConfig(scheme=scheme))
+    truncate(f, keep, None)
+    return f.eval(), (3, size, size), f"timm:{name} at {size}px, {scheme} scheme, keep {keep:g} of each rank"
+
+
+def parse_case(spec: str, timm_size: int):
+    """(row name, builder) of one --case: cifar:resnet20:SCHEME:KEEP, timm:NAME:SCHEME:KEEP[:SIZE] or run:DIR."""
+    kind, _, rest = spec.partition(":")
+    parts = rest.split(":")
+    try:
+        if kind == "run" and rest:
+            return f"run:{Path(rest).name}", lambda: run_model(rest)
+        if kind == "cifar" and len(parts) == 3 and parts[0] == "resnet20":
+            scheme, keep = parts[1], float(parts[2])
+            return f"resnet20 {scheme} {keep:g}", lambda: cifar_model(scheme, keep)
+        if kind == "timm" and len(parts) in (3, 4):
+            name, scheme, keep = parts[0], parts[1], float(parts[2])
+            size = int(parts[3]) if len(parts) == 4 else timm_size
+            return f"{name} {scheme} {keep:g}", lambda: timm_model(name, scheme, keep, size)
+    except ValueError:
+        pass
+    raise SystemExit(f"--case {spec!r}: use cifar:resnet20:SCHEME:KEEP, timm:NAME:SCHEME:KEEP[:SIZE] or run:DIR "
+                     "(SCHEME paper|channel|spatial, KEEP in (0, 1])")
 
 
 def ort_session(model: nn.Module, example: torch.Tensor, threads: int, workdir: Path, tag: str):
@@ -134,6 +157,7 @@ def bench_model(name: str, svd_model: nn.Module, size: tuple[int, ...], args, wo
     threads = torch.get_num_threads()
     rows = []
     one = torch.randn(1, *size)
+    schemes = "+".join(sorted({layer.scheme for _, layer in svd_layers(svd_model)}))
     base = {"dense": export(svd_model, "dense"), "factorized": export(svd_model, "factorized")}
     for batch in args.batches:
         x = torch.randn(batch, *size)
@@ -153,7 +177,8 @@ def bench_model(name: str, svd_model: nn.Module, size: tuple[int, ...], args, wo
                 ort_s = median_latency(lambda s=session, f=feed: s.run(None, f), args.runs, args.warmup_s)
                 del session
             n_fact = sum(1 for v in getattr(model, "_dprp_layers", {}).values() if v["form"] == "factorized")
-            results[form] = {"model": name, "form": form, "batch": batch, "params": count_params(model),
+            results[form] = {"model": name, "scheme": schemes, "form": form, "batch": batch,
+                             "params": count_params(model),
                              "macs": s.macs, "eager_ms": 1000 * eager,
                              "ort_ms": None if ort_s is None else 1000 * ort_s, "factorized_layers": n_fact,
                              "layers": len(svd_layers(svd_model)), "auto_select_s": auto_s if form == "auto" else None}
@@ -227,14 +252,22 @@ def notes(rows: list[dict]) -> list[str]:
         out.append(f"- auto kept every layer dense for {', '.join(same)}: that model is identical to dense, so its "
                    "'x dense' ratio is pure run-to-run noise of this shared machine and shows how far apart two "
                    "equal timings can land.")
-    slow = [r for r in rows if r["form"] == "factorized" and r["eager_vs_dense"] > 1]
+    fast = [r for r in rows if r["form"] != "dense" and r["eager_vs_dense"] <= 1 / 1.3]
+    if fast:
+        out.append("- At least 1.3x faster than dense in eager mode: " + "; ".join(
+            f"{r['model']} {r['form']} batch {r['batch']} ({1 / r['eager_vs_dense']:.2f}x"
+            + (f", ORT {1 / r['ort_vs_dense']:.2f}x" if r["ort_vs_dense"] else "") + ")" for r in fast) + ".")
+    else:
+        out.append("- No form is 1.3x faster than dense in eager mode in this run.")
+    slow = [r for r in rows if r["form"] == "factorized" and r["eager_vs_dense"] > 1 and "paper" in r["scheme"]]
     if slow:
         worst = max(slow, key=lambda r: r["eager_vs_dense"])
-        out.append(f"- The all-factorized export is slower than dense in eager mode in {len(slow)} of "
-                   f"{sum(r['form'] == 'factorized' for r in rows)} rows (up to {worst['eager_vs_dense']:.1f}x, "
-                   f"{worst['model']} batch {worst['batch']}) even where it has fewer MACs: the paper scheme's "
-                   "realisation runs its k x k conv with r filters on the C (or S) channels folded into the "
-                   "batch, producing C*r (or S*r) maps for a 1x1 conv, which is memory-bound on CPUs.")
+        out.append(f"- The all-factorized paper-scheme export is slower than dense in eager mode in {len(slow)} of "
+                   f"{sum(r['form'] == 'factorized' and 'paper' in r['scheme'] for r in rows)} rows (up to "
+                   f"{worst['eager_vs_dense']:.1f}x, {worst['model']} batch {worst['batch']}) even where it has fewer "
+                   "MACs: the paper scheme's realisation runs its k x k conv with r filters on the C (or S) channels "
+                   "folded into the batch, producing C*r (or S*r) maps for a 1x1 conv, which is memory-bound on CPUs. "
+                   "The channel and spatial schemes realise a layer as two ordinary convolutions.")
     auto = [r for r in rows if r["form"] == "auto" and r["factorized_layers"] > 0]
     if auto:
         out.append("- auto(latency) picks, per layer, the form that ran faster in eager mode at the row's batch "
@@ -261,6 +294,18 @@ def write_section(path: Path, text: str) -> None:
     path.write_text(new)
 
 
+def cases(args) -> list[tuple[str, object]]:
+    """(row name, builder) of every model to measure: the --case specs, else the single-model flags."""
+    if args.case:
+        return [parse_case(spec, args.timm_size) for spec in args.case]
+    if args.run_dir:
+        first = ("resnet20", lambda: run_model(args.run_dir))
+    else:
+        first = ("resnet20", lambda: cifar_model(args.scheme, args.keep, args.ranks))
+    timm_case = (args.timm, lambda: timm_model(args.timm, args.scheme, args.keep, args.timm_size))
+    return [first] + ([] if args.skip_timm else [timm_case])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keep", type=float, default=0.5, help="fraction of every layer's rank kept (default 0.5)")
@@ -276,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch and onnxruntime intra-op threads (default 1: on a shared 2-core machine two "
                              "OpenMP threads stall for hundreds of ms whenever a neighbour takes a core)")
+    parser.add_argument("--case", action="append", default=None, metavar="SPEC",
+                        help="a model to measure, repeatable; replaces the flags above: cifar:resnet20:SCHEME:KEEP, "
+                             "timm:NAME:SCHEME:KEEP[:SIZE] or run:DIR")
     parser.add_argument("--md", type=Path, default=None, help="markdown file to write the section into")
     parser.add_argument("--json", type=Path, default=None, help="write the rows as JSON")
     parser.add_argument("--smoke", action="store_true",
@@ -300,9 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     models: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        builders = [("resnet20", cifar_model)] + ([] if args.skip_timm else [(args.timm, timm_model)])
-        for name, build in builders:
-            model, size, desc = build(args)
+        for name, build in cases(args):
+            model, size, desc = build()
             models[name] = desc
             print(f"{name}: {desc}", flush=True)
             rows += bench_model(name, model, size, args, Path(tmp))

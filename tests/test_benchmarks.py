@@ -95,6 +95,18 @@ def test_latency_smoke(flags, models, tmp_path, capsys):
     assert not (tmp_path / "bench.md").exists()
 
 
+def test_latency_cases(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    args = ["--smoke", "--skip-onnx", "--case", "cifar:resnet20:channel:0.25", "--json", str(tmp_path / "rows.json")]
+    assert run_main("latency.py", args) == 0
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert {r["model"] for r in rows} == {"resnet20 channel 0.25"} and {r["scheme"] for r in rows} == {"channel"}
+    auto = next(r for r in rows if r["form"] == "auto")
+    assert auto["params"] > 0 and auto["layers"] == 20
+    with pytest.raises(SystemExit, match="--case 'timm:resnet18'"):
+        run_main("latency.py", ["--smoke", "--case", "timm:resnet18"])
+
+
 def test_sweep_runs_each_entry(shared_dir, tmp_path, capsys):
     sweep = tmp_path / "sweep.json"
     sweep.write_text(json.dumps({"dense": {"dense": True, "epochs": 1, "batch_size": 32},
