@@ -94,6 +94,11 @@ class DPRPConfig:
         prune_every: Rank pruning runs every `prune_every` `prune_unit`s.
         prune_unit: "epoch" (default, as Sec. III-D) or "step".
         prune_start_epoch: First epoch (0-based) in which pruning may run.
+        target_compression: Stop compressing once this fraction of the dense model's parameters is
+            removed (1 - params / dense params over the whole model, U, s, V counted as in eqs. (4)/(7)):
+            from the pruning pass that reaches it on, lambda_comp is 0 and no pruning runs, as in the
+            cool-down, so the remaining epochs recover accuracy at fixed ranks. ``None`` (the paper)
+            compresses to the end. Not in the paper.
         seed: Seed of every random number generator (data order, augmentation, init).
         device: "auto" (CUDA when available), "cpu" or "cuda[:N]".
         amp: Mixed precision on CUDA.
@@ -144,6 +149,7 @@ class DPRPConfig:
     prune_every: int = 1
     prune_unit: str = "epoch"
     prune_start_epoch: int = 0
+    target_compression: float | None = None
     # --- run ---
     seed: int = 0
     device: str = "auto"
@@ -192,6 +198,10 @@ class DPRPConfig:
         _check(_finite(self.lr_factor) and 0 < self.lr_factor < 1, "lr_factor", self.lr_factor,
                "must lie in (0, 1)")
         _check(self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "must be < 1")
+        _check(self.target_compression is None or (_finite(self.target_compression) and
+                                                   0 < self.target_compression < 1),
+               "target_compression", self.target_compression,
+               "must be None or a fraction of parameters to remove in (0, 1), e.g. 0.5")
         _check(_finite(self.distill) and 0 <= self.distill <= 1, "distill", self.distill,
                "the distillation weight must lie in [0, 1] (0 turns distillation off)")
         _check(_finite(self.distill_temperature) and self.distill_temperature > 0, "distill_temperature",

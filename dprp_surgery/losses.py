@@ -338,14 +338,14 @@ class DPRPRegularizer:
         t = min(1.0, max(0.0, float(epoch) / c.epsilon_ramp_epochs))
         return c.epsilon_start * (c.epsilon / c.epsilon_start) ** t
 
-    def weights_at(self, epoch: float | None = None) -> dict[str, float]:
+    def weights_at(self, epoch: float | None = None, *, stopped: bool = False) -> dict[str, float]:
         """Loss weights at `epoch` (0-based): lambda_str and lambda_comp times min(1, epoch / reg_warmup_epochs);
-        lambda_comp 0 during the cool-down."""
+        lambda_comp 0 during the cool-down and once compression has `stopped` (target reached)."""
         c = self.config
         ramp = 1.0
         if epoch is not None and c.reg_warmup_epochs > 0:
             ramp = min(1.0, max(0.0, float(epoch) / c.reg_warmup_epochs))
-        comp = 0.0 if self.cooling_at(epoch) else c.lambda_comp * ramp
+        comp = 0.0 if stopped or self.cooling_at(epoch) else c.lambda_comp * ramp
         return {"lambda_str": c.lambda_str * ramp, "lambda_comp": comp, "mu_orth": c.mu_orth, "mu_sort": c.mu_sort}
 
     def cooling_at(self, epoch: float | None = None) -> bool:
@@ -354,12 +354,14 @@ class DPRPRegularizer:
         return epoch is not None and c.reg_cooldown_epochs > 0 and epoch >= c.epochs - c.reg_cooldown_epochs
 
     # ------------------------------------------------------------------ losses
-    def __call__(self, model: LayersLike, epoch: float | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def __call__(self, model: LayersLike, epoch: float | None = None, *, stopped: bool = False
+                 ) -> tuple[Tensor, dict[str, Tensor]]:
         """Weighted regularization loss and its terms.
 
         Args:
             model: The (possibly DDP-wrapped) model, or its SVD layers.
             epoch: Epoch for the lambda warm-up and epsilon schedule (None: final values).
+            stopped: Compression has stopped (the trainer's `target_compression` was reached): lambda_comp is 0.
 
         Returns:
             ``(loss, terms)``: loss is a differentiable scalar; terms maps "orth", "sort", "comp",
@@ -368,7 +370,7 @@ class DPRPRegularizer:
         """
         layers = _as_layers(model)
         c = self.config
-        w = self.weights_at(epoch)
+        w = self.weights_at(epoch, stopped=stopped)
         if not layers:
             zero = torch.zeros(())
             keys = ("orth", "sort", "comp", "structure") if c.regularizer == "dprp" else ("reg",)

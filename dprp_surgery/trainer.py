@@ -29,6 +29,7 @@ import copy
 import gc
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -363,7 +364,8 @@ class DPRPTrainer:
     the first parameter group, warm-up included) and ``lrs`` (every group), ``epsilon``, ``lambda_str``,
     ``lambda_comp``, ``mu_orth``, ``mu_sort``, ``ranks`` and ``mean_rank``, ``pruned`` ({layer: [old, new]}),
     ``params``/``macs``/``dense_params``/``dense_macs``/``params_removed``/``macs_removed`` (from `summarize`
-    with a batch of one), ``singular_values`` ({layer: list}, for the paper's Fig. 6) and ``time`` (seconds).
+    with a batch of one), ``singular_values`` ({layer: list}, for the paper's Fig. 6), ``compression_stopped``
+    (`target_compression` reached) and ``time`` (seconds).
 
     Args:
         model: A model with SVD layers (see `factorize`; DDP-wrapped models are unwrapped).
@@ -407,6 +409,8 @@ class DPRPTrainer:
         self.regularizer = DPRPRegularizer(config)
         self.pruner = RankPruner(config)
         self.teacher = self._frozen_teacher(teacher)
+        self.dense_params = _dense_param_count(self.model)
+        self.compression_stopped = False
         if train_data is None:
             raise ValueError("DPRPTrainer needs train_data (a DataLoader, a TensorLoader or a Dataset)")
         self.train_loader = _make_loader(train_data, config, True, self.device)
@@ -491,12 +495,11 @@ class DPRPTrainer:
         t0 = time.perf_counter()
         c = self.config
         eps = self.regularizer.epsilon_at(epoch)
-        weights = self.regularizer.weights_at(epoch)
+        weights = self.regularizer.weights_at(epoch, stopped=self.compression_stopped)
         stats = self._train_epoch(epoch)
         pruned: dict[str, tuple[int, int]] = dict(stats.pop("_pruned"))
         since = epoch - c.prune_start_epoch
-        cooling = self.regularizer.cooling_at(epoch)
-        if c.prune_unit == "epoch" and since >= 0 and since % c.prune_every == 0 and not cooling:
+        if c.prune_unit == "epoch" and since >= 0 and since % c.prune_every == 0 and not self._frozen(epoch):
             pruned.update(self._prune(eps))
         self._sync_buffers()
         record: dict[str, Any] = {"epoch": epoch, "step": self.global_step, **stats}
@@ -516,6 +519,7 @@ class DPRPTrainer:
             params=summ.params, macs=summ.macs, dense_params=summ.dense_params, dense_macs=summ.dense_macs,
             params_removed=summ.params_removed, macs_removed=summ.macs_removed,
             singular_values={n: m.s.detach().float().cpu().tolist() for n, m in layers},
+            compression_stopped=self.compression_stopped,
         )
         record["time"] = time.perf_counter() - t0
         return record
@@ -554,7 +558,7 @@ class DPRPTrainer:
                 kd = distillation_loss(out, target, c.distill_temperature)
                 parts = {"ce": app.detach(), "kd": kd.detach()}
                 app = (1.0 - c.distill) * app + c.distill * kd
-            reg, terms = self.regularizer(self.model, epoch=epoch)
+            reg, terms = self.regularizer(self.model, epoch=epoch, stopped=self.compression_stopped)
             loss = app + reg.to(app.device)
             values = {"loss": loss.detach(), "app": app.detach(), **parts, **terms}
             self._check_finite(values, epoch, i)
@@ -569,7 +573,7 @@ class DPRPTrainer:
                                      c5.double(), torch.tensor(float(y.shape[0]), device=self.device),
                                      torch.tensor(1.0, device=self.device)]).to(sums)
             if (c.prune_unit == "step" and epoch >= c.prune_start_epoch and self.global_step % c.prune_every == 0
-                    and not self.regularizer.cooling_at(epoch)):
+                    and not self._frozen(epoch)):
                 pruned.update(self._prune(self.regularizer.epsilon_at(epoch)))
             if bars is not None:
                 now = time.perf_counter()
@@ -650,12 +654,26 @@ class DPRPTrainer:
         else:
             self.scheduler.step()
 
+    def _frozen(self, epoch: int) -> bool:
+        """No pruning and no L_comp: the cool-down epochs, or `target_compression` reached."""
+        return self.compression_stopped or self.regularizer.cooling_at(epoch)
+
+    def compression_rate(self) -> float:
+        """Fraction of the dense model's parameters removed now (U, s, V counted as eqs. (4)/(7))."""
+        return 1.0 - sum(p.numel() for p in self.model.parameters()) / self.dense_params
+
     def _prune(self, epsilon: float) -> dict[str, tuple[int, int]]:
         changes = self.pruner.step(self.model, self.optimizer, epsilon=epsilon)
         if changes and self.world > 1:
             self._net = None  # drop the old reducer (and its autograd hooks) before wrapping again
             gc.collect()
             self._net = self._wrap()
+        target = self.config.target_compression
+        if changes and target is not None and self.compression_rate() >= target:
+            self.compression_stopped = True  # ranks are identical on every process, so is this decision
+            log.info("target_compression %.3g reached (%.1f%% of parameters removed at step %d): compression "
+                     "stops, training continues at fixed ranks", target, 100 * self.compression_rate(),
+                     self.global_step)
         return changes
 
     def _wrap(self) -> nn.Module:
@@ -760,6 +778,7 @@ class DPRPTrainer:
             "rng": _rng_state(),
             "history": [dict(r) for r in self.history],
             "config": self.config.to_dict(),
+            "compression_stopped": bool(self.compression_stopped),
         }
 
     def save_checkpoint(self, epoch: int, path: str | os.PathLike | None = None) -> Path:
@@ -817,6 +836,7 @@ class DPRPTrainer:
         self.history = History(ckpt.get("history", []))
         self.start_epoch = int(ckpt["epoch"]) + 1
         self.global_step = int(ckpt.get("global_step", 0))
+        self.compression_stopped = bool(ckpt.get("compression_stopped", False))
         if self.rank == 0 and self.run_dir is not None:  # history.jsonl matches the checkpoint again
             text = "".join(json.dumps(r) + "\n" for r in self.history)
             _atomic_write(self.run_dir / HISTORY_NAME, lambda f: f.write(text.encode()))
@@ -827,6 +847,14 @@ class DPRPTrainer:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+def _dense_param_count(model: nn.Module) -> int:
+    """Parameters of the model with every SVD layer merged back into its dense weight."""
+    total = sum(p.numel() for p in model.parameters())
+    for _, layer in svd_layers(model):
+        total += math.prod(layer.weight_shape) - layer.U.numel() - layer.s.numel() - layer.V.numel()
+    return total
 
 
 # ----------------------------------------------------------------------------- one call

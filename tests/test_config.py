@@ -36,6 +36,9 @@ def test_frozen_and_keyword_only():
         ("layer_types", ("Conv3d",), r"DPRPConfig.layer_types='Conv3d' is unknown"),
         ("lambda_comp", float("nan"), r"DPRPConfig.lambda_comp=nan is invalid"),
         ("device", "tpu", r"DPRPConfig.device='tpu' is invalid"),
+        ("target_compression", 1.0, r"DPRPConfig.target_compression=1.0 is invalid: must be None or a fraction"),
+        ("distill", -0.1, r"DPRPConfig.distill=-0.1 is invalid"),
+        ("distill_temperature", 0.0, r"DPRPConfig.distill_temperature=0.0 is invalid"),
     ],
 )
 def test_invalid_values_raise_value_error_naming_the_field(field, value, message):

@@ -37,7 +37,7 @@ HISTORY_FIELDS = {
     "epoch", "step", "loss", "app", "orth", "sort", "comp", "structure", "total_reg", "train_top1", "train_top5",
     "val_loss", "val_top1", "val_top5", "lr", "lrs", "epsilon", "lambda_str", "lambda_comp", "mu_orth", "mu_sort",
     "ranks", "mean_rank", "pruned", "params", "macs", "dense_params", "dense_macs", "params_removed", "macs_removed",
-    "singular_values", "time",
+    "singular_values", "compression_stopped", "time",
 }
 
 
@@ -116,6 +116,24 @@ def test_cooldown_epoch_neither_compresses_nor_prunes():
     assert any(rec["pruned"] for rec in history[:2])
     assert history[2]["pruned"] == {} and history[2]["lambda_comp"] == 0.0 and history[2]["comp"] >= 0
     assert history[2]["ranks"] == history[1]["ranks"]
+
+
+def test_target_compression_stops_compressing_and_survives_resume(tmp_path):
+    cfg = DPRPConfig(epochs=4, prune_unit="step", prune_every=1, target_compression=0.02, **STRONG)
+    trainer = DPRPTrainer(make_model(), cfg, make_data(), run_dir=tmp_path, progress=False)
+    # the dense count is the unfactorized model's, exactly as summarize() reports it
+    assert trainer.dense_params == trainer.summary().dense_params
+    history = trainer.fit()
+    stop = next(i for i, rec in enumerate(history) if rec["compression_stopped"])
+    assert stop < 3, "the strong settings pass 2% within two epochs (11% after three without a target)"
+    assert history[stop]["params_removed"] >= 0.02
+    for rec in history[stop + 1:]:  # after the epoch that reached the target: fixed ranks, no L_comp
+        assert rec["pruned"] == {} and rec["lambda_comp"] == 0.0 and rec["ranks"] == history[stop]["ranks"]
+    assert trainer.compression_rate() == pytest.approx(history[-1]["params_removed"])
+    resumed = DPRPTrainer(make_model(), cfg.replace(epochs=5), make_data(), run_dir=tmp_path, resume=True,
+                          progress=False)
+    assert resumed.compression_stopped and resumed.dense_params == trainer.dense_params
+    assert resumed.fit()[-1]["ranks"] == history[-1]["ranks"]
 
 
 def test_determinism_same_seed_same_weights():
