@@ -73,9 +73,14 @@ def run_dir(tmp_path_factory, data_dir) -> pathlib.Path:
         mp.setenv("DPRP_CACHE", str(tmp_path_factory.getbasetemp() / "dprp-cache"))
         result = invoke("compress", "cifar:resnet20", "--data", data_dir, "--out", out, "--epochs", "1",
                         "--batch-size", "8", "--limit-train", "12", "--lr", "0.01", "--epsilon", "0.3",
-                        "--export-mode", "factorized", "-q")
+                        "--export-mode", "factorized", "--distill", "0.5", "--target-compression", "0.9", "-q")
     assert result.exit_code == 0, result.output
     assert "before (dense)" in result.output and "after (exported)" in result.output
+    # the additions to the paper reach the trainer: distillation from the loaded model, a target
+    config = json.loads((out / "run.json").read_text())["config"]
+    assert (config["distill"], config["target_compression"]) == (0.5, 0.9)
+    record = json.loads((out / "history.jsonl").read_text().splitlines()[-1])
+    assert record["kd"] >= 0 and record["compression_stopped"] is False
     return out
 
 
