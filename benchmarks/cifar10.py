@@ -114,6 +114,8 @@ def run_row(row: str, model_name: str, args, train_ds, test_ds, base: DPRPConfig
     """Train one row and measure it."""
     config = row_config(row, model_name, base.replace(distill=args.distill if row == "distill" else 0.0,
                                                       target_compression=args.target_compression))
+    if args.sigma_lr_scale is not None and row not in ("dense", "tuned", "distill"):
+        config = config.replace(sigma_lr_scale=args.sigma_lr_scale)
     torch.manual_seed(config.seed)
     dense = pretrained(model_name, args.weights_dir, args.from_scratch)
     example = torch.zeros(1, 3, 32, 32)
@@ -228,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--factor-lr-scale", type=float, default=None,
                         help="lr multiplier of U and V in every factorized row (default: the tuned preset's)")
+    parser.add_argument("--sigma-lr-scale", type=float, default=None,
+                        help="lr multiplier of the singular values in the paper and ablation rows (default 1, the "
+                             "paper's optimizer; the tuned rows keep the preset's 10)")
     parser.add_argument("--target-compression", type=float, default=None,
                         help="DPRPConfig.target_compression of the tuned and distill rows (e.g. 0.5: stop compressing "
                              "once half the parameters are gone)")
