@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -38,6 +39,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .layers import MATRICIZATIONS, TWINS, SVDLayer, layer_from_spec
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ARTIFACT_FORMAT",
@@ -165,15 +168,15 @@ def _macs(module: nn.Module, shape: Sequence[int], dtype: torch.dtype) -> int:
     return counter.get_total_flops() // 2
 
 
-def _latencies(modules: Sequence[nn.Module], shape: Sequence[int], runs: int = 9, warmup_s: float = 0.02
-               ) -> list[float]:
-    """Median seconds of one forward of each module on the same random input of `shape`.
+def _latencies(modules: Sequence[nn.Module], shape: Sequence[int] | None, runs: int = 9, warmup_s: float = 0.02,
+               inputs: tuple | None = None) -> list[float]:
+    """Median seconds of one forward of each module on the same random input of `shape` (or on `inputs`).
 
     The modules are warmed up (at least two calls each and `warmup_s` seconds) and then timed in interleaved
     rounds, so that slow drifts of a shared machine's load hit every candidate alike.
     """
     ref = next(iter(modules[0].parameters()))
-    x = torch.randn(tuple(shape), device=ref.device, dtype=ref.dtype)
+    args = inputs if inputs is not None else (torch.randn(tuple(shape), device=ref.device, dtype=ref.dtype),)
     cuda = ref.device.type == "cuda"
     modes = [m.training for m in modules]
     for m in modules:
@@ -184,14 +187,14 @@ def _latencies(modules: Sequence[nn.Module], shape: Sequence[int], runs: int = 9
             for m in modules:
                 start, calls = time.perf_counter(), 0
                 while calls < 2 or time.perf_counter() - start < warmup_s:
-                    m(x)
+                    m(*args)
                     calls += 1
             for _ in range(runs):
                 for i, m in enumerate(modules):
                     if cuda:
                         torch.cuda.synchronize(ref.device)
                     t0 = time.perf_counter()
-                    m(x)
+                    m(*args)
                     if cuda:
                         torch.cuda.synchronize(ref.device)
                     times[i].append(time.perf_counter() - t0)
@@ -236,7 +239,8 @@ def export(model: nn.Module, mode: str = "dense", *, objective: str = "params",
             (per layer the cheaper of the two by `objective`).
         objective: For "auto": "params" (parameter count), "macs" (multiply-accumulates for
             `example_inputs`) or "latency" (median forward time of both forms of each layer on
-            its device, with the layer's input shape for `example_inputs`).
+            its device, with the layer's input shape for `example_inputs`; the assembled model is then
+            timed against its all-dense twin and made all dense unless it is faster).
         example_inputs: A tensor or tuple of inputs; needed for "macs" and "latency".
 
     Returns:
@@ -260,6 +264,8 @@ def export(model: nn.Module, mode: str = "dense", *, objective: str = "params",
     if mode == "auto" and objective in ("macs", "latency") and entries:
         shapes = _record_shapes(new, list(entries), example_inputs)
     decisions: dict[str, dict[str, Any]] = {}
+    denses: dict[str, nn.Module] = {}  # the dense form of each layer auto factorized (for the whole-model check)
+    names_of: dict[str, list[str]] = {}
     for name, entry in entries.items():
         current = new.get_submodule(name)
         if mode != "auto" and entry["form"] == mode:
@@ -270,17 +276,52 @@ def export(model: nn.Module, mode: str = "dense", *, objective: str = "params",
             dense, fact = svd.to_dense(), svd.to_factorized()
             target = _cheaper(dense, fact, objective, shapes.get(name), svd.U.dtype)
             replacement = dense if target == "dense" else fact
+            if target == "factorized":
+                denses[name] = dense
+                names_of[name] = aliases[id(current)]
         else:
             target = mode
             replacement = svd.to_dense() if mode == "dense" else svd.to_factorized()
-        replacement.train(current.training)
-        for p in replacement.parameters():
-            p.requires_grad_(svd.U.requires_grad)
-        for alias in aliases[id(current)]:
-            new.set_submodule(alias, replacement)
+        _swap(new, aliases[id(current)], replacement, current.training, svd.U.requires_grad)
         decisions[name] = {"form": target, "spec": entry["spec"]}
+    if mode == "auto" and objective == "latency" and denses:
+        _keep_dense_unless_faster(new, denses, names_of, decisions, example_inputs)
     object.__setattr__(new, _LAYERS_ATTR, decisions)
     return new
+
+
+def _swap(model: nn.Module, names: Sequence[str], replacement: nn.Module, training: bool, grad: bool) -> None:
+    """Put `replacement` at every alias of a layer, in the layer's train/eval mode and requires_grad."""
+    replacement.train(training)
+    for p in replacement.parameters():
+        p.requires_grad_(grad)
+    for alias in names:
+        model.set_submodule(alias, replacement)
+
+
+def _keep_dense_unless_faster(model: nn.Module, denses: dict[str, nn.Module], names_of: dict[str, list[str]],
+                              decisions: dict[str, dict[str, Any]], example_inputs: Any) -> None:
+    """Whole-model check of auto(latency): unless the mixed model beats the all-dense one, make every layer dense.
+
+    Layer timings taken one by one miss what happens between layers (memory layout changes, cache traffic), so
+    the assembled model is timed against its all-dense twin on `example_inputs`; auto is then never slower than
+    dense as a whole, up to the timing noise of the machine.
+    """
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    all_dense = copy.deepcopy(model)
+    for name, dense in denses.items():
+        current = all_dense.get_submodule(name)
+        _swap(all_dense, names_of[name], copy.deepcopy(dense), current.training,
+              any(p.requires_grad for p in current.parameters()))
+    t_dense, t_mixed = _latencies([all_dense, model], None, inputs=inputs)
+    if t_mixed < t_dense:
+        return
+    log.info("export(auto, latency): the model with %d factorized layers ran %.3g ms against %.3g ms all dense; "
+             "keeping every layer dense", len(denses), 1e3 * t_mixed, 1e3 * t_dense)
+    for name, dense in denses.items():
+        current = model.get_submodule(name)
+        _swap(model, names_of[name], dense, current.training, any(p.requires_grad for p in current.parameters()))
+        decisions[name]["form"] = "dense"
 
 
 def _cheaper(dense: nn.Module, fact: nn.Module, objective: str, shape: tuple[int, ...] | None,

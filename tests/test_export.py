@@ -151,6 +151,30 @@ def test_auto_is_never_worse_than_dense(r20):
     torch.testing.assert_close(auto_t(x), r20(x), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("whole_model_faster", [True, False])
+def test_auto_latency_checks_the_assembled_model(r20, monkeypatch, whole_model_faster):
+    """Layer timings say factorized wins everywhere; the whole-model timing decides whether that stands."""
+    import dprp_surgery.export as export_module
+
+    calls = []
+
+    def fake_latencies(modules, shape, runs=9, warmup_s=0.02, inputs=None):
+        calls.append("model" if inputs is not None else "layer")
+        if inputs is None:
+            return [2.0, 1.0]  # (dense, factorized): factorized faster
+        return [2.0, 1.0] if whole_model_faster else [1.0, 1.5]  # (all dense, mixed)
+
+    monkeypatch.setattr(export_module, "_latencies", fake_latencies)
+    x = torch.randn(1, 3, 32, 32)
+    auto = export(r20, "auto", objective="latency", example_inputs=x)
+    assert calls.count("model") == 1 and calls.count("layer") == len(svd_layers(r20))
+    forms = {v["form"] for v in layer_forms(auto).values()}
+    assert forms == ({"factorized"} if whole_model_faster else {"dense"})
+    torch.testing.assert_close(auto(x), r20(x), atol=1e-5, rtol=1e-4)
+    n_auto, n_dense = (sum(p.numel() for p in m.parameters()) for m in (auto, export(r20, "dense")))
+    assert (n_auto < n_dense) if whole_model_faster else (n_auto == n_dense)  # r20 is truncated: factorized is smaller
+
+
 def test_export_argument_errors(r20):
     with pytest.raises(ValueError, match="mode='sparse'|mode=.sparse"):
         export(r20, "sparse")
