@@ -171,6 +171,12 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def dense_param_count(model: nn.Module) -> int:
+    """Parameters of `model` with every SVD layer merged back into its dense layer (shared ones counted once)."""
+    svd = {id(m): m for m in model.modules() if isinstance(m, SVDLayer)}.values()
+    return count_params(model) - sum(m.factor_param_count() for m in svd) + sum(m.dense_param_count() for m in svd)
+
+
 def summarize(model: nn.Module, example_inputs: Any) -> Summary:
     """Per-layer and total parameters and MACs of `model`, dense against its current state.
 
@@ -232,8 +238,7 @@ def summarize(model: nn.Module, example_inputs: Any) -> Summary:
                                  params=p, note=reason))
     other_macs = (total_flops - layer_flops) // 2
     params_now = count_params(model)
-    svd = [m for m in {id(m): m for m in model.modules() if isinstance(m, SVDLayer)}.values()]
-    dense_params = params_now - sum(m.factor_param_count() for m in svd) + sum(m.dense_param_count() for m in svd)
+    dense_params = dense_param_count(model)
     return Summary(
         model=type(model).__name__,
         rows=rows,

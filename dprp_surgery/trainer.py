@@ -29,7 +29,6 @@ import copy
 import gc
 import json
 import logging
-import math
 import os
 import random
 import time
@@ -44,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, IterableDataset, RandomSampler
 
-from .accounting import Summary, summarize
+from .accounting import Summary, count_params, dense_param_count, summarize
 from .config import DPRPConfig
 from .data import TensorImageDataset, TensorLoader
 from .losses import DPRPRegularizer, distillation_loss, unwrap_model
@@ -409,7 +408,7 @@ class DPRPTrainer:
         self.regularizer = DPRPRegularizer(config)
         self.pruner = RankPruner(config)
         self.teacher = self._frozen_teacher(teacher)
-        self.dense_params = _dense_param_count(self.model)
+        self.dense_params = dense_param_count(self.model)
         self.compression_stopped = False
         if train_data is None:
             raise ValueError("DPRPTrainer needs train_data (a DataLoader, a TensorLoader or a Dataset)")
@@ -660,7 +659,7 @@ class DPRPTrainer:
 
     def compression_rate(self) -> float:
         """Fraction of the dense model's parameters removed now (U, s, V counted as eqs. (4)/(7))."""
-        return 1.0 - sum(p.numel() for p in self.model.parameters()) / self.dense_params
+        return 1.0 - count_params(self.model) / self.dense_params
 
     def _prune(self, epsilon: float) -> dict[str, tuple[int, int]]:
         changes = self.pruner.step(self.model, self.optimizer, epsilon=epsilon)
@@ -847,14 +846,6 @@ class DPRPTrainer:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
-
-
-def _dense_param_count(model: nn.Module) -> int:
-    """Parameters of the model with every SVD layer merged back into its dense weight."""
-    total = sum(p.numel() for p in model.parameters())
-    for _, layer in svd_layers(model):
-        total += math.prod(layer.weight_shape) - layer.U.numel() - layer.s.numel() - layer.V.numel()
-    return total
 
 
 # ----------------------------------------------------------------------------- one call
