@@ -262,7 +262,8 @@ def notes(rows: list[dict]) -> list[str]:
     slow = [r for r in rows if r["form"] == "factorized" and r["eager_vs_dense"] > 1 and "paper" in r["scheme"]]
     if slow:
         worst = max(slow, key=lambda r: r["eager_vs_dense"])
-        out.append(f"- The all-factorized paper-scheme export is slower than dense in eager mode in {len(slow)} of "
+        out.append(f"- The all-factorized export with paper-scheme layers (grouped and depthwise convs always use that "
+                   f"scheme) is slower than dense in eager mode in {len(slow)} of "
                    f"{sum(r['form'] == 'factorized' and 'paper' in r['scheme'] for r in rows)} rows (up to "
                    f"{worst['eager_vs_dense']:.1f}x, {worst['model']} batch {worst['batch']}) even where it has fewer "
                    "MACs: the paper scheme's realisation runs its k x k conv with r filters on the C (or S) channels "
