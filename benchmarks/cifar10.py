@@ -57,7 +57,7 @@ DEFAULT_ROWS = {"resnet20": PAPER_ROWS, "resnet32": PAPER_ROWS, "resnet56": ("de
 
 def row_config(row: str, model_name: str, base: DPRPConfig) -> DPRPConfig:
     """The DPRPConfig of one table row (the shared schedule in `base`)."""
-    base = base if row in ("tuned", "distill") else base.replace(target_compression=None)
+    base = base if row in ("tuned", "distill") else base.replace(target_compression=None, comp_weighting="layers")
     if row == "dense":
         return base.replace(regularizer="none", distill=0.0)
     if row in ("paper1", "paper2"):
@@ -67,7 +67,7 @@ def row_config(row: str, model_name: str, base: DPRPConfig) -> DPRPConfig:
         tuned = DPRPConfig.preset("tuned")
         keep = {f: getattr(base, f) for f in ("epochs", "batch_size", "lr", "lr_schedule", "seed", "device",
                                                 "momentum", "weight_decay", "warmup_epochs", "factor_lr_scale",
-                                                "distill", "target_compression")}
+                                                "distill", "target_compression", "comp_weighting")}
         return tuned.replace(**keep)
     if row in ABLATIONS:
         return base.replace(scheme="paper", regularizer=row, lambda_comp=0.1, epsilon=0.001, distill=0.0)
@@ -113,7 +113,8 @@ def teacher_for(model_name: str, args) -> tuple[torch.nn.Module, str]:
 def run_row(row: str, model_name: str, args, train_ds, test_ds, base: DPRPConfig) -> dict:
     """Train one row and measure it."""
     config = row_config(row, model_name, base.replace(distill=args.distill if row == "distill" else 0.0,
-                                                      target_compression=args.target_compression))
+                                                      target_compression=args.target_compression,
+                                                      comp_weighting=args.comp_weighting))
     if args.sigma_lr_scale is not None and row not in ("dense", "tuned", "distill"):
         config = config.replace(sigma_lr_scale=args.sigma_lr_scale)
     torch.manual_seed(config.seed)
@@ -236,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-compression", type=float, default=None,
                         help="DPRPConfig.target_compression of the tuned and distill rows (e.g. 0.5: stop compressing "
                              "once half the parameters are gone)")
+    parser.add_argument("--comp-weighting", default="layers", choices=("layers", "params"),
+                        help="DPRPConfig.comp_weighting of the tuned and distill rows (layers: the paper's mean over "
+                             "layers; params: weighted by each layer's share of the parameters)")
     parser.add_argument("--distill", type=float, default=0.5,
                         help="distillation weight alpha of the distill row (DPRPConfig.distill)")
     parser.add_argument("--teacher", type=Path, default=None,

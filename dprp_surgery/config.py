@@ -22,6 +22,7 @@ LAYER_TYPES = ("Linear", "Conv1d", "Conv2d")
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("plateau", "cosine", "constant")
 PRUNE_UNITS = ("epoch", "step")
+COMP_WEIGHTINGS = ("layers", "params")
 
 
 def _check(cond: bool, name: str, value: Any, want: str) -> None:
@@ -87,6 +88,10 @@ class DPRPConfig:
         reg_warmup_epochs: Epochs over which lambda_str and lambda_comp ramp linearly from 0.
         reg_cooldown_epochs: In the last this many epochs lambda_comp is 0 and no pruning runs, so
             the model settles at its final ranks (L_str stays on). 0 (the paper) prunes to the end.
+        comp_weighting: How L_comp (eq. (12)) and an ablation's L_reg average over layers. "layers" (the
+            paper): the plain mean (1/L) sum_l. "params": each layer's term weighted by its share of the
+            dense parameters (h_l w_l / sum_k h_k w_k), so the push falls on the layers whose rank costs
+            the most parameters and small layers keep their rank. Not in the paper.
         epsilon_start: If set, epsilon grows geometrically from this value to `epsilon` over
             `epsilon_ramp_epochs` epochs (a schedule for epsilon); ``None`` keeps it fixed.
         epsilon_ramp_epochs: Length of the epsilon schedule.
@@ -142,6 +147,7 @@ class DPRPConfig:
     delta: float = 1e-3
     reg_warmup_epochs: int = 0
     reg_cooldown_epochs: int = 0
+    comp_weighting: str = "layers"
     epsilon_start: float | None = None
     epsilon_ramp_epochs: int = 0
     # --- pruning (Sec. III-D) ---
@@ -171,6 +177,7 @@ class DPRPConfig:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("prune_unit", self.prune_unit, PRUNE_UNITS)
+        _choice("comp_weighting", self.comp_weighting, COMP_WEIGHTINGS)
         for t in self.layer_types:
             _choice("layer_types", t, LAYER_TYPES)
         _check(len(self.layer_types) > 0, "layer_types", self.layer_types, "name at least one layer type")
@@ -333,4 +340,4 @@ def _yaml():
     return yaml
 
 
-__all__ = ["DPRPConfig", "CONFIG_VERSION", "SCHEMES", "REGULARIZERS", "PRESETS"]
+__all__ = ["DPRPConfig", "CONFIG_VERSION", "SCHEMES", "REGULARIZERS", "COMP_WEIGHTINGS", "PRESETS"]

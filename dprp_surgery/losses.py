@@ -41,6 +41,7 @@ __all__ = [
     "sorting_loss",
     "compression_loss",
     "keep_counts",
+    "layer_weights",
     "regularization_loss",
     "pad_singular_values",
     "unwrap_model",
@@ -212,7 +213,7 @@ def _tau_from_padded(S: Tensor, mask: Tensor, r: Tensor, epsilon: float) -> Tens
 
 
 # ----------------------------------------------------------------------------- eq. (12)
-def compression_loss(layers: LayersLike, epsilon: float) -> Tensor:
+def compression_loss(layers: LayersLike, epsilon: float, weighting: str = "layers") -> Tensor:
     """L_comp of eq. (12): (1/L) sum_l sum_{i=tau_l}^{r_l} |s_i| / (n_l ||s_l||_2).
 
     n_l = r_l - tau_l + 1 is the number of summed terms (the paper's r_l - tau_l is zero when
@@ -222,6 +223,8 @@ def compression_loss(layers: LayersLike, epsilon: float) -> Tensor:
     Args:
         layers: A model, SVD layers, or (name, layer) pairs.
         epsilon: The pruning threshold epsilon.
+        weighting: "layers" (eq. (12), the mean over layers) or "params" (each layer's term weighted by
+            h_l w_l / sum_k h_k w_k, its share of the dense parameters; not in the paper).
 
     Returns:
         The scalar loss (differentiable with respect to every s_l, through the sum and ||s_l||_2).
@@ -231,7 +234,29 @@ def compression_loss(layers: LayersLike, epsilon: float) -> Tensor:
         return _empty(layers)
     S, mask, r = pad_singular_values([lay.s for lay in layers])
     tau = _tau_from_padded(S, mask, r, epsilon)
-    return _compression_from_padded(S, mask, r, tau).mean()
+    return _average(_compression_from_padded(S, mask, r, tau), layer_weights(layers, weighting))
+
+
+def layer_weights(layers: LayersLike, weighting: str = "layers") -> Tensor | None:
+    """Weights (L,) summing to 1 that average per-layer terms; None for the plain mean ("layers").
+
+    "params" weights layer l by h_l w_l / sum_k h_k w_k, the share of the dense parameters its
+    matricized weight M_l (h_l x w_l, eqs. (1)-(2)) holds, which does not change as rank is pruned.
+    """
+    if weighting == "layers":
+        return None
+    if weighting != "params":
+        raise ValueError(f"unknown comp_weighting {weighting!r}; use 'layers' (the paper) or 'params'")
+    layers = _as_layers(layers)
+    size = torch.tensor([float(lay.U.shape[0] * lay.V.shape[0]) for lay in layers], dtype=torch.float64)
+    w = size / size.sum()
+    first = layers[0].s
+    return w.to(device=first.device, dtype=first.dtype)
+
+
+def _average(terms: Tensor, weights: Tensor | None) -> Tensor:
+    """Mean of per-layer terms, or their weighted sum when weights are given."""
+    return terms.mean() if weights is None else (terms * weights).sum()
 
 
 def _compression_from_padded(S: Tensor, mask: Tensor, r: Tensor, tau: Tensor) -> Tensor:
@@ -245,7 +270,7 @@ def _compression_from_padded(S: Tensor, mask: Tensor, r: Tensor, tau: Tensor) ->
 
 
 # ----------------------------------------------------------------------------- eqs. (15)-(17)
-def regularization_loss(layers: LayersLike, kind: str, delta: float = 1e-3) -> Tensor:
+def regularization_loss(layers: LayersLike, kind: str, delta: float = 1e-3, weighting: str = "layers") -> Tensor:
     """An ablation regularizer L_reg of eq. (14), averaged over layers.
 
     * ``"l1"`` (15): ||s_l||_1 / r_l.
@@ -257,6 +282,7 @@ def regularization_loss(layers: LayersLike, kind: str, delta: float = 1e-3) -> T
         layers: A model, SVD layers, or (name, layer) pairs.
         kind: "l1", "l2", "funnel" or "none".
         delta: delta of the funnel regularizer.
+        weighting: "layers" (the mean over layers) or "params" (see `layer_weights`).
 
     Returns:
         The scalar loss.
@@ -267,7 +293,7 @@ def regularization_loss(layers: LayersLike, kind: str, delta: float = 1e-3) -> T
     if not layers:
         return _empty(layers)
     S, mask, r = pad_singular_values([lay.s for lay in layers])
-    return _ablation_from_padded(S, mask, r, kind, delta).mean()
+    return _average(_ablation_from_padded(S, mask, r, kind, delta), layer_weights(layers, weighting))
 
 
 def _ablation_from_padded(S: Tensor, mask: Tensor, r: Tensor, kind: str, delta: float) -> Tensor:
@@ -323,7 +349,7 @@ class DPRPRegularizer:
 
     Args:
         config: A DPRPConfig (fields lambda_str, mu_orth, mu_sort, lambda_comp, epsilon, regularizer,
-            delta, reg_warmup_epochs, epsilon_start, epsilon_ramp_epochs).
+            delta, comp_weighting, reg_warmup_epochs, epsilon_start, epsilon_ramp_epochs).
     """
 
     def __init__(self, config: DPRPConfig | None = None) -> None:
@@ -380,12 +406,13 @@ class DPRPRegularizer:
             orth = orthogonality_loss(layers)
             sort = _sorting_from_padded(S, mask).mean()
             tau = _tau_from_padded(S, mask, r, self.epsilon_at(epoch))
-            comp = _compression_from_padded(S, mask, r, tau).mean()
+            comp = _average(_compression_from_padded(S, mask, r, tau), layer_weights(layers, c.comp_weighting))
             structure = w["mu_orth"] * orth + w["mu_sort"] * sort
             loss = w["lambda_str"] * structure + w["lambda_comp"] * comp
             terms = {"orth": orth, "sort": sort, "comp": comp, "structure": structure, "total_reg": loss}
         else:
-            reg = _ablation_from_padded(S, mask, r, c.regularizer, c.delta).mean()
+            reg = _average(_ablation_from_padded(S, mask, r, c.regularizer, c.delta),
+                           layer_weights(layers, c.comp_weighting))
             loss = w["lambda_comp"] * reg
             terms = {"reg": reg, "total_reg": loss}
         return loss, {k: v.detach() for k, v in terms.items()}

@@ -39,6 +39,8 @@ def test_frozen_and_keyword_only():
         ("target_compression", 1.0, r"DPRPConfig.target_compression=1.0 is invalid: must be None or a fraction"),
         ("distill", -0.1, r"DPRPConfig.distill=-0.1 is invalid"),
         ("distill_temperature", 0.0, r"DPRPConfig.distill_temperature=0.0 is invalid"),
+        ("comp_weighting", "param",
+         r"DPRPConfig.comp_weighting='param' is unknown; use one of layers, params. Did you mean 'params'"),
     ],
 )
 def test_invalid_values_raise_value_error_naming_the_field(field, value, message):

@@ -14,6 +14,7 @@ from dprp_surgery.losses import (
     compression_loss,
     distillation_loss,
     keep_counts,
+    layer_weights,
     orthogonality_loss,
     regularization_loss,
     sorting_loss,
@@ -119,6 +120,33 @@ def test_compression_by_hand():
     # mean of 0.4, 0.8, 7/15 (ranks 3, 2, 3): (6 + 12 + 7) / 15 / 3 = 5/9
     layers = [lin(3, 3, [3, 4, 0]), lin(2, 2, [3, 4]), lin(3, 3, [0, 3, 4])]
     close(compression_loss(layers, 0.1), 5 / 9)
+
+
+def test_compression_weighted_by_parameters_by_hand():
+    # layer sizes h*w: 3x3 = 9, 2x2 = 4, 3x3 = 9 -> weights 9/22, 4/22, 9/22
+    layers = [lin(3, 3, [3, 4, 0]), lin(2, 2, [3, 4]), lin(3, 3, [0, 3, 4])]
+    close(layer_weights(layers, "params"), [9 / 22, 4 / 22, 9 / 22])
+    assert layer_weights(layers, "layers") is None
+    # per-layer terms 0.4, 0.8, 7/15 (test above): (9 * 0.4 + 4 * 0.8 + 9 * 7/15) / 22 = 11 / 22 = 0.5
+    close(compression_loss(layers, 0.1, weighting="params"), 0.5)
+    # equal sizes: the weighted sum is the paper's mean
+    same = [lin(2, 2, [3, 4]), lin(2, 2, [4, -3])]
+    close(compression_loss(same, 0.1, weighting="params"), compression_loss(same, 0.1))
+    # ablation l1 with sizes 4 and 1: (4 * 3.5 + 1 * 1) / 5 = 3
+    close(regularization_loss([lin(2, 2, [3, -4]), lin(1, 1, [1])], "l1", weighting="params"), 3.0)
+    with pytest.raises(ValueError, match="comp_weighting"):
+        layer_weights(layers, "flops")
+
+
+def test_regularizer_uses_comp_weighting():
+    model = _model()  # sizes 3x2 = 6, 3x3 = 9, 4x4 = 16
+    cfg = DPRPConfig(lambda_comp=0.5, epsilon=0.1, comp_weighting="params")
+    loss, terms = DPRPRegularizer(cfg)(model)
+    close(terms["comp"], compression_loss(model, 0.1, weighting="params"))
+    close(loss, terms["structure"] + 0.5 * terms["comp"])
+    assert float(terms["comp"]) != pytest.approx(float(compression_loss(model, 0.1)))
+    _, l1 = DPRPRegularizer(DPRPConfig(regularizer="l1", comp_weighting="params"))(model)
+    close(l1["reg"], regularization_loss(model, "l1", weighting="params"))
 
 
 def test_compression_all_zero_is_finite():
