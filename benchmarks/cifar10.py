@@ -117,6 +117,8 @@ def run_row(row: str, model_name: str, args, train_ds, test_ds, base: DPRPConfig
                                                       comp_weighting=args.comp_weighting))
     if args.sigma_lr_scale is not None and row not in ("dense", "tuned", "distill"):
         config = config.replace(sigma_lr_scale=args.sigma_lr_scale)
+    if args.lambda_comp is not None and row in ("tuned", "distill"):
+        config = config.replace(lambda_comp=args.lambda_comp)
     torch.manual_seed(config.seed)
     dense = pretrained(model_name, args.weights_dir, args.from_scratch)
     example = torch.zeros(1, 3, 32, 32)
@@ -237,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-compression", type=float, default=None,
                         help="DPRPConfig.target_compression of the tuned and distill rows (e.g. 0.5: stop compressing "
                              "once half the parameters are gone)")
+    parser.add_argument("--lambda-comp", type=float, default=None,
+                        help="lambda_comp of the tuned and distill rows (default: the tuned preset's 2)")
     parser.add_argument("--comp-weighting", default="layers", choices=("layers", "params"),
                         help="DPRPConfig.comp_weighting of the tuned and distill rows (layers: the paper's mean over "
                              "layers; params: weighted by each layer's share of the parameters)")
