@@ -38,7 +38,7 @@ from dprp_surgery import DPRPConfig, export, factorize, load, save, summarize
 from dprp_surgery.cli.commands import RUN_FORMAT, RUN_VERSION
 from dprp_surgery.data import IMAGENET_MEAN, IMAGENET_STD, TensorLoader, open_data, subset
 from dprp_surgery.models import CIFAR_MODELS, load_cifar_checkpoint
-from dprp_surgery.trainer import DPRPTrainer
+from dprp_surgery.trainer import CHECKPOINT_NAME, DPRPTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -130,9 +130,14 @@ def run_row(row: str, model_name: str, args, train_ds, test_ds, base: DPRPConfig
     run_dir = args.out / model_name / row
     t0 = time.perf_counter()
     teacher, teacher_from = teacher_for(model_name, args) if config.distill > 0 else (None, None)
-    trainer = DPRPTrainer(model, config, train, test, run_dir=run_dir, progress=not args.quiet, teacher=teacher)
+    resumed = args.resume and (run_dir / CHECKPOINT_NAME).is_file()
+    trainer = DPRPTrainer(model, config, train, test, run_dir=run_dir, progress=not args.quiet, teacher=teacher,
+                          resume=True if resumed else None)
+    start_epoch = trainer.start_epoch
     trainer.fit()
     wall = time.perf_counter() - t0
+    if resumed:  # the epochs before the interruption ran in another process: add their recorded times
+        wall += sum(h["time"] for h in trainer.history[:start_epoch])
     model = trainer.model
     device = next(model.parameters()).device
     top1, top5 = evaluate(model, test, device)
@@ -147,6 +152,8 @@ def run_row(row: str, model_name: str, args, train_ds, test_ds, base: DPRPConfig
     }
     if teacher_from is not None:
         result["teacher"] = teacher_from
+    if resumed:
+        result["resumed_at_epoch"] = start_epoch
     return {**result, **ship(model, model_name, config, run_dir, dense_summary, result)}
 
 
@@ -256,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="256 train / 128 test images, 1 epoch")
     parser.add_argument("--out", type=Path, default=Path("runs/cifar10"))
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue each row from its run directory's checkpoint.pt when there is one (an "
+                             "interrupted run; pass the same flags again), else start the row afresh")
     parser.add_argument("--rescore", action="store_true",
                         help="train nothing: re-export and re-measure the rows of --out/results.json from their "
                              "checkpoints (adds the shipped columns to tables of older runs)")

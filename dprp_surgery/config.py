@@ -298,6 +298,10 @@ class DPRPConfig:
                 pretrained models: factors at 1/20 of the lr, singular values at 10x, a stronger
                 L_comp (lambda_comp 2), epsilon 0.1, pruning every 25 steps, and a last epoch
                 without L_comp or pruning (docs/benchmarks.md).
+            "tuned-target50": "tuned" for a chosen size: L_comp weighted by each layer's share of the
+                parameters (``comp_weighting="params"``) and compression stopped once half of the
+                parameters are gone (``target_compression=0.5``); override ``target_compression`` for
+                another size. Add ``distill`` (with a fine-tuned dense teacher) for the last points.
         """
         if name not in PRESETS:
             close = difflib.get_close_matches(name, PRESETS, n=1)
@@ -315,6 +319,8 @@ PRESETS: dict[str, dict[str, Any]] = {
               "sigma_lr_scale": 10.0, "lambda_comp": 2.0, "epsilon": 0.1, "prune_unit": "step", "prune_every": 25,
               "reg_cooldown_epochs": 1},
 }
+# the tuned settings for a chosen size: the best R20 rows at 50% removed (docs/benchmarks.md, learnt 10)
+PRESETS["tuned-target50"] = {**PRESETS["tuned"], "comp_weighting": "params", "target_compression": 0.5}
 
 
 def _finite(v: Any) -> bool:

@@ -126,3 +126,31 @@ def test_sweep_runs_each_entry(shared_dir, tmp_path, capsys):
 def test_sweep_reports_unreadable_file(tmp_path):
     with pytest.raises(SystemExit, match="cannot read sweep file"):
         run_main("sweep.py", [str(tmp_path / "missing.json")])
+
+
+def test_cifar10_resume_continues_an_interrupted_row(shared_dir, tmp_path, monkeypatch):
+    from dprp_surgery.trainer import DPRPTrainer
+
+    base = ["--quiet", "--rows", "tuned", "--epochs", "2", "--train-limit", "64", "--test-limit", "32",
+            "--batch-size", "16", "--lambda-comp", "20"]
+    assert run_main("cifar10.py", [*base, "--out", str(tmp_path / "whole")]) == 0
+    whole = json.loads((tmp_path / "whole" / "results.json").read_text())[0]
+
+    run_epoch = DPRPTrainer._run_epoch
+
+    def interrupted(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt  # the machine goes away during the second epoch
+        return run_epoch(self, epoch)
+
+    monkeypatch.setattr(DPRPTrainer, "_run_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_main("cifar10.py", [*base, "--out", str(tmp_path / "cut")])
+    monkeypatch.setattr(DPRPTrainer, "_run_epoch", run_epoch)
+    assert run_main("cifar10.py", [*base, "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    resumed = json.loads((tmp_path / "cut" / "results.json").read_text())[0]
+    assert resumed["resumed_at_epoch"] == 1 and "resumed_at_epoch" not in whole
+    assert resumed["ranks"] == whole["ranks"] and resumed["params"] == whole["params"]
+    assert resumed["top1"] == whole["top1"] and resumed["top5"] == whole["top5"]
+    history = [json.loads(line) for line in (tmp_path / "cut" / "resnet20" / "tuned" / "history.jsonl").open()]
+    assert [h["epoch"] for h in history] == [0, 1]

@@ -73,5 +73,8 @@ def test_presets():
     p1 = DPRPConfig.preset("paper-proposed1")
     assert (p1.lambda_comp, p1.epsilon) == (0.5, 0.01)
     assert DPRPConfig.preset("finetune", epochs=3).epochs == 3
+    t50 = DPRPConfig.preset("tuned-target50")
+    assert t50 == DPRPConfig.preset("tuned", comp_weighting="params", target_compression=0.5)
+    assert DPRPConfig.preset("tuned-target50", target_compression=0.65).target_compression == 0.65
     with pytest.raises(ValueError, match=r"unknown preset 'fast'"):
         DPRPConfig.preset("fast")
