@@ -319,7 +319,7 @@ PRESETS: dict[str, dict[str, Any]] = {
               "sigma_lr_scale": 10.0, "lambda_comp": 2.0, "epsilon": 0.1, "prune_unit": "step", "prune_every": 25,
               "reg_cooldown_epochs": 1},
 }
-# the tuned settings for a chosen size: the best R20 rows at 50% removed (docs/benchmarks.md, learnt 10)
+# the tuned settings for a chosen size: the best R20 rows at 50% removed (docs/benchmarks.md, learnt 12)
 PRESETS["tuned-target50"] = {**PRESETS["tuned"], "comp_weighting": "params", "target_compression": 0.5}
 
 
