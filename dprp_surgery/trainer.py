@@ -851,19 +851,30 @@ class DPRPTrainer:
 # ----------------------------------------------------------------------------- one call
 def compress(model: nn.Module, config: DPRPConfig | None = None, train_data: Any = None, val_data: Any = None, *,
              run_dir: str | os.PathLike | None = None, resume: str | os.PathLike | bool | None = None,
-             progress: bool = True) -> CompressionResult:
+             progress: bool = True, teacher: nn.Module | None = None) -> CompressionResult:
     """Factorize `model` (unless it already has SVD layers) and train it with DPRP (`DPRPTrainer`).
 
     Use `DPRPConfig.preset("finetune")` for a pretrained model, `DPRPConfig()` for the paper's recipe.
-    With ``config.distill > 0`` the model as given (before factorizing) is the distillation teacher.
+
+    Args:
+        teacher: The distillation teacher when ``config.distill > 0`` (e.g. the dense model fine-tuned on
+            the same data); default the model as given (before factorizing). It is not checkpointed: pass it
+            again on resume.
 
     Returns:
         CompressionResult with the trained model, its history, its Summary and the run folder.
+
+    Raises:
+        ValueError: No training data, or a teacher with ``config.distill == 0`` (it would be ignored).
     """
     config = config or DPRPConfig()
     if train_data is None:
         raise ValueError("compress needs train_data (a DataLoader, a TensorLoader or a Dataset)")
-    teacher = unwrap_model(model) if config.distill > 0 else None
+    if teacher is not None and config.distill == 0:
+        raise ValueError("compress got a teacher but config.distill is 0, so it would be ignored; set distill "
+                         "(e.g. 0.5) or drop the teacher")
+    if config.distill > 0:
+        teacher = unwrap_model(model) if teacher is None else unwrap_model(teacher)
     if not svd_layers(unwrap_model(model)):
         model = factorize(unwrap_model(model), config)
     trainer = DPRPTrainer(model, config, train_data, val_data, run_dir=run_dir, resume=resume, progress=progress,

@@ -290,3 +290,30 @@ def test_invalid_config_values(tmp_path, data_dir):
 def test_typer_usage_errors_exit_2():
     assert invoke("export", "somewhere").exit_code == 2  # --out missing
     assert invoke("export", "x", "--out", "y", "--format", "tflite").exit_code == 2
+
+
+def test_compress_with_a_teacher(run_dir, data_dir, tmp_path, monkeypatch):
+    from dprp_surgery.trainer import DPRPTrainer
+
+    seen = {}
+    init = DPRPTrainer.__init__
+
+    def spy(self, *args, **kwargs):
+        seen["teacher"] = kwargs.get("teacher")
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(DPRPTrainer, "__init__", spy)
+    teacher = run_dir / "model"  # the fixture's exported (factorized) model: fewer parameters than a dense R20
+    out = tmp_path / "kd"
+    result = invoke("compress", "cifar:resnet20", "--data", data_dir, "--out", out, "--epochs", "1",
+                    "--batch-size", "8", "--limit-train", "12", "--distill", "0.5", "--teacher", teacher, "-q")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "run.json").read_text())["teacher"] == str(teacher)
+    shipped = json.loads((run_dir / "run.json").read_text())["results"]["after"]["params"]
+    assert sum(p.numel() for p in seen["teacher"].parameters()) == shipped
+    bad("compress", "cifar:resnet20", "--data", data_dir, "--out", tmp_path / "x", "--teacher", teacher,
+        words=("--teacher", "--distill 0.5"))
+    bad("compress", "cifar:resnet20", "--data", data_dir, "--out", tmp_path / "y", "--distill", "0.5",
+        "--teacher", tmp_path / "missing", words=("missing",))
+    bad("compress", "cifar:resnet20", "--data", data_dir, "--out", tmp_path / "z", "--distill", "0.5",
+        "--teacher", "cifar:resnet20", words=("--teacher", "10 outputs", "2 classes"))

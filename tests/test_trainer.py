@@ -186,6 +186,20 @@ def test_distillation_from_the_dense_teacher(distill):
     assert all(p.requires_grad for p in dense.parameters())  # the user's model is not frozen or moved
 
 
+def test_compress_distils_from_the_given_teacher():
+    cfg = DPRPConfig(epochs=1, batch_size=16, lr=0.1, momentum=0.0, weight_decay=0.0, regularizer="none",
+                     distill=1.0, distill_temperature=2.0, device="cpu")
+    dense = _mlp()
+    torch.manual_seed(1)
+    other = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 32), nn.ReLU(), nn.Linear(32, 10))
+    before = weights(factorize(dense, cfg))
+    result = compress(dense, cfg, make_data(), progress=False, teacher=other)
+    moved = max((result.model.state_dict()[k] - v).abs().max().item() for k, v in before.items())
+    assert moved > 1e-3 and result.history[-1]["kd"] > 1e-4  # it learns another model's outputs, not its own
+    with pytest.raises(ValueError, match="distill is 0"):
+        compress(dense, cfg.replace(distill=0.0), make_data(), progress=False, teacher=other)
+
+
 def test_distillation_needs_a_teacher():
     with pytest.raises(ValueError, match="distill=0.5 needs a teacher"):
         DPRPTrainer(make_model(), DPRPConfig(distill=0.5, device="cpu"), make_data(), progress=False)

@@ -226,6 +226,9 @@ def compress_cmd(
         "--limit-train", min=1, help="Use a class-balanced subset of this many training images (quick runs).")] = None,
     limit_val: Annotated[int | None, typer.Option(
         "--limit-val", min=1, help="Use a class-balanced subset of this many validation images.")] = None,
+    teacher: Annotated[str | None, typer.Option(
+        "--teacher", help=f"Distillation teacher for --distill ({MODEL_FORMS}; same classes and preprocessing as "
+        "MODEL), e.g. the dense model fine-tuned on DATA. Default: MODEL as given.", show_default=False)] = None,
     export_mode: Annotated[ExportMode, typer.Option(
         "--export-mode", help="Form of the exported model written to RUN_DIR/model (see `dprp export --help`).",
         case_sensitive=False)] = ExportMode.auto,
@@ -252,7 +255,8 @@ def compress_cmd(
                  limit_train=limit_train, limit_val=limit_val, export_mode=export_mode.value,
                  objective=objective.value, image_size=image_size, arch=arch, num_classes=num_classes,
                  trust_pickle=trust_pickle, quiet=quiet, json_out=json_out,
-                 overrides={k[len(CONFIG_FLAG_PREFIX):]: v for k, v in config_overrides.items() if v is not None})
+                 overrides={k[len(CONFIG_FLAG_PREFIX):]: v for k, v in config_overrides.items() if v is not None},
+                 teacher=teacher)
 
 
 _sig = inspect.signature(compress_cmd)
@@ -263,6 +267,8 @@ app.command("compress", epilog=(
     "Examples:\n\n"
     "    dprp compress cifar:resnet20@cifar10_resnet20.th --data cifar10-jpeg.tar.gz --out runs/r20 "
     "--preset finetune --epochs 5 --lambda-comp 0.1 --epsilon 0.1\n\n"
+    "    dprp compress cifar:resnet20@cifar10_resnet20.th --data cifar10-jpeg.tar.gz --out runs/r20-half "
+    "--preset tuned-target50 --distill 0.5 --teacher runs/r20-dense/model\n\n"
     "    dprp compress timm:resnet18 --data imagenette/ --out runs/r18 --config dprp.yaml --include 'layer*'\n\n"
     "    dprp compress --out runs/r20 --resume --epochs 10\n\n"
     "    dprp compress cifar:resnet20 --data tiny/ --out runs/smoke --epochs 1 --limit-train 256 --limit-val 128"))(

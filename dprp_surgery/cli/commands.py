@@ -401,7 +401,7 @@ def _trainer_compress():
 def compress_pipeline(*, model: nn.Module, arch: str, model_spec: str, data_spec: str, train: TensorImageDataset,
                       val: TensorImageDataset, recipe: DataRecipe, config: DPRPConfig, out: Path, export_mode: str,
                       objective: str, resume: Path | None, progress: bool, json_out: bool,
-                      extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                      extra: dict[str, Any] | None = None, teacher: nn.Module | None = None) -> dict[str, Any]:
     """Train with DPRP, export, save RUN_DIR/model and run.json, print the before/after table."""
     from ..export import export, save
     from ..surgery import svd_layers
@@ -428,7 +428,8 @@ def compress_pipeline(*, model: nn.Module, arch: str, model_spec: str, data_spec
     _write_json_atomic(run_json, info)
     compress = _trainer_compress()
     t0 = time.perf_counter()
-    result = compress(model, config, train_loader, val_loader, run_dir=out, resume=resume, progress=progress)
+    result = compress(model, config, train_loader, val_loader, run_dir=out, resume=resume, progress=progress,
+                      teacher=None if teacher is None else teacher.to(_device(config)))
     wall = time.perf_counter() - t0
     trained = result.model.eval()
     device = next(trained.parameters()).device
@@ -456,7 +457,8 @@ def compress_pipeline(*, model: nn.Module, arch: str, model_spec: str, data_spec
 def run_compress(*, model: str | None, data: str | None, out: Path | None, config_file: Path | None,
                  preset: str | None, resume: bool, limit_train: int | None, limit_val: int | None, export_mode: str,
                  objective: str, image_size: int | None, arch: str | None, num_classes: int | None,
-                 trust_pickle: bool, quiet: bool, json_out: bool, overrides: dict[str, Any]) -> None:
+                 trust_pickle: bool, quiet: bool, json_out: bool, overrides: dict[str, Any],
+                 teacher: str | None = None) -> None:
     """`dprp compress`."""
     with cli_errors():
         if out is None:
@@ -475,6 +477,7 @@ def run_compress(*, model: str | None, data: str | None, out: Path | None, confi
             limit_val = limit_val or info.get("limit_val")
             image_size = image_size or info.get("image_size")
             arch = arch or info.get("arch_flag")
+            teacher = teacher or info.get("teacher")
         elif out.exists() and (out / "checkpoint.pt").exists():
             raise ValueError(f"--out {str(out)!r} already holds a run (checkpoint.pt); pass --resume to continue it "
                              "or choose another directory.")
@@ -484,6 +487,9 @@ def run_compress(*, model: str | None, data: str | None, out: Path | None, confi
             raise ValueError("--data is required: a directory with train/ and val/ or test/, a .tar.gz, or "
                              "cifar10:DIR.")
         config = build_config(base=base, preset=preset, config_file=config_file, overrides=overrides)
+        if teacher and config.distill == 0:
+            raise ValueError(f"--teacher {teacher!r} needs distillation: add --distill 0.5 (the weight of the "
+                             "teacher's soft targets), or drop --teacher.")
         net, net_arch = _load(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle)
         if net_arch.split(":", 1)[0] not in ARCH_KINDS:
             raise ValueError(f"cannot tell the architecture of {model!r}, so the compressed model could not be saved "
@@ -501,11 +507,23 @@ def run_compress(*, model: str | None, data: str | None, out: Path | None, confi
             val = subset(val, min(limit_val, len(val)), seed=config.seed)
         pretrained = "@" in model or not model.startswith(ARCH_KINDS)
         net = _match_classes(net, train.num_classes, pretrained and num_classes is None)
+        teacher_net = _load_teacher(teacher, train.num_classes, trust_pickle) if teacher else None
         compress_pipeline(model=net, arch=net_arch, model_spec=model, data_spec=data, train=train, val=val,
                           recipe=recipe, config=config, out=out, export_mode=export_mode, objective=objective,
                           resume=resume_path, progress=not quiet and not json_out, json_out=json_out,
                           extra={"limit_train": limit_train, "limit_val": limit_val, "image_size": image_size,
-                                 "arch_flag": arch})
+                                 "arch_flag": arch, "teacher": teacher}, teacher=teacher_net)
+
+
+def _load_teacher(spec: str, num_classes: int, trust_pickle: bool) -> nn.Module:
+    """The --teacher model, checked against the dataset's classes."""
+    net, _ = _load(spec, arch=None, num_classes=None, trust_pickle=trust_pickle)
+    outputs = infer_num_classes(net)
+    if outputs is not None and outputs != num_classes:
+        raise ValueError(f"--teacher {spec!r} has {outputs} outputs but the data has {num_classes} classes; use a "
+                         "teacher trained on these classes (e.g. the dense model fine-tuned on this data).")
+    _set_training(net, False)
+    return net
 
 
 # ----------------------------------------------------------------------------- export
