@@ -10,7 +10,8 @@ The steps are marked (1) to (5):
 (1) load the pretrained model and the data (train batches with the CIFAR crop + flip augmentation, ImageNet
     mean/std as the published weights expect; `--train-limit`/`--test-limit` take class-balanced subsets);
 (2) `compress` = `factorize` + `DPRPTrainer.fit` with `DPRPConfig.preset("tuned")` (the settings the CIFAR-10
-    reproduction found best for pretrained models; `preset("finetune")` has the paper's losses);
+    reproduction found best for pretrained models; `--preset tuned-target50` stops at half the parameters,
+    `--preset finetune` has the paper's losses);
 (3) `summarize` before and after: parameters, MACs and rank per layer;
 (4) `export(model, "auto")` realises every layer in its cheaper form (dense or two small layers) and `save`
     writes it as a pickle-free artifact (manifest.json + model.safetensors) into the run directory;
@@ -30,6 +31,7 @@ import torch
 from rich.console import Console
 
 from dprp_surgery import DPRPConfig, compress, export, load, save, summarize
+from dprp_surgery.config import PRESETS
 from dprp_surgery.data import IMAGENET_MEAN, IMAGENET_STD, TensorLoader, open_data, subset
 from dprp_surgery.models import load_cifar_checkpoint, resnet20
 
@@ -59,6 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's, 128")
     parser.add_argument("--train-limit", type=int, default=None, help="class-balanced training subset")
     parser.add_argument("--test-limit", type=int, default=None, help="class-balanced test subset")
+    parser.add_argument("--preset", default="tuned", choices=list(PRESETS), help="DPRPConfig preset")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N]")
     parser.add_argument("--out", type=Path, default=Path("runs/cifar_resnet20"), help="run directory")
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_ds = subset(train_ds, args.train_limit, seed=args.seed)
     if args.test_limit:
         test_ds = subset(test_ds, args.test_limit, seed=args.seed)
-    config = DPRPConfig.preset("tuned", seed=args.seed, device=args.device)
+    config = DPRPConfig.preset(args.preset, seed=args.seed, device=args.device)
     config = config.replace(epochs=args.epochs or config.epochs, batch_size=args.batch_size or config.batch_size)
     train = TensorLoader(train_ds, config.batch_size, shuffle=True, augment="cifar", mean=IMAGENET_MEAN,
                          std=IMAGENET_STD, seed=config.seed, drop_last=len(train_ds) >= config.batch_size)

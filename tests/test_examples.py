@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from dprp_surgery import DPRPConfig
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -37,9 +39,10 @@ def test_custom_loop(monkeypatch, capsys):
     assert after < before
 
 
-def test_cifar_resnet20_smoke(shared_dir, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("preset", ["tuned", "tuned-target50"])
+def test_cifar_resnet20_smoke(shared_dir, tmp_path, monkeypatch, capsys, preset):
     run = tmp_path / "run"
-    run_example("cifar_resnet20.py", ["--smoke", "--quiet", "--out", str(run)], monkeypatch)
+    run_example("cifar_resnet20.py", ["--smoke", "--quiet", "--out", str(run), "--preset", preset], monkeypatch)
     out = capsys.readouterr().out
     assert "256 train / 128 test images" in out and "1 epochs" in out, out
     before, after = ranks_line(out)
@@ -54,6 +57,8 @@ def test_cifar_resnet20_smoke(shared_dir, tmp_path, monkeypatch, capsys):
     assert re.search(r"load-back check: max \|output difference\| \S+ on 16 test images: OK", out), out
     assert (run / "model" / "manifest.json").is_file() and (run / "model" / "model.safetensors").is_file()
     assert (run / "checkpoint.pt").is_file() and (run / "history.jsonl").is_file()
+    config = torch.load(run / "checkpoint.pt", weights_only=True)["config"]
+    assert config["comp_weighting"] == DPRPConfig.preset(preset).comp_weighting
 
 
 def test_cifar_resnet20_missing_files(tmp_path, monkeypatch):
