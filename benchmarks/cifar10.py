@@ -38,6 +38,7 @@ from dprp_surgery import DPRPConfig, export, factorize, load, save, summarize
 from dprp_surgery.cli.commands import RUN_FORMAT, RUN_VERSION
 from dprp_surgery.data import IMAGENET_MEAN, IMAGENET_STD, TensorLoader, open_data, subset
 from dprp_surgery.models import CIFAR_MODELS, load_cifar_checkpoint
+from dprp_surgery.surgery import svd_layers
 from dprp_surgery.trainer import CHECKPOINT_NAME, DPRPTrainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,6 +174,7 @@ def ship(model: torch.nn.Module, model_name: str, config: DPRPConfig, run_dir: P
     info = {"format": RUN_FORMAT, "version": RUN_VERSION, "model": arch, "arch": arch,
             "num_classes": 10, "input_size": [3, 32, 32], "config": config.to_dict(), "export_mode": "auto",
             "objective": "params", "status": "done", "artifact": str(artifact), "ranks": result["ranks"],
+            "full_ranks": {n: m.full_rank for n, m in svd_layers(model)},  # `dprp report`: initial vs final
             "benchmark_row": {k: v for k, v in result.items() if k != "config"}}
     tmp = run_dir / "run.json.tmp"
     tmp.write_text(json.dumps(info, indent=2))
@@ -185,7 +187,6 @@ def ship(model: torch.nn.Module, model_name: str, config: DPRPConfig, run_dir: P
 def rescore(out: Path) -> int:
     """Re-export every row of ``out/results.json`` from its checkpoint and rewrite the results."""
     from dprp_surgery.io import load_run
-    from dprp_surgery.surgery import svd_layers
 
     results = json.loads((out / "results.json").read_text())
     for r in results:

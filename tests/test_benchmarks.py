@@ -55,6 +55,8 @@ def test_cifar10_smoke(shared_dir, tmp_path, capsys):
         trained, arch = load_model(run_dir)  # every row is a dprp run directory (dense rows included)
         assert arch == "cifar:resnet20"
         assert {n: m.rank for n, m in svd_layers(trained)} == r["ranks"]
+        full = json.loads((run_dir / "run.json").read_text())["full_ranks"]  # initial ranks for `dprp report`
+        assert full == {n: m.full_rank for n, m in svd_layers(trained)} and len(full) == len(r["ranks"])
         shipped, _ = load_model(run_dir / "model")
         assert sum(p.numel() for p in shipped.parameters()) == r["shipped_params"]
         x = torch.randn(2, 3, 32, 32)
