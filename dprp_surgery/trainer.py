@@ -873,8 +873,8 @@ def compress(model: nn.Module, config: DPRPConfig | None = None, train_data: Any
     if teacher is not None and config.distill == 0:
         raise ValueError("compress got a teacher but config.distill is 0, so it would be ignored; set distill "
                          "(e.g. 0.5) or drop the teacher")
-    if config.distill > 0:
-        teacher = unwrap_model(model) if teacher is None else unwrap_model(teacher)
+    if config.distill > 0 and teacher is None:
+        teacher = unwrap_model(model)
     if not svd_layers(unwrap_model(model)):
         model = factorize(unwrap_model(model), config)
     trainer = DPRPTrainer(model, config, train_data, val_data, run_dir=run_dir, resume=resume, progress=progress,

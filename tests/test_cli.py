@@ -317,3 +317,5 @@ def test_compress_with_a_teacher(run_dir, data_dir, tmp_path, monkeypatch):
         "--teacher", tmp_path / "missing", words=("missing",))
     bad("compress", "cifar:resnet20", "--data", data_dir, "--out", tmp_path / "z", "--distill", "0.5",
         "--teacher", "cifar:resnet20", words=("--teacher", "10 outputs", "2 classes"))
+    bad("compress", "cifar:resnet20", "--data", data_dir, "--out", tmp_path / "w", "--distill", "0.5",
+        "--teacher", tmp_path / "r20.pt2", words=("--teacher", "r20.pt2", "dprp artifact"))

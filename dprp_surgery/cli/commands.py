@@ -429,7 +429,7 @@ def compress_pipeline(*, model: nn.Module, arch: str, model_spec: str, data_spec
     compress = _trainer_compress()
     t0 = time.perf_counter()
     result = compress(model, config, train_loader, val_loader, run_dir=out, resume=resume, progress=progress,
-                      teacher=None if teacher is None else teacher.to(_device(config)))
+                      teacher=teacher)
     wall = time.perf_counter() - t0
     trained = result.model.eval()
     device = next(trained.parameters()).device
@@ -490,6 +490,7 @@ def run_compress(*, model: str | None, data: str | None, out: Path | None, confi
         if teacher and config.distill == 0:
             raise ValueError(f"--teacher {teacher!r} needs distillation: add --distill 0.5 (the weight of the "
                              "teacher's soft targets), or drop --teacher.")
+        teacher_net = _load_teacher(teacher, trust_pickle) if teacher else None  # bad input fails before the data
         net, net_arch = _load(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle)
         if net_arch.split(":", 1)[0] not in ARCH_KINDS:
             raise ValueError(f"cannot tell the architecture of {model!r}, so the compressed model could not be saved "
@@ -507,7 +508,11 @@ def run_compress(*, model: str | None, data: str | None, out: Path | None, confi
             val = subset(val, min(limit_val, len(val)), seed=config.seed)
         pretrained = "@" in model or not model.startswith(ARCH_KINDS)
         net = _match_classes(net, train.num_classes, pretrained and num_classes is None)
-        teacher_net = _load_teacher(teacher, train.num_classes, trust_pickle) if teacher else None
+        teacher_outputs = infer_num_classes(teacher_net) if teacher_net is not None else None
+        if teacher_outputs is not None and teacher_outputs != train.num_classes:
+            raise ValueError(f"--teacher {teacher!r} has {teacher_outputs} outputs but the data has "
+                             f"{train.num_classes} classes; use a teacher trained on these classes (e.g. the dense "
+                             "model fine-tuned on this data).")
         compress_pipeline(model=net, arch=net_arch, model_spec=model, data_spec=data, train=train, val=val,
                           recipe=recipe, config=config, out=out, export_mode=export_mode, objective=objective,
                           resume=resume_path, progress=not quiet and not json_out, json_out=json_out,
@@ -515,15 +520,12 @@ def run_compress(*, model: str | None, data: str | None, out: Path | None, confi
                                  "arch_flag": arch, "teacher": teacher}, teacher=teacher_net)
 
 
-def _load_teacher(spec: str, num_classes: int, trust_pickle: bool) -> nn.Module:
-    """The --teacher model, checked against the dataset's classes."""
-    net, _ = _load(spec, arch=None, num_classes=None, trust_pickle=trust_pickle)
-    outputs = infer_num_classes(net)
-    if outputs is not None and outputs != num_classes:
-        raise ValueError(f"--teacher {spec!r} has {outputs} outputs but the data has {num_classes} classes; use a "
-                         "teacher trained on these classes (e.g. the dense model fine-tuned on this data).")
-    _set_training(net, False)
-    return net
+def _load_teacher(spec: str, trust_pickle: bool) -> nn.Module:
+    """The --teacher model (any MODEL form but a .pt2 program)."""
+    if spec.endswith(".pt2"):  # torch.export programs cannot be put in eval mode or copied like modules
+        raise ValueError(f"--teacher {spec!r}: a .pt2 program cannot be a teacher; give a dprp artifact or run "
+                         "directory, a state dict with its architecture (timm:NAME@FILE), or a model spec.")
+    return _load(spec, arch=None, num_classes=None, trust_pickle=trust_pickle)[0]
 
 
 # ----------------------------------------------------------------------------- export
