@@ -311,6 +311,11 @@ def test_compress_with_a_teacher(run_dir, data_dir, tmp_path, monkeypatch):
     assert json.loads((out / "run.json").read_text())["teacher"] == str(teacher)
     shipped = json.loads((run_dir / "run.json").read_text())["results"]["after"]["params"]
     assert sum(p.numel() for p in seen["teacher"].parameters()) == shipped
+    seen.clear()  # --resume takes the teacher from run.json, like the model and the data
+    result = invoke("compress", "--out", out, "--resume", "--epochs", "2", "-q")
+    assert result.exit_code == 0, result.output
+    assert sum(p.numel() for p in seen["teacher"].parameters()) == shipped
+    assert len((out / "history.jsonl").read_text().splitlines()) == 2
     bad("compress", "cifar:resnet20", "--data", data_dir, "--out", tmp_path / "x", "--teacher", teacher,
         words=("--teacher", "--distill 0.5"))
     bad("compress", "cifar:resnet20", "--data", data_dir, "--out", tmp_path / "y", "--distill", "0.5",
