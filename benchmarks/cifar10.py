@@ -36,6 +36,7 @@ import torch
 
 from dprp_surgery import DPRPConfig, export, factorize, load, save, summarize
 from dprp_surgery.cli.commands import RUN_FORMAT, RUN_VERSION
+from dprp_surgery.config import COMP_WEIGHTINGS
 from dprp_surgery.data import IMAGENET_MEAN, IMAGENET_STD, TensorLoader, open_data, subset
 from dprp_surgery.models import CIFAR_MODELS, load_cifar_checkpoint
 from dprp_surgery.surgery import svd_layers
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                              "once half the parameters are gone)")
     parser.add_argument("--lambda-comp", type=float, default=None,
                         help="lambda_comp of the tuned and distill rows (default: the tuned preset's 2)")
-    parser.add_argument("--comp-weighting", default="layers", choices=("layers", "params"),
+    parser.add_argument("--comp-weighting", default="layers", choices=COMP_WEIGHTINGS,
                         help="DPRPConfig.comp_weighting of the tuned and distill rows (layers: the paper's mean over "
                              "layers; params: weighted by each layer's share of the parameters)")
     parser.add_argument("--distill", type=float, default=0.5,
