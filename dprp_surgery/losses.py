@@ -354,6 +354,18 @@ class DPRPRegularizer:
 
     def __init__(self, config: DPRPConfig | None = None) -> None:
         self.config = config or DPRPConfig()
+        self._weights_key: tuple | None = None
+        self._weights: Tensor | None = None
+
+    def _layer_weights(self, layers: list[SVDLayer]) -> Tensor | None:
+        """`layer_weights` for the config's comp_weighting, cached: it depends only on the layers' dense shapes."""
+        if self.config.comp_weighting == "layers":
+            return None
+        first = layers[0].s
+        key = (tuple(lay.matrix_shape for lay in layers), first.device, first.dtype)
+        if key != self._weights_key:
+            self._weights, self._weights_key = layer_weights(layers, self.config.comp_weighting), key
+        return self._weights
 
     # ------------------------------------------------------------------ schedules
     def epsilon_at(self, epoch: float | None = None) -> float:
@@ -406,13 +418,12 @@ class DPRPRegularizer:
             orth = orthogonality_loss(layers)
             sort = _sorting_from_padded(S, mask).mean()
             tau = _tau_from_padded(S, mask, r, self.epsilon_at(epoch))
-            comp = _average(_compression_from_padded(S, mask, r, tau), layer_weights(layers, c.comp_weighting))
+            comp = _average(_compression_from_padded(S, mask, r, tau), self._layer_weights(layers))
             structure = w["mu_orth"] * orth + w["mu_sort"] * sort
             loss = w["lambda_str"] * structure + w["lambda_comp"] * comp
             terms = {"orth": orth, "sort": sort, "comp": comp, "structure": structure, "total_reg": loss}
         else:
-            reg = _average(_ablation_from_padded(S, mask, r, c.regularizer, c.delta),
-                           layer_weights(layers, c.comp_weighting))
+            reg = _average(_ablation_from_padded(S, mask, r, c.regularizer, c.delta), self._layer_weights(layers))
             loss = w["lambda_comp"] * reg
             terms = {"reg": reg, "total_reg": loss}
         return loss, {k: v.detach() for k, v in terms.items()}

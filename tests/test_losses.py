@@ -149,6 +149,18 @@ def test_regularizer_uses_comp_weighting():
     close(l1["reg"], regularization_loss(model, "l1", weighting="params"))
 
 
+def test_regularizer_weights_follow_the_layers_it_is_given():
+    reg = DPRPRegularizer(DPRPConfig(epsilon=0.1, comp_weighting="params"))
+    model = _model()
+    reg(model)
+    model[2].truncate_(2)  # pruning keeps the dense shape h x w, so the weights stay (6, 9, 16) / 31
+    close(reg(model)[1]["comp"], compression_loss(model, 0.1, weighting="params"))
+    close(reg._layer_weights(list(model)), [6 / 31, 9 / 31, 16 / 31])
+    other = nn.Sequential(lin(2, 2, [3, 4]), lin(1, 1, [1]))  # another model: weights (4, 1) / 5, not the cached ones
+    close(reg(other)[1]["comp"], compression_loss(other, 0.1, weighting="params"))
+    close(reg._layer_weights(list(other)), [0.8, 0.2])
+
+
 def test_compression_all_zero_is_finite():
     loss = compression_loss([lin(2, 2, [0, 0])], 0.1).detach()
     assert float(loss) == 0.0
