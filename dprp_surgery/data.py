@@ -260,8 +260,13 @@ def _make_executor(workers: int, n_chunks: int) -> Executor | None:
     return ThreadPoolExecutor(workers)
 
 
-def _progress(enabled: bool, transient: bool = False):  # noqa: ANN202 - rich type is optional
-    """A rich progress bar on stderr (disabled when ``enabled`` is False)."""
+def progress_bar(enabled: bool, transient: bool = False):  # noqa: ANN202 - rich type is optional
+    """A rich progress bar on stderr: description, bar, done/total, elapsed, remaining.
+
+    Args:
+        enabled: False gives a disabled bar (nothing is drawn), so callers need no branch.
+        transient: Remove the bar from the terminal when it finishes.
+    """
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -294,7 +299,7 @@ def _decode_files(
     starts = list(range(0, len(files), _CHUNK))
     executor = _make_executor(workers, len(starts))
     if executor is None:
-        with _progress(progress) as bar:
+        with progress_bar(progress) as bar:
             task = bar.add_task(f"decoding {label}", total=len(files))
             for s in starts:
                 chunk = files[s : s + _CHUNK]
@@ -306,7 +311,7 @@ def _decode_files(
         futures: dict[Future[np.ndarray], int] = {
             executor.submit(_decode_chunk, files[s : s + _CHUNK], size, hw): s for s in starts
         }
-        with _progress(progress) as bar:
+        with progress_bar(progress) as bar:
             task = bar.add_task(f"decoding {label}", total=len(files))
             for fut in as_completed(futures):
                 arr = fut.result()

@@ -324,3 +324,16 @@ def test_compress_with_a_teacher(run_dir, data_dir, tmp_path, monkeypatch):
         "--teacher", "cifar:resnet20", words=("--teacher", "10 outputs", "2 classes"))
     bad("compress", "cifar:resnet20", "--data", data_dir, "--out", tmp_path / "w", "--distill", "0.5",
         "--teacher", tmp_path / "r20.pt2", words=("--teacher", "r20.pt2", "dprp artifact"))
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_evaluate_counts_top1_and_top5(progress):
+    from dprp_surgery.cli.commands import evaluate
+
+    # 6 classes; logits descend with the class index, so the top 5 are classes 0..4
+    logits = torch.tensor([[6.0, 5, 4, 3, 2, 1]]).repeat(4, 1)
+    labels = torch.tensor([0, 1, 4, 5])  # top-1 hit, top-5 hit, top-5 hit, miss
+    loader = [(logits[:2], labels[:2]), (logits[2:], labels[2:])]
+    assert evaluate(torch.nn.Identity(), loader, progress=progress) == (25.0, 75.0)
+    with pytest.raises(ValueError, match="empty"):
+        evaluate(torch.nn.Identity(), [], progress=progress)

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..accounting import count_params, summarize
 from ..config import DPRPConfig
-from ..data import TensorImageDataset, TensorLoader, open_data, subset
+from ..data import TensorImageDataset, TensorLoader, open_data, progress_bar, subset
 from ..io import (
     ARCH_KINDS,
     DataRecipe,
@@ -69,6 +69,14 @@ def _out() -> Console:
 
 def _err() -> Console:
     return Console(stderr=True, soft_wrap=True)
+
+
+def _busy(text: str, enabled: bool = True) -> contextlib.AbstractContextManager[Any]:
+    """A spinner with `text` on stderr while a long step runs (nothing when disabled or not a terminal)."""
+    console = _err()
+    if not enabled or not console.is_terminal:
+        return contextlib.nullcontext()
+    return console.status(escape(text))
 
 
 def _note(text: str) -> None:
@@ -168,20 +176,34 @@ def _set_training(model: nn.Module, mode: bool) -> bool:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: TensorLoader) -> tuple[float, float]:
-    """Top-1 and top-5 accuracy (%) of `model` over `loader` (eval mode, model's device)."""
+def evaluate(model: nn.Module, loader: TensorLoader, progress: bool = False, label: str = "evaluating"
+             ) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy (%) of `model` over `loader` (eval mode, model's device).
+
+    Args:
+        model: The model (its first parameter's device is used).
+        loader: Batches of (images, labels).
+        progress: Show a transient progress bar on stderr.
+        label: The bar's description.
+
+    Returns:
+        (top-1, top-5) in percent.
+    """
     was = _set_training(model, False)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     correct1 = correct5 = total = 0
     try:
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            logits = model(x)
-            k = min(5, logits.shape[1])
-            top = logits.topk(k, dim=1).indices
-            correct1 += (top[:, 0] == y).sum().item()
-            correct5 += (top == y[:, None]).any(dim=1).sum().item()
-            total += y.numel()
+        with progress_bar(progress, transient=True) as bar:
+            task = bar.add_task(label, total=len(loader))
+            for x, y in loader:
+                x, y = x.to(device), y.to(device)
+                logits = model(x)
+                k = min(5, logits.shape[1])
+                top = logits.topk(k, dim=1).indices
+                correct1 += (top[:, 0] == y).sum().item()
+                correct5 += (top == y[:, None]).any(dim=1).sum().item()
+                total += y.numel()
+                bar.advance(task)
     finally:
         _set_training(model, was)
     if total == 0:
@@ -319,9 +341,10 @@ def run_inspect(*, model: str, input_size: str | None, scheme: str | None, inclu
         if exclude:
             fields["exclude"] = tuple(exclude)
         config = build_config(overrides=fields) if fields else DPRPConfig()
-        target = net if _is_factorized(net) else factorize(net, config)
-        example = torch.zeros(1, *size)
-        summary = summarize(target, example)
+        with _busy(f"Factorizing {model} and counting its MACs ...", not json_out):
+            target = net if _is_factorized(net) else factorize(net, config)
+            example = torch.zeros(1, *size)
+            summary = summarize(target, example)
         layers = dict(svd_layers(target))
         rank1 = {n: layers[n].compression_rate(1) for n in layers}
         best_params = summary.params - sum(m.factor_param_count() for m in layers.values()) + sum(
@@ -411,7 +434,7 @@ def compress_pipeline(*, model: nn.Module, arch: str, model_spec: str, data_spec
     train_loader, val_loader = _loaders(train, val, recipe, config)
     dense_summary = summarize(model, example)
     model = model.to(_device(config))
-    top1_b, top5_b = evaluate(model, val_loader)
+    top1_b, top5_b = evaluate(model, val_loader, progress and not json_out, "evaluating the model as given")
     before = {"params": dense_summary.params, "macs": dense_summary.macs, "top1": top1_b, "top5": top5_b}
     info: dict[str, Any] = {
         "format": RUN_FORMAT, "version": RUN_VERSION, "model": model_spec, "arch": arch,
@@ -434,9 +457,10 @@ def compress_pipeline(*, model: nn.Module, arch: str, model_spec: str, data_spec
     trained = result.model.eval()
     device = next(trained.parameters()).device
     layers = svd_layers(trained)
-    exported = export(trained, export_mode, objective=objective, example_inputs=example.to(device))
-    artifact = save(exported, out / "model", arch=arch, config=config, input_size=list(example.shape[1:]))
-    top1_a, top5_a = evaluate(exported, val_loader)
+    with _busy(f"Exporting ({export_mode}, objective {objective}) ...", progress and not json_out):
+        exported = export(trained, export_mode, objective=objective, example_inputs=example.to(device))
+        artifact = save(exported, out / "model", arch=arch, config=config, input_size=list(example.shape[1:]))
+    top1_a, top5_a = evaluate(exported, val_loader, progress and not json_out, "evaluating the exported model")
     after_summary = summarize(exported.to("cpu"), example)
     after = {"params": after_summary.params, "macs": after_summary.macs, "top1": top1_a, "top5": top5_a}
     info.update(status="done", wall_s=wall, artifact=str(artifact),
@@ -543,15 +567,16 @@ def run_export(*, source: str, out: Path, mode: str, fmt: str, objective: str, i
             recorded = read_run_info(source).get("input_size")
             size = tuple(recorded) if recorded else size
         example = torch.zeros(1, *size)
-        exported = export_model(net, mode, objective=objective, example_inputs=example)
-        if fmt == "safetensors":
-            rebuildable = net_arch if net_arch.split(":", 1)[0] in ARCH_KINDS else None
-            path = save(exported, out, arch=rebuildable, config=getattr(net, "_dprp_config", None),
-                        input_size=list(size))
-        elif fmt == "onnx":
-            path = to_onnx(exported, out, example)
-        else:
-            path = to_pt2(exported, out, example)
+        with _busy(f"Exporting {source} ({mode}, {fmt}) ...", not json_out):
+            exported = export_model(net, mode, objective=objective, example_inputs=example)
+            if fmt == "safetensors":
+                rebuildable = net_arch if net_arch.split(":", 1)[0] in ARCH_KINDS else None
+                path = save(exported, out, arch=rebuildable, config=getattr(net, "_dprp_config", None),
+                            input_size=list(size))
+            elif fmt == "onnx":
+                path = to_onnx(exported, out, example)
+            else:
+                path = to_pt2(exported, out, example)
         forms: dict[str, int] = {}
         for entry in layer_forms(exported).values():
             forms[entry["form"]] = forms.get(entry["form"], 0) + 1
@@ -590,7 +615,7 @@ def run_eval(*, model: str, data: str, limit: int | None, batch_size: int, laten
             raise ValueError(f"the model has {outputs} outputs but {data!r} has {val.num_classes} classes; evaluate it "
                              "on data with the classes it was trained on.")
         loader = TensorLoader(val, batch_size, mean=recipe.mean, std=recipe.std)
-        top1, top5 = evaluate(net, loader)
+        top1, top5 = evaluate(net, loader, progress=not json_out)
         example = torch.zeros(1, *val.image_shape)
         macs, _ = _macs(net, example)
         result: dict[str, Any] = {"model": model, "arch": net_arch, "data": data, "images": len(val), "top1": top1,
@@ -599,7 +624,8 @@ def run_eval(*, model: str, data: str, limit: int | None, batch_size: int, laten
             g = torch.Generator().manual_seed(0)
             for b in (1, 64):
                 x = torch.randn(b, *val.image_shape, generator=g)
-                result[f"latency_ms_b{b}"] = 1000 * measure_latency(net, x, runs=latency_runs)
+                with _busy(f"Timing batch {b} ...", not json_out):
+                    result[f"latency_ms_b{b}"] = 1000 * measure_latency(net, x, runs=latency_runs)
             result["threads"] = torch.get_num_threads()
         if json_out:
             _emit_json(result)
