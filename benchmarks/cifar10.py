@@ -36,7 +36,7 @@ import torch
 
 from dprp_surgery import DPRPConfig, export, factorize, load, save, summarize
 from dprp_surgery.cli.commands import RUN_FORMAT, RUN_VERSION
-from dprp_surgery.config import COMP_WEIGHTINGS
+from dprp_surgery.config import COMP_WEIGHTINGS, SCHEMES
 from dprp_surgery.data import IMAGENET_MEAN, IMAGENET_STD, TensorLoader, open_data, subset
 from dprp_surgery.models import CIFAR_MODELS, load_cifar_checkpoint
 from dprp_surgery.surgery import svd_layers
@@ -121,6 +121,8 @@ def run_row(row: str, model_name: str, args, train_ds, test_ds, base: DPRPConfig
         config = config.replace(sigma_lr_scale=args.sigma_lr_scale)
     if args.lambda_comp is not None and row in ("tuned", "distill"):
         config = config.replace(lambda_comp=args.lambda_comp)
+    if args.scheme is not None and row in ("tuned", "distill"):
+        config = config.replace(scheme=args.scheme)
     torch.manual_seed(config.seed)
     dense = pretrained(model_name, args.weights_dir, args.from_scratch)
     example = torch.zeros(1, 3, 32, 32)
@@ -250,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
                              "once half the parameters are gone)")
     parser.add_argument("--lambda-comp", type=float, default=None,
                         help="lambda_comp of the tuned and distill rows (default: the tuned preset's 2)")
+    parser.add_argument("--scheme", default=None, choices=SCHEMES,
+                        help="matricization of the tuned and distill rows (default: the tuned preset's, paper); the "
+                             "paper and ablation rows always use the paper scheme")
     parser.add_argument("--comp-weighting", default="layers", choices=COMP_WEIGHTINGS,
                         help="DPRPConfig.comp_weighting of the tuned and distill rows (layers: the paper's mean over "
                              "layers; params: weighted by each layer's share of the parameters)")
