@@ -123,6 +123,10 @@ def run_row(row: str, model_name: str, args, train_ds, test_ds, base: DPRPConfig
         config = config.replace(lambda_comp=args.lambda_comp)
     if args.scheme is not None and row in ("tuned", "distill"):
         config = config.replace(scheme=args.scheme)
+    if args.epsilon is not None and row in ("tuned", "distill"):
+        config = config.replace(epsilon=args.epsilon)
+    if args.prune_every is not None and row in ("tuned", "distill"):
+        config = config.replace(prune_every=args.prune_every)
     torch.manual_seed(config.seed)
     dense = pretrained(model_name, args.weights_dir, args.from_scratch)
     example = torch.zeros(1, 3, 32, 32)
@@ -252,6 +256,13 @@ def main(argv: list[str] | None = None) -> int:
                              "once half the parameters are gone)")
     parser.add_argument("--lambda-comp", type=float, default=None,
                         help="lambda_comp of the tuned and distill rows (default: the tuned preset's 2)")
+    parser.add_argument("--epsilon", type=float, default=None,
+                        help="epsilon of the tuned and distill rows (default: the tuned preset's 0.1)")
+    parser.add_argument("--prune-every", type=int, default=None,
+                        help="steps between pruning checks in the tuned and distill rows (default: the tuned "
+                             "preset's 25). L_comp pushes down the smallest kept singular value until it falls under "
+                             "epsilon times its neighbour, so a layer sheds about one component per check at best: "
+                             "the long spectra of the spatial scheme (rank up to 3 x channels) need frequent checks")
     parser.add_argument("--scheme", default=None, choices=SCHEMES,
                         help="matricization of the tuned and distill rows (default: the tuned preset's, paper); the "
                              "paper and ablation rows always use the paper scheme")

@@ -10,8 +10,10 @@ Two models are measured (issue 4):
 Each is exported three ways (:func:`dprp_surgery.export.export`): ``dense`` (the original layers),
 ``factorized`` (two standard layers per SVD layer) and ``auto`` with the latency objective (per layer the
 faster form, timed at the batch size of the row). Every form runs at batch 1 and 64 in PyTorch eager
-(``torch.inference_mode``) and in onnxruntime (CPUExecutionProvider, same thread count); the table gives the
-median of ``--runs`` timed runs after a warm-up (at least 2 runs and 0.5 s) and the ratio to dense in the same run.
+(``torch.inference_mode``) and in onnxruntime (CPUExecutionProvider, same thread count). The three forms of a row
+are timed in interleaved rounds (dense, factorized, auto, dense, ...), each round one block of calls of about 20 ms
+per form after a warm-up (at least 2 calls and 0.5 s); the table gives the median over ``--runs`` rounds of the
+per-call time and the ratio to dense in the same run.
 
 Usage:
 
@@ -50,18 +52,32 @@ REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Inference latency (issue 4)"
 
 
-def median_latency(fn, runs: int, warmup_s: float = 0.5) -> float:
-    """Median seconds of `fn()` over `runs` calls after warming up (>= 2 calls and >= `warmup_s` seconds)."""
-    start, calls = time.perf_counter(), 0
-    while calls < 2 or time.perf_counter() - start < warmup_s:
-        fn()
-        calls += 1
-    times = []
-    for _ in range(runs):
+def interleaved_medians(fns: list, runs: int, warmup_s: float = 0.5, min_block_s: float = 0.02) -> list[float]:
+    """Median seconds of one call of each of `fns`, timed in interleaved rounds.
+
+    Each function is warmed up (>= 2 calls and >= `warmup_s` seconds) and calibrated to a block of calls
+    lasting about `min_block_s` (a 1 ms forward is timed as the mean of a block, not one call at a time);
+    then every round times one block of each function in turn, so a slow drift of the machine's load hits
+    every form alike. The result is the median over `runs` rounds of each function's per-call time.
+    """
+    blocks = []
+    for fn in fns:
+        start, calls = time.perf_counter(), 0
+        while calls < 2 or time.perf_counter() - start < warmup_s:
+            fn()
+            calls += 1
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        one = time.perf_counter() - t0
+        blocks.append(max(1, math.ceil(min_block_s / max(one, 1e-9))))
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(runs):
+        for i, (fn, n) in enumerate(zip(fns, blocks)):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            times[i].append((time.perf_counter() - t0) / n)
+    return [statistics.median(t) for t in times]
 
 
 def warm_up_process(seconds: float = 5.0) -> None:
@@ -165,24 +181,27 @@ def bench_model(name: str, svd_model: nn.Module, size: tuple[int, ...], args, wo
         t0 = time.perf_counter()
         forms["auto"] = export(svd_model, "auto", objective="latency", example_inputs=x)
         auto_s = time.perf_counter() - t0
+        with torch.inference_mode():
+            eager = interleaved_medians([lambda m=m, x=x: m(x) for m in forms.values()], args.runs, args.warmup_s,
+                                        args.min_block_s)
+        ort: list = [None] * len(forms)
+        if not args.skip_onnx:
+            sessions = [ort_session(model, one, threads, workdir, f"{name}-{form}-{batch}")
+                        for form, model in forms.items()]
+            feeds = [{session.get_inputs()[0].name: x.numpy()} for session in sessions]
+            ort = interleaved_medians([lambda s=s, f=f: s.run(None, f) for s, f in zip(sessions, feeds)],
+                                      args.runs, args.warmup_s, args.min_block_s)
+            del sessions
         results = {}
-        for form, model in forms.items():
+        for (form, model), eager_s, ort_s in zip(forms.items(), eager, ort):
             s = summarize(model, one)
-            with torch.inference_mode():
-                eager = median_latency(lambda m=model, x=x: m(x), args.runs, args.warmup_s)
-            ort_s = None
-            if not args.skip_onnx:
-                session = ort_session(model, one, threads, workdir, f"{name}-{form}-{batch}")
-                feed = {session.get_inputs()[0].name: x.numpy()}
-                ort_s = median_latency(lambda s=session, f=feed: s.run(None, f), args.runs, args.warmup_s)
-                del session
             n_fact = sum(1 for v in getattr(model, "_dprp_layers", {}).values() if v["form"] == "factorized")
             results[form] = {"model": name, "scheme": schemes, "form": form, "batch": batch,
                              "params": count_params(model),
-                             "macs": s.macs, "eager_ms": 1000 * eager,
+                             "macs": s.macs, "eager_ms": 1000 * eager_s,
                              "ort_ms": None if ort_s is None else 1000 * ort_s, "factorized_layers": n_fact,
                              "layers": len(svd_layers(svd_model)), "auto_select_s": auto_s if form == "auto" else None}
-            print(f"  {name} b{batch} {form:10s} eager {1000 * eager:9.2f} ms"
+            print(f"  {name} b{batch} {form:10s} eager {1000 * eager_s:9.2f} ms"
                   + ("" if ort_s is None else f"  ort {1000 * ort_s:9.2f} ms"), flush=True)
         for r in results.values():
             d = results["dense"]
@@ -215,8 +234,9 @@ def markdown(rows: list[dict], models: dict[str, str], command: str) -> str:
         pass
     lines = [
         SECTION, "",
-        "CPU inference latency of exported compressed models (`benchmarks/latency.py`): median of "
-        f"{rows[0].get('runs', '?')} timed runs after a warm-up (>= 2 runs and 0.5 s), PyTorch eager "
+        "CPU inference latency of exported compressed models (`benchmarks/latency.py`): the three forms of "
+        "a row timed in interleaved rounds (one block of calls of about 20 ms per form per round), median over "
+        f"{rows[0].get('runs', '?')} rounds of the per-call time after a warm-up (>= 2 calls and 0.5 s), PyTorch eager "
         "(`torch.inference_mode`) and "
         "onnxruntime (CPUExecutionProvider). `auto` = `export(mode='auto', objective='latency')` with the layer "
         "timings taken at the row's batch size; `x dense` = latency / dense latency in the same run (< 1 is faster).",
@@ -318,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-timm", action="store_true")
     parser.add_argument("--skip-onnx", action="store_true")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=15, help="interleaved timing rounds per row (default 15)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch and onnxruntime intra-op threads (default 1: on a shared 2-core machine two "
                              "OpenMP threads stall for hundreds of ms whenever a neighbour takes a core)")
@@ -333,11 +353,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 < args.keep <= 1:
         parser.error("--keep must lie in (0, 1]")
-    args.warmup_s, warm_up_s = 0.5, 5.0
+    args.warmup_s, warm_up_s, args.min_block_s = 0.5, 5.0, 0.02
     if args.smoke:
         if args.md:
             parser.error("--smoke timings mean nothing: do not write them into --md")
         args.batches, args.runs, args.warmup_s, warm_up_s = [1], 1, 0.0, 0.0
+        args.min_block_s = 0.0
         if args.timm_size == parser.get_default("timm_size"):
             args.timm_size = 32
     if args.threads:

@@ -114,6 +114,31 @@ def test_latency_cases(tmp_path, capsys):
         run_main("latency.py", ["--smoke", "--case", "timm:resnet18"])
 
 
+@pytest.mark.parametrize("scheme", ["paper", "channel", "spatial"])
+def test_truncation_error_is_the_eckart_young_error(scheme, capsys):
+    """Each layer's reported error is ||W - W_k||^2 / ||W||^2 of the truncated model, at the largest rank that fits."""
+    from dprp_surgery.models import resnet20
+
+    bench = runpy.run_path(str(BENCHMARKS / "truncation_error.py"), run_name="benchmark_truncation_error")
+    torch.manual_seed(0)
+    model = resnet20().eval()
+    (row,) = bench["truncation_rows"](model, scheme, [0.35])
+    small = bench["truncated"](model, scheme, 0.35)
+    dense = dict(model.named_modules())
+    layers = dict(svd_layers(small))
+    assert [x["name"] for x in row["layers"]] == list(layers)
+    for entry in row["layers"]:
+        layer, weight = layers[entry["name"]], dense[entry["name"]].weight.detach().double()
+        h, w = layer.matrix_shape
+        assert layer.rank == entry["rank"] and entry["rank"] * (h + w + 1) <= max(0.35 * h * w, h + w + 1)
+        assert entry["rank"] == entry["full_rank"] or (entry["rank"] + 1) * (h + w + 1) > 0.35 * h * w
+        expected = float(((weight - layer.dense_weight().detach().double()) ** 2).sum() / (weight ** 2).sum())
+        assert entry["error"] == pytest.approx(expected, rel=1e-3, abs=1e-6)
+    assert 0 < row["error"] < 1
+    assert bench["main"](["--model", "cifar:resnet20", "--keep", "0.5", "--schemes", scheme]) == 0
+    assert f"| {scheme} | 0.5 |" in capsys.readouterr().out
+
+
 def test_sweep_runs_each_entry(shared_dir, tmp_path, capsys):
     sweep = tmp_path / "sweep.json"
     sweep.write_text(json.dumps({"dense": {"dense": True, "epochs": 1, "batch_size": 32},
