@@ -240,7 +240,7 @@ def export(model: nn.Module, mode: str = "dense", *, objective: str = "params",
         objective: For "auto": "params" (parameter count), "macs" (multiply-accumulates for
             `example_inputs`) or "latency" (median forward time of both forms of each layer on
             its device, with the layer's input shape for `example_inputs`; the assembled model is then
-            timed against its all-dense twin and made all dense unless it is faster).
+            timed against its all-dense and all-factorized twins and the fastest of the three is kept).
         example_inputs: A tensor or tuple of inputs; needed for "macs" and "latency".
 
     Returns:
@@ -264,7 +264,7 @@ def export(model: nn.Module, mode: str = "dense", *, objective: str = "params",
     if mode == "auto" and objective in ("macs", "latency") and entries:
         shapes = _record_shapes(new, list(entries), example_inputs)
     decisions: dict[str, dict[str, Any]] = {}
-    denses: dict[str, nn.Module] = {}  # the dense form of each layer auto factorized (for the whole-model check)
+    alternatives: dict[str, dict[str, nn.Module]] = {}  # both forms of each auto layer (for the whole-model check)
     names_of: dict[str, list[str]] = {}
     for name, entry in entries.items():
         current = new.get_submodule(name)
@@ -276,16 +276,15 @@ def export(model: nn.Module, mode: str = "dense", *, objective: str = "params",
             dense, fact = svd.to_dense(), svd.to_factorized()
             target = _cheaper(dense, fact, objective, shapes.get(name), svd.U.dtype)
             replacement = dense if target == "dense" else fact
-            if target == "factorized":
-                denses[name] = dense
-                names_of[name] = aliases[id(current)]
+            alternatives[name] = {"dense": dense, "factorized": fact}
+            names_of[name] = aliases[id(current)]
         else:
             target = mode
             replacement = svd.to_dense() if mode == "dense" else svd.to_factorized()
         _swap(new, aliases[id(current)], replacement, current.training, svd.U.requires_grad)
         decisions[name] = {"form": target, "spec": entry["spec"]}
-    if mode == "auto" and objective == "latency" and denses:
-        _keep_dense_unless_faster(new, denses, names_of, decisions, example_inputs)
+    if mode == "auto" and objective == "latency" and alternatives:
+        _fastest_whole_model(new, alternatives, names_of, decisions, example_inputs)
     object.__setattr__(new, _LAYERS_ATTR, decisions)
     return new
 
@@ -299,29 +298,42 @@ def _swap(model: nn.Module, names: Sequence[str], replacement: nn.Module, traini
         model.set_submodule(alias, replacement)
 
 
-def _keep_dense_unless_faster(model: nn.Module, denses: dict[str, nn.Module], names_of: dict[str, list[str]],
-                              decisions: dict[str, dict[str, Any]], example_inputs: Any) -> None:
-    """Whole-model check of auto(latency): unless the mixed model beats the all-dense one, make every layer dense.
+def _fastest_whole_model(model: nn.Module, alternatives: dict[str, dict[str, nn.Module]],
+                         names_of: dict[str, list[str]], decisions: dict[str, dict[str, Any]],
+                         example_inputs: Any) -> None:
+    """Whole-model check of auto(latency): keep the per-layer mix, or go all dense or all factorized if faster.
 
     Layer timings taken one by one miss what happens between layers (memory layout changes, cache traffic), so
-    the assembled model is timed against its all-dense twin on `example_inputs`; auto is then never slower than
-    dense as a whole, up to the timing noise of the machine.
+    the assembled model is timed against its all-dense and all-factorized twins on `example_inputs` and the
+    fastest of the three is kept: auto is then never slower than dense (nor than factorized) as a whole, up to
+    the timing noise of the machine.
     """
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    all_dense = copy.deepcopy(model)
-    for name, dense in denses.items():
-        current = all_dense.get_submodule(name)
-        _swap(all_dense, names_of[name], copy.deepcopy(dense), current.training,
-              any(p.requires_grad for p in current.parameters()))
-    t_dense, t_mixed = _latencies([all_dense, model], None, inputs=inputs)
-    if t_mixed < t_dense:
+    candidates: dict[str, nn.Module] = {}
+    for form in ("dense", "factorized"):
+        if all(decisions[name]["form"] == form for name in alternatives):
+            continue  # the mix is already this form everywhere
+        twin = copy.deepcopy(model)
+        for name, forms in alternatives.items():
+            if decisions[name]["form"] != form:
+                _swap(twin, names_of[name], copy.deepcopy(forms[form]), *_flags(twin.get_submodule(name)))
+        candidates[form] = twin
+    candidates["mixed"] = model
+    times = dict(zip(candidates, _latencies(list(candidates.values()), None, inputs=inputs)))
+    best = min(times, key=times.get)
+    if best == "mixed":
         return
-    log.info("export(auto, latency): the model with %d factorized layers ran %.3g ms against %.3g ms all dense; "
-             "keeping every layer dense", len(denses), 1e3 * t_mixed, 1e3 * t_dense)
-    for name, dense in denses.items():
-        current = model.get_submodule(name)
-        _swap(model, names_of[name], dense, current.training, any(p.requires_grad for p in current.parameters()))
-        decisions[name]["form"] = "dense"
+    log.info("export(auto, latency): the per-layer choice ran %.3g ms, all %s %.3g ms; making every layer %s",
+             1e3 * times["mixed"], best, 1e3 * times[best], best)
+    for name, forms in alternatives.items():
+        if decisions[name]["form"] != best:
+            _swap(model, names_of[name], forms[best], *_flags(model.get_submodule(name)))
+            decisions[name]["form"] = best
+
+
+def _flags(module: nn.Module) -> tuple[bool, bool]:
+    """(training, requires_grad) of a layer, for the module that replaces it."""
+    return module.training, any(p.requires_grad for p in module.parameters())
 
 
 def _cheaper(dense: nn.Module, fact: nn.Module, objective: str, shape: tuple[int, ...] | None,

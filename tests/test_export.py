@@ -177,6 +177,33 @@ def test_auto_latency_checks_the_assembled_model(r20, monkeypatch, whole_model_f
     assert (n_auto < n_dense) if whole_model_faster else (n_auto == n_dense)  # r20 is truncated: factorized is smaller
 
 
+@pytest.mark.parametrize("winner", ["dense", "factorized", "mixed"])
+def test_auto_latency_keeps_the_fastest_whole_model(r20, monkeypatch, winner):
+    """Layer timings give a mix; the assembled mix, all-dense and all-factorized models are timed together."""
+    import importlib
+
+    export_module = importlib.import_module("dprp_surgery.export")
+    layer_calls, model_calls = [], []
+
+    def fake_latencies(modules, shape, runs=9, warmup_s=0.02, inputs=None):
+        if inputs is None:
+            layer_calls.append(shape)
+            return [1.0, 2.0] if len(layer_calls) % 2 else [2.0, 1.0]  # dense wins on odd layers
+        model_calls.append(len(modules))
+        return {"dense": [1.0, 2.0, 3.0], "factorized": [2.0, 1.0, 3.0], "mixed": [2.0, 3.0, 1.0]}[winner]
+
+    monkeypatch.setattr(export_module, "_latencies", fake_latencies)
+    x = torch.randn(1, 3, 32, 32)
+    auto = export(r20, "auto", objective="latency", example_inputs=x)
+    assert model_calls == [3]  # (all dense, all factorized, mixed)
+    forms = [v["form"] for v in layer_forms(auto).values()]
+    if winner == "mixed":
+        assert forms == ["dense" if i % 2 == 0 else "factorized" for i in range(len(forms))]
+    else:
+        assert set(forms) == {winner}
+    torch.testing.assert_close(auto(x), r20(x), atol=1e-5, rtol=1e-4)
+
+
 def test_export_argument_errors(r20):
     with pytest.raises(ValueError, match="mode='sparse'|mode=.sparse"):
         export(r20, "sparse")
