@@ -142,7 +142,7 @@ def parse_case(spec: str, timm_size: int):
     parts = rest.split(":")
     try:
         if kind == "run" and rest:
-            return f"run:{Path(rest).name}", lambda: run_model(rest)
+            return f"run:{rest.rstrip('/')}", lambda: run_model(rest)  # the whole path: rows are often all "distill"
         if kind == "cifar" and len(parts) == 3 and parts[0] == "resnet20":
             scheme, keep = parts[1], float(parts[2])
             return f"resnet20 {scheme} {keep:g}", lambda: cifar_model(scheme, keep)
@@ -292,7 +292,8 @@ def notes(rows: list[dict]) -> list[str]:
     auto = [r for r in rows if r["form"] == "auto" and r["factorized_layers"] > 0]
     if auto:
         out.append("- auto(latency) picks, per layer, the form that ran faster in eager mode at the row's batch "
-                   "size, so it factorizes only layers where that pays: " + "; ".join(
+                   "size, then keeps that mix, the all-dense or the all-factorized model, whichever runs fastest "
+                   "as a whole: " + "; ".join(
                        f"{r['model']} batch {r['batch']}: {r['factorized_layers']}/{r['layers']} layers, eager "
                        f"{r['eager_vs_dense']:.2f}x" + (f", ORT {r['ort_vs_dense']:.2f}x" if r["ort_vs_dense"] else "")
                        for r in auto) + ". The choice is timed in PyTorch eager; onnxruntime fuses differently, "

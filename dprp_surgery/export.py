@@ -298,6 +298,10 @@ def _swap(model: nn.Module, names: Sequence[str], replacement: nn.Module, traini
         model.set_submodule(alias, replacement)
 
 
+LATENCY_MARGIN = 0.95
+"""auto(latency) leaves the all-dense model only for a whole model at least 5% faster (timing noise)."""
+
+
 def _fastest_whole_model(model: nn.Module, alternatives: dict[str, dict[str, nn.Module]],
                          names_of: dict[str, list[str]], decisions: dict[str, dict[str, Any]],
                          example_inputs: Any) -> None:
@@ -305,8 +309,8 @@ def _fastest_whole_model(model: nn.Module, alternatives: dict[str, dict[str, nn.
 
     Layer timings taken one by one miss what happens between layers (memory layout changes, cache traffic), so
     the assembled model is timed against its all-dense and all-factorized twins on `example_inputs` and the
-    fastest of the three is kept: auto is then never slower than dense (nor than factorized) as a whole, up to
-    the timing noise of the machine.
+    fastest of the three is kept, all dense unless another is `LATENCY_MARGIN` times faster: auto is then never
+    slower than dense (nor than factorized) as a whole, up to the timing noise of the machine.
     """
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     candidates: dict[str, nn.Module] = {}
@@ -320,6 +324,8 @@ def _fastest_whole_model(model: nn.Module, alternatives: dict[str, dict[str, nn.
         candidates[form] = twin
     candidates["mixed"] = model
     times = dict(zip(candidates, _latencies(list(candidates.values()), None, inputs=inputs)))
+    if "dense" in times:  # leaving the drop-in dense model must pay more than the timing noise
+        times["dense"] *= LATENCY_MARGIN
     best = min(times, key=times.get)
     if best == "mixed":
         return
