@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", nargs="+", default=None, choices=ALL_ROWS,
                         help="rows to run (default: all for resnet20/32, dense+tuned for resnet56)")
     parser.add_argument("--epochs", type=int, default=3,
-                        help="epochs of every row (3: the R20 table in about 75 min on 2 quiet cores)")
+                        help="epochs of every row (3: the R20 table of docs/benchmarks.md took 59 min on 2 cores)")
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--factor-lr-scale", type=float, default=None,
