@@ -324,9 +324,9 @@ def _fastest_whole_model(model: nn.Module, alternatives: dict[str, dict[str, nn.
         candidates[form] = twin
     candidates["mixed"] = model
     times = dict(zip(candidates, _latencies(list(candidates.values()), None, inputs=inputs)))
-    if "dense" in times:  # leaving the drop-in dense model must pay more than the timing noise
-        times["dense"] *= LATENCY_MARGIN
-    best = min(times, key=times.get)
+    all_dense = "dense" if "dense" in candidates else "mixed"  # the mix itself when every layer chose dense
+    scores = {**times, all_dense: times[all_dense] * LATENCY_MARGIN}  # leaving dense must beat the noise
+    best = min(scores, key=scores.get)
     if best == "mixed":
         return
     log.info("export(auto, latency): the per-layer choice ran %.3g ms, all %s %.3g ms; making every layer %s",

@@ -206,6 +206,27 @@ def test_auto_latency_keeps_the_fastest_whole_model(r20, monkeypatch, winner):
     torch.testing.assert_close(auto(x), r20(x), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize(("factorized_time", "expected"), [(0.97, "dense"), (0.90, "factorized")])
+def test_auto_latency_tries_all_factorized_when_every_layer_chose_dense(r20, monkeypatch, factorized_time, expected):
+    import importlib
+
+    export_module = importlib.import_module("dprp_surgery.export")
+    model_calls = []
+
+    def fake_latencies(modules, shape, runs=9, warmup_s=0.02, inputs=None):
+        if inputs is None:
+            return [1.0, 2.0]  # every layer: dense faster
+        model_calls.append(len(modules))
+        return [factorized_time, 1.0]  # (all factorized, the mix = all dense)
+
+    monkeypatch.setattr(export_module, "_latencies", fake_latencies)
+    x = torch.randn(1, 3, 32, 32)
+    auto = export(r20, "auto", objective="latency", example_inputs=x)
+    assert model_calls == [2]
+    assert {v["form"] for v in layer_forms(auto).values()} == {expected}
+    torch.testing.assert_close(auto(x), r20(x), atol=1e-5, rtol=1e-4)
+
+
 def test_export_argument_errors(r20):
     with pytest.raises(ValueError, match="mode='sparse'|mode=.sparse"):
         export(r20, "sparse")
