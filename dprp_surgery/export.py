@@ -544,20 +544,13 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
             recorded[name] = {"form": form, "spec": spec}
     if dtype != torch.float32:
         model.to(dtype)
-    from .io import _fit_report
+    from .io import _describe_misfit, _fit_report
 
     missing, unexpected, bad = _fit_report(model, state)
     missing = missing + [k for k in model.state_dict() if k.endswith("num_batches_tracked") and k not in state]
     if missing or unexpected or bad:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:5])}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:5])}")
-        if bad:
-            parts.append(f"wrong shape {'; '.join(bad[:3])}")
         raise ValueError(f"{str(wpath)!r} does not fit the model described by {MANIFEST_FILE} ({arch}): "
-                         f"{'; '.join(parts)}. The artifact is inconsistent; re-export it.")
+                         f"{_describe_misfit(missing, unexpected, bad)}. The artifact is inconsistent; re-export it.")
     model.load_state_dict(state, strict=True)
     object.__setattr__(model, _LAYERS_ATTR, recorded)
     object.__setattr__(model, _ARCH_ATTR, arch)

@@ -443,22 +443,28 @@ def _fit_report(model: nn.Module, state: Mapping[str, torch.Tensor]) -> tuple[li
     return missing, unexpected, bad
 
 
+def _describe_misfit(missing: list[str], unexpected: list[str], bad: list[str]) -> str:
+    """One line for a `_fit_report`: counts and the first keys of each kind."""
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (first: {', '.join(missing[:5])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:5])})")
+    if bad:
+        parts.append(f"{len(bad)} tensors of the wrong shape (first: {'; '.join(bad[:3])})")
+    return "; ".join(parts)
+
+
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str) -> None:
     """load_state_dict(strict=True) with a ValueError naming the file, arch and first bad keys."""
     missing, unexpected, bad = _fit_report(model, state)
     if missing or unexpected or bad:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (first: {', '.join(missing[:5])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:5])})")
-        if bad:
-            parts.append(f"{len(bad)} tensors of the wrong shape (first: {'; '.join(bad[:3])})")
         hint = " Is this the right architecture?"
         if any(k.endswith((".U", ".V", ".s")) for k in unexpected):
             hint = (" The file holds factorized (SVD) layers (keys ending in .U/.s/.V): pass the dprp run directory "
                     "or an exported dprp artifact instead.")
-        raise ValueError(f"weights {str(path)!r} do not fit {arch}: {'; '.join(parts)}.{hint}")
+        misfit = _describe_misfit(missing, unexpected, bad)
+        raise ValueError(f"weights {str(path)!r} do not fit {arch}: {misfit}.{hint}")
     own = model.state_dict()
     full = dict(state)
     for k, v in own.items():

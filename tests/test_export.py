@@ -283,6 +283,17 @@ def test_bad_artifacts(r20, tmp_path):
         load(path)
     (path / "model.safetensors").write_bytes(weights)
 
+    # intact files that do not belong together: another form's weights, with their own checksum
+    other = save(export(r20, "dense"), tmp_path / "other")
+    (path / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    m = json.loads(manifest)
+    m["sha256"] = json.loads((other / "manifest.json").read_text())["sha256"]
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=r"model.safetensors.*does not fit.*\d+ missing keys \(first: .*re-export"):
+        load(path)
+    (path / "model.safetensors").write_bytes(weights)
+    (path / "manifest.json").write_text(manifest)
+
     m = json.loads(manifest)
     m["layers"]["layer9.conv"] = m["layers"].pop("layer1.0.conv1")
     (path / "manifest.json").write_text(json.dumps(m))
