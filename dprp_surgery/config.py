@@ -104,6 +104,11 @@ class DPRPConfig:
             from the pruning pass that reaches it on, lambda_comp is 0 and no pruning runs, as in the
             cool-down, so the remaining epochs recover accuracy at fixed ranks. ``None`` (the paper)
             compresses to the end. Not in the paper.
+        structure_when_frozen: Keep L_str once the ranks are frozen (the cool-down, or
+            `target_compression` reached). ``True`` (default) keeps lambda_str. ``False`` sets it to 0 from
+            then on: no pruning runs after that point, so U and V no longer need to stay orthonormal and
+            train as a plain low-rank factorization, and s stops being exactly their singular values.
+            Not in the paper.
         seed: Seed of every random number generator (data order, augmentation, init).
         device: "auto" (CUDA when available), "cpu" or "cuda[:N]".
         amp: Mixed precision on CUDA.
@@ -156,6 +161,7 @@ class DPRPConfig:
     prune_unit: str = "epoch"
     prune_start_epoch: int = 0
     target_compression: float | None = None
+    structure_when_frozen: bool = True
     # --- run ---
     seed: int = 0
     device: str = "auto"
@@ -215,6 +221,9 @@ class DPRPConfig:
                self.distill_temperature, "must be a finite number > 0")
         _check(self.min_compressible is None or _finite(self.min_compressible), "min_compressible",
                self.min_compressible, "must be None or a finite number")
+        for name in ("amp", "structure_when_frozen"):
+            v = getattr(self, name)
+            _check(isinstance(v, bool), name, v, "must be true or false")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                "device", self.device, "use 'auto', 'cpu' or 'cuda[:N]'")
         _check(self.version == CONFIG_VERSION, "version", self.version,

@@ -342,8 +342,9 @@ class DPRPRegularizer:
 
     Schedules (both optional, from the config): lambda_str and lambda_comp ramp linearly from 0 over
     `reg_warmup_epochs` (``weights_at``), lambda_comp is 0 in the last `reg_cooldown_epochs` epochs
-    (``cooling_at``; the trainer also stops pruning then), and epsilon grows geometrically from `epsilon_start` to
-    `epsilon` over `epsilon_ramp_epochs` (``epsilon_at``). Calling without an epoch uses the final values.
+    (``cooling_at``; the trainer also stops pruning then; lambda_str too if ``structure_when_frozen`` is False),
+    and epsilon grows geometrically from `epsilon_start` to `epsilon` over `epsilon_ramp_epochs`
+    (``epsilon_at``). Calling without an epoch uses the final values.
 
     The regularizer only returns a loss tensor; it never touches ``.grad``.
 
@@ -378,13 +379,16 @@ class DPRPRegularizer:
 
     def weights_at(self, epoch: float | None = None, *, stopped: bool = False) -> dict[str, float]:
         """Loss weights at `epoch` (0-based): lambda_str and lambda_comp times min(1, epoch / reg_warmup_epochs);
-        lambda_comp 0 during the cool-down and once compression has `stopped` (target reached)."""
+        lambda_comp 0 during the cool-down and once compression has `stopped` (target reached), lambda_str too
+        then when ``structure_when_frozen`` is False."""
         c = self.config
         ramp = 1.0
         if epoch is not None and c.reg_warmup_epochs > 0:
             ramp = min(1.0, max(0.0, float(epoch) / c.reg_warmup_epochs))
-        comp = 0.0 if stopped or self.cooling_at(epoch) else c.lambda_comp * ramp
-        return {"lambda_str": c.lambda_str * ramp, "lambda_comp": comp, "mu_orth": c.mu_orth, "mu_sort": c.mu_sort}
+        frozen = stopped or self.cooling_at(epoch)
+        comp = 0.0 if frozen else c.lambda_comp * ramp
+        structure = 0.0 if frozen and not c.structure_when_frozen else c.lambda_str * ramp
+        return {"lambda_str": structure, "lambda_comp": comp, "mu_orth": c.mu_orth, "mu_sort": c.mu_sort}
 
     def cooling_at(self, epoch: float | None = None) -> bool:
         """True in the last `reg_cooldown_epochs` of `epochs` (no L_comp, no pruning); False without an epoch."""
@@ -415,12 +419,17 @@ class DPRPRegularizer:
             return zero, {**{k: zero for k in keys}, "total_reg": zero}
         S, mask, r = pad_singular_values([lay.s for lay in layers])
         if c.regularizer == "dprp":
-            orth = orthogonality_loss(layers)
-            sort = _sorting_from_padded(S, mask).mean()
-            tau = _tau_from_padded(S, mask, r, self.epsilon_at(epoch))
-            comp = _average(_compression_from_padded(S, mask, r, tau), self._layer_weights(layers))
-            structure = w["mu_orth"] * orth + w["mu_sort"] * sort
+            # a term whose weight is 0 (schedules, frozen ranks) is still reported but builds no graph
+            with torch.set_grad_enabled(torch.is_grad_enabled() and w["lambda_str"] > 0):
+                orth = orthogonality_loss(layers)
+                sort = _sorting_from_padded(S, mask).mean()
+                structure = w["mu_orth"] * orth + w["mu_sort"] * sort
+            with torch.set_grad_enabled(torch.is_grad_enabled() and w["lambda_comp"] > 0):
+                tau = _tau_from_padded(S, mask, r, self.epsilon_at(epoch))
+                comp = _average(_compression_from_padded(S, mask, r, tau), self._layer_weights(layers))
             loss = w["lambda_str"] * structure + w["lambda_comp"] * comp
+            if not loss.requires_grad and S.requires_grad:
+                loss = loss + 0.0 * S.sum()  # stays a differentiable scalar, as documented
             terms = {"orth": orth, "sort": sort, "comp": comp, "structure": structure, "total_reg": loss}
         else:
             reg = _average(_ablation_from_padded(S, mask, r, c.regularizer, c.delta), self._layer_weights(layers))

@@ -235,6 +235,26 @@ def test_cooldown_switches_compression_off_in_the_last_epochs():
         DPRPConfig(reg_cooldown_epochs=-1)
 
 
+def test_structure_when_frozen_false_drops_l_str_at_fixed_ranks():
+    cfg = DPRPConfig(epochs=5, reg_cooldown_epochs=1, lambda_comp=0.4, lambda_str=2.0, structure_when_frozen=False)
+    reg = DPRPRegularizer(cfg)
+    assert reg.weights_at(3) == {"lambda_str": 2.0, "lambda_comp": 0.4, "mu_orth": 1000.0, "mu_sort": 1.0}
+    assert reg.weights_at(4)["lambda_str"] == reg.weights_at(4)["lambda_comp"] == 0.0  # cool-down
+    assert reg.weights_at(1, stopped=True)["lambda_str"] == 0.0  # target reached
+    assert DPRPRegularizer(cfg.replace(structure_when_frozen=True)).weights_at(1, stopped=True)["lambda_str"] == 2.0
+    model = _model()  # its first layer's U is not orthonormal: L_orth > 0
+    loss, terms = reg(model, epoch=1, stopped=True)
+    close(terms["orth"], orthogonality_loss(model))
+    assert float(terms["orth"]) > 0.1 and float(terms["structure"]) > 0  # still reported
+    assert loss.requires_grad and float(loss.detach()) == 0.0  # a differentiable zero: nothing is pushed
+    loss.backward()
+    for m in model:
+        for p in (m.U, m.s, m.V):
+            assert p.grad is None or not p.grad.any()
+    with pytest.raises(ValueError, match="structure_when_frozen"):
+        DPRPConfig(structure_when_frozen="no")
+
+
 # ----------------------------------------------------------------------------- vectorised == loop
 def _reference(layers, eps, delta):
     """A plain per-layer Python loop over the equations."""

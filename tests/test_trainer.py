@@ -136,6 +136,17 @@ def test_target_compression_stops_compressing_and_survives_resume(tmp_path):
     assert resumed.fit()[-1]["ranks"] == history[-1]["ranks"]
 
 
+def test_structure_when_frozen_false_trains_plain_factors_after_the_target(tmp_path):
+    cfg = DPRPConfig(epochs=3, prune_unit="step", prune_every=1, target_compression=0.02, structure_when_frozen=False,
+                     **STRONG)
+    history = DPRPTrainer(make_model(), cfg, make_data(), progress=False).fit()
+    stop = next(i for i, rec in enumerate(history) if rec["compression_stopped"])
+    assert stop < 2 and history[0]["lambda_str"] == cfg.lambda_str
+    for rec in history[stop + 1:]:  # fixed ranks, neither L_comp nor L_str, L_orth still logged
+        assert rec["lambda_str"] == rec["lambda_comp"] == 0.0 and rec["pruned"] == {}
+        assert rec["loss"] == pytest.approx(rec["app"], rel=1e-6) and rec["orth"] > 0
+
+
 def test_determinism_same_seed_same_weights():
     cfg = DPRPConfig(epochs=2, seed=3, **STRONG)
     x = torch.randn(48, 3, 16, 16)
