@@ -73,12 +73,13 @@ def run_dir(tmp_path_factory, data_dir) -> pathlib.Path:
         mp.setenv("DPRP_CACHE", str(tmp_path_factory.getbasetemp() / "dprp-cache"))
         result = invoke("compress", "cifar:resnet20", "--data", data_dir, "--out", out, "--epochs", "1",
                         "--batch-size", "8", "--limit-train", "12", "--lr", "0.01", "--epsilon", "0.3",
-                        "--export-mode", "factorized", "--distill", "0.5", "--target-compression", "0.9", "-q")
+                        "--export-mode", "factorized", "--distill", "0.5", "--target-compression", "0.9",
+                        "--structure-when-frozen", "false", "-q")
     assert result.exit_code == 0, result.output
     assert "before (dense)" in result.output and "after (exported)" in result.output
     # the additions to the paper reach the trainer: distillation from the loaded model, a target
     config = json.loads((out / "run.json").read_text())["config"]
-    assert (config["distill"], config["target_compression"]) == (0.5, 0.9)
+    assert (config["distill"], config["target_compression"], config["structure_when_frozen"]) == (0.5, 0.9, False)
     record = json.loads((out / "history.jsonl").read_text().splitlines()[-1])
     assert record["kd"] >= 0 and record["compression_stopped"] is False
     return out
@@ -274,6 +275,8 @@ def test_invalid_config_values(tmp_path, data_dir):
         words=("--epsilon", "(0, 1)"))
     bad("compress", "cifar:resnet20", "--data", data_dir, "--out", out, "--scheme", "diagonal",
         words=("--scheme", "paper"))
+    bad("compress", "cifar:resnet20", "--data", data_dir, "--out", out, "--structure-when-frozen", "maybe",
+        words=("--structure-when-frozen", "'maybe'", "true or false"))
     bad("compress", "cifar:resnet20", "--data", data_dir, "--out", out, "--preset", "papr",
         words=("--preset", "paper"))
     cfg = tmp_path / "cfg.yaml"

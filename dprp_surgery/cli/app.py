@@ -154,7 +154,8 @@ def _choices(name: str) -> tuple | None:
 def config_flags() -> list[tuple[str, str, str]]:
     """(field name, flag, kind) of every DPRPConfig field offered on the command line.
 
-    kind is "int", "float", "str", "bool", "list" (repeatable) or "optional_float" (a number or 'none').
+    kind is "int", "float", "str", "bool" (a value: true or false), "list" (repeatable) or "optional_float"
+    (a number or 'none').
     """
     out = []
     for f in dataclasses.fields(DPRPConfig):
@@ -179,7 +180,7 @@ def _config_parameters() -> list[inspect.Parameter]:
     defaults = DPRPConfig().to_dict()
     params = []
     py_types: dict[str, Any] = {"int": Optional[int], "float": Optional[float], "str": Optional[str],
-                                "bool": Optional[bool], "list": Optional[list[str]], "optional_float": Optional[str]}
+                                "bool": Optional[str], "list": Optional[list[str]], "optional_float": Optional[str]}
     for name, flag, kind in config_flags():
         text = docs.get(name, "")
         choices = _choices(name)
@@ -189,11 +190,12 @@ def _config_parameters() -> list[inspect.Parameter]:
             text += " Repeatable; commas also separate values."
         if kind == "optional_float":
             text += " A number, or 'none'."
+        if kind == "bool":  # a value, not a --x/--no-x pair: the pair's second column truncates 80-column help
+            text += " true or false."
         default = defaults.get(name)
         shown = (", ".join(default) or "none") if isinstance(default, list) else default
         text += f" (config default: {shown})"
-        decls = (f"{flag}/--no-{flag[2:]}",) if kind == "bool" else (flag,)
-        option = typer.Option(*decls, help=text, show_default=False, rich_help_panel=_CONFIG_PANEL)
+        option = typer.Option(flag, help=text, show_default=False, rich_help_panel=_CONFIG_PANEL)
         params.append(inspect.Parameter(CONFIG_FLAG_PREFIX + name, inspect.Parameter.KEYWORD_ONLY, default=None,
                                         annotation=Annotated[py_types[kind], option]))
     return params

@@ -274,6 +274,13 @@ def _coerce(name: str, kind: str, value: Any) -> Any:
         for v in value:
             items += [p.strip() for p in str(v).split(",") if p.strip()]
         return tuple(items)
+    if kind == "bool":
+        word = str(value).strip().lower()
+        if word in ("true", "yes", "on", "1"):
+            return True
+        if word in ("false", "no", "off", "0"):
+            return False
+        raise ValueError(f"--{name.replace('_', '-')} {value!r} is invalid: give true or false.")
     if kind == "optional_float":
         if str(value).strip().lower() in ("none", "null", ""):
             return None
