@@ -127,6 +127,8 @@ def run_row(row: str, model_name: str, args, train_ds, test_ds, base: DPRPConfig
         config = config.replace(epsilon=args.epsilon)
     if args.prune_every is not None and row in ("tuned", "distill"):
         config = config.replace(prune_every=args.prune_every)
+    if args.min_rank is not None and row in ("tuned", "distill"):
+        config = config.replace(min_rank=args.min_rank)
     if args.no_structure_when_frozen and row in ("tuned", "distill"):
         config = config.replace(structure_when_frozen=False)
     torch.manual_seed(config.seed)
@@ -265,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
                              "preset's 25). L_comp pushes down the smallest kept singular value until it falls under "
                              "epsilon times its neighbour, so a layer sheds about one component per check at best: "
                              "the long spectra of the spatial scheme (rank up to 3 x channels) need frequent checks")
+    parser.add_argument("--min-rank", type=int, default=None,
+                        help="DPRPConfig.min_rank of the tuned and distill rows: no layer is pruned below it "
+                             "(default: the preset's 1)")
     parser.add_argument("--no-structure-when-frozen", action="store_true",
                         help="tuned and distill rows: drop L_str too once the ranks are frozen (target met or "
                              "cool-down), so U and V train as a plain low-rank factorization "
