@@ -36,7 +36,7 @@ import torch
 
 from dprp_surgery import DPRPConfig, export, factorize, load, save, summarize
 from dprp_surgery.cli.commands import RUN_FORMAT, RUN_VERSION
-from dprp_surgery.config import COMP_WEIGHTINGS, SCHEMES
+from dprp_surgery.config import COMP_WEIGHTINGS, FACTOR_STEPS, SCHEMES
 from dprp_surgery.data import IMAGENET_MEAN, IMAGENET_STD, TensorLoader, open_data, subset
 from dprp_surgery.models import CIFAR_MODELS, load_cifar_checkpoint
 from dprp_surgery.surgery import svd_layers
@@ -131,6 +131,8 @@ def run_row(row: str, model_name: str, args, train_ds, test_ds, base: DPRPConfig
         config = config.replace(min_rank=args.min_rank)
     if args.no_structure_when_frozen and row in ("tuned", "distill"):
         config = config.replace(structure_when_frozen=False)
+    if args.factor_step is not None and row in ("tuned", "distill"):
+        config = config.replace(factor_step=args.factor_step)
     torch.manual_seed(config.seed)
     dense = pretrained(model_name, args.weights_dir, args.from_scratch)
     example = torch.zeros(1, 3, 32, 32)
@@ -274,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="tuned and distill rows: drop L_str too once the ranks are frozen (target met or "
                              "cool-down), so U and V train as a plain low-rank factorization "
                              "(DPRPConfig.structure_when_frozen=False)")
+    parser.add_argument("--factor-step", default=None, choices=FACTOR_STEPS,
+                        help="DPRPConfig.factor_step of the tuned and distill rows (default: the preset's plain; "
+                             "capped: U's and V's gradients divided by max(s_j^2, 1), so no component moves faster "
+                             "than a dense step at the factors' lr; pair it with a larger --factor-lr-scale)")
     parser.add_argument("--scheme", default=None, choices=SCHEMES,
                         help="matricization of the tuned and distill rows (default: the tuned preset's, paper); the "
                              "paper and ablation rows always use the paper scheme")

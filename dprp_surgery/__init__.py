@@ -23,6 +23,7 @@ _EXPORTS: dict[str, str] = {
     "DPRPRegularizer": "losses",
     "RankPruner": "pruning",
     "DPRPTrainer": "trainer", "CompressionResult": "trainer", "NonFiniteLossError": "trainer", "compress": "trainer",
+    "cap_factor_steps": "trainer",
     "export": "export", "save": "export", "load": "export", "to_onnx": "export", "to_pt2": "export",
     "summarize": "accounting", "Summary": "accounting", "LayerRow": "accounting",
     "load_model": "io",
@@ -54,4 +55,4 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .losses import DPRPRegularizer
     from .pruning import RankPruner
     from .surgery import FactorizationError, factorize, surgery_report, svd_layers
-    from .trainer import CompressionResult, DPRPTrainer, NonFiniteLossError, compress
+    from .trainer import CompressionResult, DPRPTrainer, NonFiniteLossError, cap_factor_steps, compress

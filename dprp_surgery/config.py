@@ -23,6 +23,7 @@ OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("plateau", "cosine", "constant")
 PRUNE_UNITS = ("epoch", "step")
 COMP_WEIGHTINGS = ("layers", "params")
+FACTOR_STEPS = ("plain", "capped")
 
 
 def _check(cond: bool, name: str, value: Any, want: str) -> None:
@@ -70,6 +71,12 @@ class DPRPConfig:
         factor_lr_scale: Learning-rate multiplier of the factors U and V. A step on U moves
             the dense weight U diag(s) V^T about s_j^2 times further than the same step on the
             dense weight, so pretrained models need a value well below 1 (docs/method.md).
+        factor_step: How U and V are stepped. "plain" (the paper): with their gradients as they
+            are, so a step on column j moves W about s_j^2 times as far as the same step on W.
+            "capped": column j of U's and V's gradients is divided by max(s_j^2, 1) before every
+            optimizer step (a scaled-gradient preconditioner, after ScaledGD, Tong, Ma & Chi 2021),
+            so no component moves W faster than a dense step at the factors' learning rate, and
+            components with |s_j| < 1 move as under "plain". SGD only. Not in the paper.
         optimizer: "sgd" (the paper) or "adamw".
         lr_schedule: "plateau" (ReduceLROnPlateau on the classification loss, the paper),
             "cosine" (cosine annealing over `epochs`) or "constant".
@@ -137,6 +144,7 @@ class DPRPConfig:
     sigma_weight_decay: float | None = None
     sigma_lr_scale: float = 1.0
     factor_lr_scale: float = 1.0
+    factor_step: str = "plain"
     optimizer: str = "sgd"
     lr_schedule: str = "plateau"
     lr_factor: float = 0.1
@@ -184,6 +192,11 @@ class DPRPConfig:
         _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("prune_unit", self.prune_unit, PRUNE_UNITS)
         _choice("comp_weighting", self.comp_weighting, COMP_WEIGHTINGS)
+        _choice("factor_step", self.factor_step, FACTOR_STEPS)
+        _check(self.factor_step == "plain" or self.optimizer == "sgd", "factor_step", self.factor_step,
+               "it rescales SGD gradients, and AdamW (optimizer='adamw') normalises every gradient coordinate, "
+               "which undoes it; "
+               "use optimizer='sgd' or factor_step='plain'")
         for t in self.layer_types:
             _choice("layer_types", t, LAYER_TYPES)
         _check(len(self.layer_types) > 0, "layer_types", self.layer_types, "name at least one layer type")
@@ -355,4 +368,4 @@ def _yaml():
     return yaml
 
 
-__all__ = ["DPRPConfig", "CONFIG_VERSION", "SCHEMES", "REGULARIZERS", "COMP_WEIGHTINGS", "PRESETS"]
+__all__ = ["DPRPConfig", "CONFIG_VERSION", "SCHEMES", "REGULARIZERS", "COMP_WEIGHTINGS", "FACTOR_STEPS", "PRESETS"]

@@ -63,6 +63,7 @@ __all__ = [
     "History",
     "NonFiniteLossError",
     "build_optimizer",
+    "cap_factor_steps",
     "build_scheduler",
     "compress",
     "seed_everything",
@@ -334,6 +335,36 @@ def build_optimizer(model: nn.Module, config: DPRPConfig) -> torch.optim.Optimiz
     if config.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr)
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+
+
+def cap_factor_steps(model: nn.Module) -> None:
+    """Divide column j of every U and V gradient by max(s_j^2, 1) (``DPRPConfig.factor_step="capped"``).
+
+    A plain SGD step on U moves the dense weight W = U diag(s) V^T by -lr G V diag(s^2) V^T (G the
+    gradient of W), so component j moves s_j^2 times as far as under a dense step. After this call the
+    factor is max(s_j^2, 1) smaller: min(s_j^2, 1), never faster than a dense step at the factors'
+    learning rate (a scaled-gradient preconditioner in the spirit of ScaledGD, Tong, Ma & Chi 2021).
+    Call it between ``backward()`` and ``optimizer.step()``; with a GradScaler the order with
+    ``unscale_`` does not matter (both are multiplications). Layers whose U and V have no gradient are
+    skipped. One multi-tensor op per stage for all layers, no loop of kernels per layer.
+
+    Args:
+        model: A model with SVD layers (a DDP wrapper is unwrapped).
+    """
+    layers = [layer for _, layer in svd_layers(unwrap_model(model))]
+    grads, sigmas = [], []
+    for layer in layers:
+        for factor in (layer.U, layer.V):
+            if factor.grad is not None:
+                grads.append(factor.grad)
+                sigmas.append(layer.s.detach())
+    if not grads:
+        return
+    with torch.no_grad():
+        scale = torch._foreach_mul(sigmas, sigmas)
+        torch._foreach_clamp_min_(scale, 1.0)
+        torch._foreach_reciprocal_(scale)
+        torch._foreach_mul_(grads, [sc.to(g.dtype) for sc, g in zip(scale, grads)])
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: DPRPConfig):
@@ -631,6 +662,8 @@ class DPRPTrainer:
 
     def _scaled_step(self) -> None:
         """optimizer.step through the GradScaler, with the warm-up factor applied to every group's lr."""
+        if self.config.factor_step == "capped":
+            cap_factor_steps(self.model)
         if self._warm == 1.0:
             self.scaler.step(self.optimizer)
         else:

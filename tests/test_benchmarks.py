@@ -30,7 +30,8 @@ def run_main(name: str, argv: list[str]):
 def test_cifar10_smoke(shared_dir, tmp_path, capsys):
     rows = ["dense", "paper2", "tuned", "distill"]
     args = ["--smoke", "--quiet", "--out", str(tmp_path), "--rows", *rows, "--target-compression", "0.3",
-            "--sigma-lr-scale", "5", "--scheme", "channel", "--min-rank", "2", "--no-structure-when-frozen"]
+            "--sigma-lr-scale", "5", "--scheme", "channel", "--min-rank", "2", "--no-structure-when-frozen",
+            "--factor-step", "capped"]
     assert run_main("cifar10.py", args) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     # the distill row learns from the dense row's fine-tuned model, written just before it
@@ -41,6 +42,7 @@ def test_cifar10_smoke(shared_dir, tmp_path, capsys):
     assert [r["config"]["scheme"] for r in results] == ["paper", "paper", "channel", "channel"]
     assert [r["config"]["min_rank"] for r in results] == [1, 1, 2, 2]
     assert [r["config"]["structure_when_frozen"] for r in results] == [True, True, False, False]
+    assert [r["config"]["factor_step"] for r in results] == ["plain", "plain", "capped", "capped"]
     assert [r["row"] for r in results] == rows and all(r["model"] == "resnet20" for r in results)
     for r in results:
         assert 0 <= r["top1"] <= 100 and 0 <= r["top5"] <= 100

@@ -41,11 +41,18 @@ def test_frozen_and_keyword_only():
         ("distill_temperature", 0.0, r"DPRPConfig.distill_temperature=0.0 is invalid"),
         ("comp_weighting", "param",
          r"DPRPConfig.comp_weighting='param' is unknown; use one of layers, params. Did you mean 'params'"),
+        ("factor_step", "caped", r"DPRPConfig.factor_step='caped' is unknown; use one of plain, capped. Did you mean"),
     ],
 )
 def test_invalid_values_raise_value_error_naming_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         DPRPConfig(**{field: value})
+
+
+def test_capped_factor_steps_need_sgd():
+    with pytest.raises(ValueError, match=r"DPRPConfig.factor_step='capped' is invalid: .*AdamW.*optimizer='sgd'"):
+        DPRPConfig(factor_step="capped", optimizer="adamw")
+    assert DPRPConfig(factor_step="capped").factor_step == "capped"
 
 
 def test_json_and_yaml_round_trip(tmp_path):

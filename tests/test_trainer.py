@@ -26,7 +26,7 @@ from torch.utils.data import TensorDataset
 from dprp_surgery import DPRPConfig, SVDLinear, factorize, svd_layers
 from dprp_surgery.data import TensorImageDataset
 from dprp_surgery.models import CifarResNet
-from dprp_surgery.trainer import CompressionResult, DPRPTrainer, NonFiniteLossError, compress
+from dprp_surgery.trainer import CompressionResult, DPRPTrainer, NonFiniteLossError, cap_factor_steps, compress
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -145,6 +145,62 @@ def test_structure_when_frozen_false_trains_plain_factors_after_the_target(tmp_p
     for rec in history[stop + 1:]:  # fixed ranks, neither L_comp nor L_str, L_orth still logged
         assert rec["lambda_str"] == rec["lambda_comp"] == 0.0 and rec["pruned"] == {}
         assert rec["loss"] == pytest.approx(rec["app"], rel=1e-6) and rec["orth"] > 0
+
+
+# ----------------------------------------------------------------------------- capped factor steps
+def _linear_with_sigma(s: list[float]) -> SVDLinear:
+    torch.manual_seed(0)
+    layer = SVDLinear.from_dense(nn.Linear(4, 5))
+    with torch.no_grad():
+        layer.s.copy_(torch.tensor(s))
+    return layer
+
+
+def test_cap_factor_steps_divides_columns_by_max_s_squared():
+    layer = _linear_with_sigma([2.0, 0.5, -3.0, 1.0])
+    model = nn.Sequential(layer)
+    layer.U.grad = torch.ones_like(layer.U)
+    layer.V.grad = torch.full_like(layer.V, 2.0)
+    layer.s.grad = torch.ones_like(layer.s)
+    cap_factor_steps(model)
+    expected = torch.tensor([1 / 4, 1.0, 1 / 9, 1.0])  # max(s^2, 1) = 4, 1, 9, 1
+    torch.testing.assert_close(layer.U.grad, expected.expand_as(layer.U))
+    torch.testing.assert_close(layer.V.grad, 2 * expected.expand_as(layer.V))
+    torch.testing.assert_close(layer.s.grad, torch.ones(4))  # s is not a factor
+    layer.U.grad = None
+    cap_factor_steps(model)  # a factor without a gradient is skipped
+    assert layer.U.grad is None
+    torch.testing.assert_close(layer.V.grad, 2 * expected.expand_as(layer.V) * expected)
+
+
+def test_capped_step_moves_each_component_at_most_a_dense_step():
+    """SGD on U alone: dW = -lr G V diag(s^2 / max(s^2, 1)) V^T, G the gradient of the dense weight."""
+    layer = _linear_with_sigma([2.0, 0.5, -3.0, 1.0])
+    x = torch.randn(7, 4)
+    w0 = layer.dense_weight().detach()
+    dense = w0.clone().requires_grad_(True)
+    (x @ dense.T + layer.bias.detach()).square().sum().backward()
+    layer.s.requires_grad_(False)
+    layer.V.requires_grad_(False)
+    layer(x).square().sum().backward()
+    cap_factor_steps(nn.Sequential(layer))
+    torch.optim.SGD([layer.U], lr=0.01).step()
+    s2 = layer.s.square()
+    expected = w0 - 0.01 * dense.grad @ layer.V @ torch.diag(s2 / s2.clamp_min(1.0)) @ layer.V.T
+    torch.testing.assert_close(layer.dense_weight().detach(), expected)
+
+
+@pytest.mark.parametrize("factor_step", ["plain", "capped"])
+def test_trainer_caps_factor_steps_only_when_asked(factor_step, monkeypatch):
+    import dprp_surgery.trainer as trainer_module
+
+    calls = []
+    monkeypatch.setattr(trainer_module, "cap_factor_steps", lambda model: calls.append(model))
+    cfg = DPRPConfig(epochs=1, factor_step=factor_step, **STRONG)
+    trainer = DPRPTrainer(make_model(), cfg, make_data(), progress=False)
+    trainer.fit()
+    assert len(calls) == (3 if factor_step == "capped" else 0)  # 48 images, batch 16
+    assert all(model is trainer.model for model in calls)
 
 
 def test_determinism_same_seed_same_weights():
