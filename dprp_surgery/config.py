@@ -195,8 +195,7 @@ class DPRPConfig:
         _choice("factor_step", self.factor_step, FACTOR_STEPS)
         _check(self.factor_step == "plain" or self.optimizer == "sgd", "factor_step", self.factor_step,
                "it rescales SGD gradients, and AdamW (optimizer='adamw') normalises every gradient coordinate, "
-               "which undoes it; "
-               "use optimizer='sgd' or factor_step='plain'")
+               "which undoes it; use optimizer='sgd' or factor_step='plain'")
         for t in self.layer_types:
             _choice("layer_types", t, LAYER_TYPES)
         _check(len(self.layer_types) > 0, "layer_types", self.layer_types, "name at least one layer type")

@@ -364,7 +364,7 @@ def cap_factor_steps(model: nn.Module) -> None:
         scale = torch._foreach_mul(sigmas, sigmas)
         torch._foreach_clamp_min_(scale, 1.0)
         torch._foreach_reciprocal_(scale)
-        torch._foreach_mul_(grads, [sc.to(g.dtype) for sc, g in zip(scale, grads)])
+        torch._foreach_mul_(grads, scale)  # s and its factors' gradients share a dtype
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: DPRPConfig):
