@@ -285,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                              "paper and ablation rows always use the paper scheme")
     parser.add_argument("--comp-weighting", default="layers", choices=COMP_WEIGHTINGS,
                         help="DPRPConfig.comp_weighting of the tuned and distill rows (layers: the paper's mean over "
-                             "layers; params: weighted by each layer's share of the parameters)")
+                             "layers; params: weighted by each layer's share of the parameters; params-squared: by its "
+                             "square)")
     parser.add_argument("--distill", type=float, default=0.5,
                         help="distillation weight alpha of the distill row (DPRPConfig.distill)")
     parser.add_argument("--teacher", type=Path, default=None,

@@ -22,7 +22,7 @@ LAYER_TYPES = ("Linear", "Conv1d", "Conv2d")
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("plateau", "cosine", "constant")
 PRUNE_UNITS = ("epoch", "step")
-COMP_WEIGHTINGS = ("layers", "params")
+COMP_WEIGHTINGS = ("layers", "params", "params-squared")
 FACTOR_STEPS = ("plain", "capped")
 
 
@@ -98,7 +98,10 @@ class DPRPConfig:
         comp_weighting: How L_comp (eq. (12)) and an ablation's L_reg average over layers. "layers" (the
             paper): the plain mean (1/L) sum_l. "params": each layer's term weighted by its share of the
             dense parameters (h_l w_l / sum_k h_k w_k), so the push falls on the layers whose rank costs
-            the most parameters and small layers keep their rank. Not in the paper.
+            the most parameters and small layers keep their rank. "params-squared": weighted by
+            (h_l w_l)^2 / sum_k (h_k w_k)^2, which moves the push further onto the largest layers (a
+            ResNet's 64-channel convs get 16x the weight of its 32-channel ones instead of 4x). Not in
+            the paper.
         epsilon_start: If set, epsilon grows geometrically from this value to `epsilon` over
             `epsilon_ramp_epochs` epochs (a schedule for epsilon); ``None`` keeps it fixed.
         epsilon_ramp_epochs: Length of the epsilon schedule.

@@ -223,8 +223,9 @@ def compression_loss(layers: LayersLike, epsilon: float, weighting: str = "layer
     Args:
         layers: A model, SVD layers, or (name, layer) pairs.
         epsilon: The pruning threshold epsilon.
-        weighting: "layers" (eq. (12), the mean over layers) or "params" (each layer's term weighted by
-            h_l w_l / sum_k h_k w_k, its share of the dense parameters; not in the paper).
+        weighting: "layers" (eq. (12), the mean over layers), "params" (each layer's term weighted by
+            h_l w_l / sum_k h_k w_k, its share of the dense parameters; not in the paper) or
+            "params-squared" (weights proportional to (h_l w_l)^2; see `layer_weights`).
 
     Returns:
         The scalar loss (differentiable with respect to every s_l, through the sum and ||s_l||_2).
@@ -237,18 +238,24 @@ def compression_loss(layers: LayersLike, epsilon: float, weighting: str = "layer
     return _average(_compression_from_padded(S, mask, r, tau), layer_weights(layers, weighting))
 
 
+_WEIGHTING_POWERS = {"params": 1, "params-squared": 2}  # comp_weighting -> exponent of h_l w_l
+
+
 def layer_weights(layers: LayersLike, weighting: str = "layers") -> Tensor | None:
     """Weights (L,) summing to 1 that average per-layer terms; None for the plain mean ("layers").
 
     "params" weights layer l by h_l w_l / sum_k h_k w_k, the share of the dense parameters its
-    matricized weight M_l (h_l x w_l, eqs. (1)-(2)) holds, which does not change as rank is pruned.
+    matricized weight M_l (h_l x w_l, eqs. (1)-(2)) holds, which does not change as rank is pruned;
+    "params-squared" by (h_l w_l)^2 / sum_k (h_k w_k)^2.
     """
     if weighting == "layers":
         return None
-    if weighting != "params":
-        raise ValueError(f"unknown comp_weighting {weighting!r}; use 'layers' (the paper) or 'params'")
+    power = _WEIGHTING_POWERS.get(weighting)
+    if power is None:
+        raise ValueError(f"unknown comp_weighting {weighting!r}; use 'layers' (the paper), 'params' or "
+                         "'params-squared'")
     layers = _as_layers(layers)
-    size = torch.tensor([float(lay.U.shape[0] * lay.V.shape[0]) for lay in layers], dtype=torch.float64)
+    size = torch.tensor([float(lay.U.shape[0] * lay.V.shape[0]) for lay in layers], dtype=torch.float64) ** power
     w = size / size.sum()
     first = layers[0].s
     return w.to(device=first.device, dtype=first.dtype)

@@ -186,3 +186,59 @@ def test_cifar10_resume_continues_an_interrupted_row(shared_dir, tmp_path, monke
     assert resumed["top1"] == whole["top1"] and resumed["top5"] == whole["top5"]
     history = [json.loads(line) for line in (tmp_path / "cut" / "resnet20" / "tuned" / "history.jsonl").open()]
     assert [h["epoch"] for h in history] == [0, 1]
+
+
+def _paired_stats():
+    return runpy.run_path(str(BENCHMARKS / "paired.py"), run_name="benchmark_paired")["paired_stats"]
+
+
+def test_paired_stats_by_hand():
+    stats = _paired_stats()
+    base = torch.tensor([1, 1, 1, 0, 0, 1, 0, 1, 1, 1], dtype=torch.bool)
+    model = torch.tensor([1, 0, 1, 0, 1, 0, 0, 1, 0, 1], dtype=torch.bool)
+    r = stats(base, model, band=0.5)
+    # b = 3 (images 1, 5, 8: baseline only), c = 1 (image 4: model only)
+    assert (r["n"], r["b"], r["c"]) == (10, 3, 1)
+    assert r["base_top1"] == pytest.approx(70.0) and r["model_top1"] == pytest.approx(50.0)
+    assert r["diff"] == pytest.approx(-20.0)
+    assert r["se"] == pytest.approx(100 * (4 - 4 / 10) ** 0.5 / 10)  # sqrt(b + c - (b - c)^2 / n) / n
+    assert r["ci95"] == pytest.approx([-20 - 1.96 * r["se"], -20 + 1.96 * r["se"]])
+    assert r["p_mcnemar"] == pytest.approx(2 * (1 + 4) / 16)  # 2 P(X <= 1), X ~ Bin(4, 1/2)
+    assert r["verdict"] == "undecided"  # the interval crosses -0.5
+    assert stats(base, model, band=100.0)["verdict"] == "inside"
+
+
+def test_paired_stats_outside_and_identical():
+    stats = _paired_stats()
+    base = torch.ones(1000, dtype=torch.bool)
+    model = base.clone()
+    model[:100] = False  # b = 100, c = 0
+    r = stats(base, model, band=5.0)
+    assert r["diff"] == pytest.approx(-10.0) and r["se"] == pytest.approx(100 * 90 ** 0.5 / 1000)
+    assert r["verdict"] == "outside" and r["p_mcnemar"] == pytest.approx(2 / 2 ** 100)
+    same = stats(base, base.clone(), band=0.5)
+    assert (same["diff"], same["se"], same["p_mcnemar"], same["verdict"]) == (0.0, 0.0, 1.0, "inside")
+    assert "band" not in stats(base, model)
+    with pytest.raises(ValueError, match="equal, non-empty"):
+        stats(base, model[:10])
+
+
+def test_paired_smoke(shared_dir, cifar10_dir, tmp_path, capsys):
+    import shutil
+
+    for split in ("train", "test"):  # a small ImageFolder: 8 test images per class
+        for cls in sorted(p.name for p in (cifar10_dir / "test").iterdir()):
+            (tmp_path / "data" / split / cls).mkdir(parents=True)
+            for f in sorted((cifar10_dir / "test" / cls).iterdir())[:8]:
+                shutil.copy(f, tmp_path / "data" / split / cls / f.name)
+    weights = shared_dir / "models" / "cifar10_resnet20.th"
+    args = ["--data", str(tmp_path / "data"), "--baseline", f"cifar:resnet20@{weights}", "--model", "cifar:resnet20",
+            "--band", "0.5", "--json"]
+    assert run_main("paired.py", args) == 0
+    out = json.loads(capsys.readouterr().out)
+    (row,) = out["rows"]
+    assert row["n"] == 80 and row["arch"] == "cifar:resnet20"
+    assert row["diff"] == pytest.approx(row["model_top1"] - row["base_top1"])
+    assert row["base_top1"] > 50 and row["verdict"] == "outside"  # pretrained against random init
+    assert run_main("paired.py", args[:-1]) == 0
+    assert "| cifar:resnet20 |" in capsys.readouterr().out

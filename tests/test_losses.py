@@ -138,6 +138,16 @@ def test_compression_weighted_by_parameters_by_hand():
         layer_weights(layers, "flops")
 
 
+def test_compression_weighted_by_squared_parameters_by_hand():
+    # sizes 9, 4, 9 -> squares 81, 16, 81 -> weights 81/178, 16/178, 81/178
+    layers = [lin(3, 3, [3, 4, 0]), lin(2, 2, [3, 4]), lin(3, 3, [0, 3, 4])]
+    close(layer_weights(layers, "params-squared"), [81 / 178, 16 / 178, 81 / 178])
+    # per-layer terms 0.4, 0.8, 7/15: (81 * 0.4 + 16 * 0.8 + 81 * 7/15) / 178 = (32.4 + 12.8 + 37.8) / 178 = 83/178
+    close(compression_loss(layers, 0.1, weighting="params-squared"), 83 / 178)
+    reg = DPRPRegularizer(DPRPConfig(lambda_comp=1.0, epsilon=0.1, comp_weighting="params-squared"))
+    close(reg(layers)[1]["comp"], 83 / 178)
+
+
 def test_regularizer_uses_comp_weighting():
     model = _model()  # sizes 3x2 = 6, 3x3 = 9, 4x4 = 16
     cfg = DPRPConfig(lambda_comp=0.5, epsilon=0.1, comp_weighting="params")
