@@ -18,6 +18,7 @@ swaps the listed layers and loads the weights strictly. Nothing is unpickled.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -30,7 +31,7 @@ import sys
 import tempfile
 import time
 import types
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -584,6 +585,21 @@ def _atomic_target(path: str | os.PathLike[str], suffix: str) -> tuple[Path, Pat
     return final, Path(tmp)
 
 
+@contextlib.contextmanager
+def _exporting(model: nn.Module, path: str | os.PathLike[str], suffix: str) -> Iterator[Path]:
+    """Yield a temp file beside `path` with `model` in eval mode; rename it to `path` on success, else delete it."""
+    final, tmp = _atomic_target(path, suffix)
+    was = model.training
+    model.eval()
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        model.train(was)
+        if tmp.exists():
+            tmp.unlink()
+
+
 def to_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any, *, dynamic_batch: bool = True,
             opset: int | None = None) -> Path:
     """Export `model` to ONNX with the torch.export-based exporter (``torch.onnx.export(dynamo=True)``).
@@ -599,25 +615,17 @@ def to_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any,
         The written path. Inputs are named ``input`` (``input_1``, ... for more), the output ``output``.
     """
     inputs = _as_tuple(example_inputs)
-    final, tmp = _atomic_target(path, ".onnx")
-    was = model.training
-    model.eval()
     names = ["input"] + [f"input_{i}" for i in range(1, len(inputs))]
     kwargs: dict[str, Any] = {"input_names": names, "output_names": ["output"]}
     if opset is not None:
         kwargs["opset_version"] = opset
-    try:
+    with _exporting(model, path, ".onnx") as tmp:
         if dynamic_batch:
             grown, dyn = _batch_shapes(inputs)
             torch.onnx.export(model, grown, str(tmp), dynamo=True, dynamic_shapes=dyn, verbose=False, **kwargs)
         else:
             torch.onnx.export(model, inputs, str(tmp), dynamo=True, verbose=False, **kwargs)
-        os.replace(tmp, final)
-    finally:
-        model.train(was)
-        if tmp.exists():
-            tmp.unlink()
-    return final
+    return Path(path).expanduser()
 
 
 def to_pt2(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any, *,
@@ -636,22 +644,14 @@ def to_pt2(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any, 
         The written path.
     """
     inputs = _as_tuple(example_inputs)
-    final, tmp = _atomic_target(path, ".pt2")
-    was = model.training
-    model.eval()
-    try:
+    with _exporting(model, path, ".pt2") as tmp:
         if dynamic_batch:
             grown, dyn = _batch_shapes(inputs)
             program = torch.export.export(model, grown, dynamic_shapes=dyn)
         else:
             program = torch.export.export(model, inputs)
         torch.export.save(program, str(tmp))
-        os.replace(tmp, final)
-    finally:
-        model.train(was)
-        if tmp.exists():
-            tmp.unlink()
-    return final
+    return Path(path).expanduser()
 
 
 class _CallableModule(types.ModuleType):
