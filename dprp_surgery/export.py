@@ -575,29 +575,31 @@ def _batch_shapes(inputs: tuple) -> tuple[tuple, tuple]:
     return grown, dyn
 
 
-def _atomic_target(path: str | os.PathLike[str], suffix: str) -> tuple[Path, Path]:
+@contextlib.contextmanager
+def _exporting(model: nn.Module, path: str | os.PathLike[str], suffix: str) -> Iterator[Path]:
+    """Yield `path`'s name in a temp folder beside it, with `model` in eval mode.
+
+    On success every file written there moves beside `path` (companions such as ONNX external data
+    first, the named file last, each by an atomic rename); on failure nothing is left behind.
+    """
     final = Path(path).expanduser()
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.is_dir():
         raise ValueError(f"output {str(final)!r} is a directory; give a file path ending in {suffix}.")
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix, dir=final.parent)
-    os.close(fd)
-    return final, Path(tmp)
-
-
-@contextlib.contextmanager
-def _exporting(model: nn.Module, path: str | os.PathLike[str], suffix: str) -> Iterator[Path]:
-    """Yield a temp file beside `path` with `model` in eval mode; rename it to `path` on success, else delete it."""
-    final, tmp = _atomic_target(path, suffix)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     was = model.training
     model.eval()
     try:
-        yield tmp
-        os.replace(tmp, final)
+        yield staging / final.name
+        for f in sorted(staging.iterdir(), key=lambda f: f.name == final.name):
+            os.replace(f, final.parent / f.name)
     finally:
         model.train(was)
-        if tmp.exists():
-            tmp.unlink()
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# Weights above this many bytes go to an external data file beside the .onnx (protobuf's limit is 2 GiB).
+ONNX_INLINE_LIMIT = 1 << 30
 
 
 def to_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any, *, dynamic_batch: bool = True,
@@ -613,12 +615,16 @@ def to_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any,
 
     Returns:
         The written path. Inputs are named ``input`` (``input_1``, ... for more), the output ``output``.
+        Weights are stored in the file itself, or, above ``ONNX_INLINE_LIMIT`` bytes, in ``PATH.data``
+        beside it (keep the two together).
     """
     inputs = _as_tuple(example_inputs)
     names = ["input"] + [f"input_{i}" for i in range(1, len(inputs))]
     kwargs: dict[str, Any] = {"input_names": names, "output_names": ["output"]}
     if opset is not None:
         kwargs["opset_version"] = opset
+    size = sum(x.numel() * x.element_size() for x in [*model.parameters(), *model.buffers()])
+    kwargs["external_data"] = size > ONNX_INLINE_LIMIT
     with _exporting(model, path, ".onnx") as tmp:
         if dynamic_batch:
             grown, dyn = _batch_shapes(inputs)

@@ -256,6 +256,39 @@ def test_pt2_round_trip(r20, tmp_path):
     torch.testing.assert_close(program.module()(x), e(x), atol=1e-5, rtol=1e-4)
 
 
+
+class _Fails(nn.Module):
+    def forward(self, x):
+        raise RuntimeError("cannot trace this")
+
+
+@pytest.mark.parametrize("writer", [to_pt2, to_onnx])
+def test_graph_export_is_atomic_and_keeps_training_mode(writer, tmp_path):
+    ok = nn.Linear(3, 2).train()
+    path = writer(ok, tmp_path / "ok.bin", torch.randn(1, 3))
+    assert path == tmp_path / "ok.bin" and path.stat().st_size > 0 and ok.training
+    bad = _Fails().train()
+    with pytest.raises(Exception, match="cannot trace this"):
+        writer(bad, tmp_path / "bad.bin", torch.randn(1, 3))
+    assert bad.training and sorted(p.name for p in tmp_path.iterdir()) == ["ok.bin"]  # no target, no temp file
+
+
+def test_onnx_external_data_travels_with_the_file(monkeypatch, tmp_path):
+    import shutil
+
+    import onnxruntime as ort
+
+    import dprp_surgery.export as export_module
+
+    monkeypatch.setattr(export_module, "ONNX_INLINE_LIMIT", 0)  # as for a model over 1 GiB
+    model = nn.Linear(3, 2)
+    to_onnx(model, tmp_path / "out" / "m.onnx", torch.randn(1, 3))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["m.onnx", "m.onnx.data"]
+    shutil.move(tmp_path / "out", tmp_path / "moved")  # the pair still loads after it is moved
+    session = ort.InferenceSession(str(tmp_path / "moved" / "m.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 3)
+    np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], model(x).detach().numpy(), atol=1e-6)
+
 def test_bad_artifacts(r20, tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         load(tmp_path / "nope")
