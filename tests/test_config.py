@@ -40,7 +40,8 @@ def test_frozen_and_keyword_only():
         ("distill", -0.1, r"DPRPConfig.distill=-0.1 is invalid"),
         ("distill_temperature", 0.0, r"DPRPConfig.distill_temperature=0.0 is invalid"),
         ("comp_weighting", "param",
-         r"DPRPConfig.comp_weighting='param' is unknown; use one of layers, params, params-squared. Did you mean 'params'"),
+         r"DPRPConfig.comp_weighting='param' is unknown; use one of layers, params, params-squared. "
+         r"Did you mean 'params'"),
         ("factor_step", "caped", r"DPRPConfig.factor_step='caped' is unknown; use one of plain, capped. Did you mean"),
     ],
 )
