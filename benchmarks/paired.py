@@ -26,6 +26,7 @@ MODEL and BASELINE are anything `dprp eval` takes: a run directory, a dprp artif
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -71,15 +72,20 @@ def paired_stats(base_right: torch.Tensor, model_right: torch.Tensor, band: floa
     return out
 
 
+@functools.lru_cache(maxsize=4)
+def _eval_split(data: str, image_size: int | None, limit: int | None):
+    """The eval split of `data` (decoded once per image size, shared by every model)."""
+    _, val = open_data(data, image_size=image_size, progress=False)
+    return val if limit is None else subset(val, min(limit, len(val)))
+
+
 @torch.inference_mode()
 def correctness(spec: str, data: str, limit: int | None, batch_size: int) -> tuple[torch.Tensor, str]:
     """Per-image correctness of the model `spec` on the eval split of `data`, and its architecture."""
     net, arch = load_model(spec)
     net.eval()
     recipe = data_recipe(arch, net)
-    _, val = open_data(data, image_size=recipe.image_size, progress=False)
-    if limit is not None:
-        val = subset(val, min(limit, len(val)))
+    val = _eval_split(data, recipe.image_size, limit)
     hits = [(net(x).argmax(dim=1) == y) for x, y in TensorLoader(val, batch_size, mean=recipe.mean, std=recipe.std)]
     return torch.cat(hits), arch
 
@@ -91,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", required=True, help="the reference model (run directory, artifact or spec)")
     p.add_argument("--model", action="append", required=True, help="a model to compare (repeatable)")
     p.add_argument("--band", type=float, default=None, help="judge diff >= -BAND points (e.g. 0.5)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first LIMIT images (seeded subset)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate a fixed, class-balanced subset of LIMIT images")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
