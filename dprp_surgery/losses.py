@@ -125,20 +125,50 @@ def orthogonality_loss(layers: LayersLike) -> Tensor:
 
 def _gram_residual_sum(factors: list[Tensor]) -> Tensor:
     """sum_l ||F_l^T F_l - I||_F / r_l^2 over factors F_l (h_l x r_l), one bmm per distinct h_l."""
-    groups: dict[int, list[int]] = {}
-    for i, f in enumerate(factors):
-        groups.setdefault(f.shape[0], []).append(i)
+    groups: dict[int, list[Tensor]] = {}
+    for f in factors:
+        groups.setdefault(f.shape[0], []).append(f)
     parts = []
-    for idx in groups.values():
-        # (n, r_max, h): each row block is F_l^T, zero rows after r_l.
-        Ft = pad_sequence([factors[i].T for i in idx], batch_first=True)
-        r = torch.tensor([factors[i].shape[1] for i in idx], device=Ft.device)
-        gram = torch.bmm(Ft, Ft.transpose(1, 2))  # (n, r_max, r_max) = F^T F, zero outside r_l x r_l
-        ar = torch.arange(Ft.shape[1], device=Ft.device)
-        eye = (ar[:, None] == ar[None, :]) & (ar[None, :] < r[:, None, None])
-        resid = torch.linalg.matrix_norm(gram - eye.to(gram.dtype), ord="fro")  # (n,)
+    for group in groups.values():
+        r = torch.tensor([f.shape[1] for f in group], device=group[0].device)
+        resid = _GramResidualNorms.apply(r, *group)  # (n,)
         parts.append((resid / r.to(resid.dtype) ** 2).sum())
     return torch.stack(parts).sum()
+
+
+class _GramResidualNorms(torch.autograd.Function):
+    """||F_l^T F_l - I_{r_l}||_F for same-height factors F_l, with the analytic gradient 2 F_l R_l / ||R_l||_F.
+
+    Autograd of ``bmm(F^T, F)`` would spend two batched matmuls on the backward; with R = F^T F - I
+    symmetric the gradient is one (``F @ R``), and the factors are stacked without a transposed copy.
+    """
+
+    @staticmethod
+    def forward(ctx, r: Tensor, *factors: Tensor) -> Tensor:  # noqa: D102
+        with torch.autocast(device_type=factors[0].device.type, enabled=False):
+            ranks = [f.shape[1] for f in factors]
+            r_max = max(ranks)
+            if all(k == r_max for k in ranks):
+                F = torch.stack(factors)  # (n, h, r)
+            else:
+                F = factors[0].new_zeros((len(factors), factors[0].shape[0], r_max))
+                for i, f in enumerate(factors):
+                    F[i, :, : f.shape[1]] = f
+            R = torch.bmm(F.transpose(1, 2), F)  # F^T F, zero outside each r_l x r_l block
+            ar = torch.arange(r_max, device=F.device)
+            R.diagonal(dim1=1, dim2=2).sub_((ar < r[:, None]).to(R.dtype))
+            norms = torch.linalg.matrix_norm(R, ord="fro")
+        ctx.save_for_backward(F, R, norms)
+        ctx.ranks = ranks
+        return norms
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_norms: Tensor):  # noqa: D102
+        F, R, norms = ctx.saved_tensors
+        scale = torch.where(norms > 0, 2.0 * grad_norms / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0.0)
+        grad = torch.bmm(F, R) * scale[:, None, None]
+        return (None, *(grad[i, :, :k] for i, k in enumerate(ctx.ranks)))
 
 
 # ----------------------------------------------------------------------------- eq. (11)

@@ -11,6 +11,7 @@ from torch import nn
 from dprp_surgery import DPRPConfig, SVDLinear, factorize
 from dprp_surgery.losses import (
     DPRPRegularizer,
+    _gram_residual_sum,
     compression_loss,
     distillation_loss,
     keep_counts,
@@ -53,6 +54,39 @@ def test_orthogonality_by_hand_with_padding():
     # mean over L = 3 layers: (0.75 + 4 + 2) / 3 = 2.25
     close(orthogonality_loss([a, b, c]), 2.25)
     close(orthogonality_loss([("a", a), ("c", c)]), (0.75 + 2) / 2)
+
+
+def test_orthogonality_gradient_matches_the_equation():
+    # L_orth's backward is written by hand (2 F R / ||R||_F): compare it with autograd of eq. (10)
+    # spelled out per layer, in float64, for same-height factors at different ranks (padded group).
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(6, 4, 3), (6, 5, 2), (6, 3, 3), (4, 6, 1)]  # (out, in, rank): U heights 6, 6, 6, 4
+    layers = []
+    for out_f, in_f, r in shapes:
+        m = SVDLinear(in_f, out_f, rank=r).double()
+        with torch.no_grad():
+            m.U.copy_(torch.randn(out_f, r, generator=gen, dtype=torch.float64))
+            m.V.copy_(torch.randn(in_f, r, generator=gen, dtype=torch.float64))
+        layers.append(m)
+    orthogonality_loss(layers).backward()
+    got = [(m.U.grad.clone(), m.V.grad.clone()) for m in layers]
+    factors = [(m.U.detach().clone().requires_grad_(), m.V.detach().clone().requires_grad_()) for m in layers]
+    ref = sum((torch.linalg.matrix_norm(U.T @ U - torch.eye(U.shape[1], dtype=U.dtype))
+               + torch.linalg.matrix_norm(V.T @ V - torch.eye(V.shape[1], dtype=V.dtype))) / U.shape[1] ** 2
+              for U, V in factors) / len(factors)
+    ref.backward()
+    for (gU, gV), (U, V) in zip(got, factors):
+        torch.testing.assert_close(gU, U.grad)
+        torch.testing.assert_close(gV, V.grad)
+    inputs = [layers[0].U.detach().clone().requires_grad_(), layers[1].U.detach().clone().requires_grad_()]
+    assert torch.autograd.gradcheck(lambda u0, u1: _gram_residual_sum([u0, u1]), inputs)
+
+
+def test_orthogonality_gradient_zero_when_orthonormal():
+    # At U^T U = I the norm is 0: the (sub)gradient is taken as zero, never NaN.
+    a = lin(3, 2, [1, 1])
+    orthogonality_loss([a]).backward()
+    assert torch.equal(a.U.grad, torch.zeros_like(a.U)) and torch.equal(a.V.grad, torch.zeros_like(a.V))
 
 
 def test_orthogonality_zero_for_svd_factors():
