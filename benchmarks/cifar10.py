@@ -87,6 +87,24 @@ def pretrained(model_name: str, weights_dir: Path | None, from_scratch: bool) ->
     return load_cifar_checkpoint(model, path)
 
 
+def initial(model_name: str, args) -> torch.nn.Module:
+    """The weights a row starts from: --init's dense artifact, else the pretrained (or random) weights."""
+    if args.init is None:
+        return pretrained(model_name, args.weights_dir, args.from_scratch)
+    if not args.init.exists():
+        raise SystemExit(f"--init {args.init} does not exist: give a dprp artifact (e.g. RUN/{model_name}/dense/model)")
+    source = load(args.init)
+    if svd_layers(source):
+        raise SystemExit(f"--init {args.init} is a factorized model: give a dense artifact "
+                         "(e.g. the dense row's model)")
+    model = CIFAR_MODELS[model_name]()
+    try:
+        model.load_state_dict(source.state_dict(), strict=True)
+    except RuntimeError as err:
+        raise SystemExit(f"--init {args.init} is not a CIFAR {model_name}: {str(err).splitlines()[0]}") from None
+    return model
+
+
 def evaluate(model: torch.nn.Module, loader, device: torch.device) -> tuple[float, float]:
     """Top-1 and top-5 accuracy (percent)."""
     model.eval()
@@ -134,7 +152,7 @@ def run_row(row: str, model_name: str, args, train_ds, test_ds, base: DPRPConfig
     if args.factor_step is not None and row in ("tuned", "distill"):
         config = config.replace(factor_step=args.factor_step)
     torch.manual_seed(config.seed)
-    dense = pretrained(model_name, args.weights_dir, args.from_scratch)
+    dense = initial(model_name, args)
     example = torch.zeros(1, 3, 32, 32)
     dense_summary = summarize(dense, example)
     model = dense if row == "dense" else factorize(dense, config)
@@ -166,6 +184,8 @@ def run_row(row: str, model_name: str, args, train_ds, test_ds, base: DPRPConfig
     }
     if teacher_from is not None:
         result["teacher"] = teacher_from
+    if args.init is not None:
+        result["init"] = str(args.init)
     if resumed:
         result["resumed_at_epoch"] = start_epoch
     return {**result, **ship(model, model_name, config, run_dir, dense_summary, result)}
@@ -291,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="distillation weight alpha of the distill row (DPRPConfig.distill)")
     parser.add_argument("--teacher", type=Path, default=None,
                         help="dprp artifact the distill row distils from (default: the dense row's model in --out)")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start every row from this dense dprp artifact of the model (e.g. RUN/resnet56/dense/"
+                             "model, a finished dense fine-tune) instead of the pretrained weights")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--train-limit", type=int, default=None, help="class-balanced training subset")

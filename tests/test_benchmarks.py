@@ -242,3 +242,26 @@ def test_paired_smoke(shared_dir, cifar10_dir, tmp_path, capsys):
     assert row["base_top1"] > 50 and row["verdict"] == "outside"  # pretrained against random init
     assert run_main("paired.py", args[:-1]) == 0
     assert "| cifar:resnet20 |" in capsys.readouterr().out
+
+
+def test_cifar10_init_from_a_dense_artifact(tmp_path):
+    from argparse import Namespace
+
+    from dprp_surgery import factorize, save
+    from dprp_surgery.models import resnet20
+
+    initial = runpy.run_path(str(BENCHMARKS / "cifar10.py"), run_name="benchmark_cifar10")["initial"]
+    torch.manual_seed(0)
+    source = resnet20()
+    save(source, tmp_path / "dense", arch="cifar:resnet20")
+    args = Namespace(init=tmp_path / "dense", weights_dir=None, from_scratch=True)
+    started = initial("resnet20", args)
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(started.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    with pytest.raises(SystemExit, match="is not a CIFAR resnet32"):
+        initial("resnet32", args)
+    save(factorize(source), tmp_path / "factorized", arch="cifar:resnet20")
+    with pytest.raises(SystemExit, match="is a factorized model: give a dense artifact"):
+        initial("resnet20", Namespace(init=tmp_path / "factorized", weights_dir=None, from_scratch=True))
+    with pytest.raises(SystemExit, match="does not exist"):
+        initial("resnet20", Namespace(init=tmp_path / "missing", weights_dir=None, from_scratch=True))
