@@ -143,6 +143,8 @@ def run_row(row: str, model_name: str, args, train_ds, test_ds, base: DPRPConfig
         config = config.replace(scheme=args.scheme)
     if args.epsilon is not None and row in ("tuned", "distill"):
         config = config.replace(epsilon=args.epsilon)
+    if args.epsilon_start is not None and row in ("tuned", "distill"):
+        config = config.replace(epsilon_start=args.epsilon_start, epsilon_ramp_epochs=args.epsilon_ramp_epochs or 0)
     if args.prune_every is not None and row in ("tuned", "distill"):
         config = config.replace(prune_every=args.prune_every)
     if args.min_rank is not None and row in ("tuned", "distill"):
@@ -284,6 +286,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="lambda_comp of the tuned and distill rows (default: the tuned preset's 2)")
     parser.add_argument("--epsilon", type=float, default=None,
                         help="epsilon of the tuned and distill rows (default: the tuned preset's 0.1)")
+    parser.add_argument("--epsilon-start", type=float, default=None,
+                        help="tuned and distill rows: epsilon grows geometrically from this value to --epsilon over "
+                             "--epsilon-ramp-epochs epochs (DPRPConfig.epsilon_start; default: fixed epsilon)")
+    parser.add_argument("--epsilon-ramp-epochs", type=int, default=None,
+                        help="length of the epsilon schedule in epochs (DPRPConfig.epsilon_ramp_epochs); needs "
+                             "--epsilon-start")
     parser.add_argument("--prune-every", type=int, default=None,
                         help="steps between pruning checks in the tuned and distill rows (default: the tuned "
                              "preset's 25). L_comp pushes down the smallest kept singular value until it falls under "
@@ -331,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rescore:
         return rescore(args.out)
+    if args.epsilon_ramp_epochs is not None and args.epsilon_start is None:
+        parser.error("--epsilon-ramp-epochs needs --epsilon-start (the epsilon the schedule starts from)")
     if args.smoke:
         args.epochs, args.train_limit, args.test_limit = 1, args.train_limit or 256, args.test_limit or 128
     if args.from_scratch and args.lr == 0.01:

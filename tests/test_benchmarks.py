@@ -31,7 +31,7 @@ def test_cifar10_smoke(shared_dir, tmp_path, capsys):
     rows = ["dense", "paper2", "tuned", "distill"]
     args = ["--smoke", "--quiet", "--out", str(tmp_path), "--rows", *rows, "--target-compression", "0.3",
             "--sigma-lr-scale", "5", "--scheme", "channel", "--min-rank", "2", "--no-structure-when-frozen",
-            "--factor-step", "capped"]
+            "--factor-step", "capped", "--epsilon-start", "0.01", "--epsilon-ramp-epochs", "2"]
     assert run_main("cifar10.py", args) == 0
     results = json.loads((tmp_path / "results.json").read_text())
     # the distill row learns from the dense row's fine-tuned model, written just before it
@@ -43,6 +43,8 @@ def test_cifar10_smoke(shared_dir, tmp_path, capsys):
     assert [r["config"]["min_rank"] for r in results] == [1, 1, 2, 2]
     assert [r["config"]["structure_when_frozen"] for r in results] == [True, True, False, False]
     assert [r["config"]["factor_step"] for r in results] == ["plain", "plain", "capped", "capped"]
+    assert [r["config"]["epsilon_start"] for r in results] == [None, None, 0.01, 0.01]
+    assert [r["config"]["epsilon_ramp_epochs"] for r in results] == [0, 0, 2, 2]
     assert [r["row"] for r in results] == rows and all(r["model"] == "resnet20" for r in results)
     for r in results:
         assert 0 <= r["top1"] <= 100 and 0 <= r["top5"] <= 100
@@ -265,3 +267,10 @@ def test_cifar10_init_from_a_dense_artifact(tmp_path):
         initial("resnet20", Namespace(init=tmp_path / "factorized", weights_dir=None, from_scratch=True))
     with pytest.raises(SystemExit, match="does not exist"):
         initial("resnet20", Namespace(init=tmp_path / "missing", weights_dir=None, from_scratch=True))
+
+
+def test_cifar10_epsilon_ramp_needs_a_start(capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_main("cifar10.py", ["--smoke", "--epsilon-ramp-epochs", "3"])
+    assert exc.value.code == 2
+    assert "--epsilon-ramp-epochs needs --epsilon-start" in capsys.readouterr().err
