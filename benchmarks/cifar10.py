@@ -130,6 +130,10 @@ def teacher_for(model_name: str, args) -> tuple[torch.nn.Module, str]:
     return pretrained(model_name, args.weights_dir, args.from_scratch), "pretrained weights"
 
 
+# flags that override the same-named DPRPConfig field of the tuned and distill rows when given
+TUNED_FLAGS = ("lambda_comp", "scheme", "epsilon", "epsilon_start", "prune_every", "min_rank", "factor_step")
+
+
 def run_row(row: str, model_name: str, args, train_ds, test_ds, base: DPRPConfig) -> dict:
     """Train one row and measure it."""
     config = row_config(row, model_name, base.replace(distill=args.distill if row == "distill" else 0.0,
@@ -137,22 +141,13 @@ def run_row(row: str, model_name: str, args, train_ds, test_ds, base: DPRPConfig
                                                       comp_weighting=args.comp_weighting))
     if args.sigma_lr_scale is not None and row not in ("dense", "tuned", "distill"):
         config = config.replace(sigma_lr_scale=args.sigma_lr_scale)
-    if args.lambda_comp is not None and row in ("tuned", "distill"):
-        config = config.replace(lambda_comp=args.lambda_comp)
-    if args.scheme is not None and row in ("tuned", "distill"):
-        config = config.replace(scheme=args.scheme)
-    if args.epsilon is not None and row in ("tuned", "distill"):
-        config = config.replace(epsilon=args.epsilon)
-    if args.epsilon_start is not None and row in ("tuned", "distill"):
-        config = config.replace(epsilon_start=args.epsilon_start, epsilon_ramp_epochs=args.epsilon_ramp_epochs or 0)
-    if args.prune_every is not None and row in ("tuned", "distill"):
-        config = config.replace(prune_every=args.prune_every)
-    if args.min_rank is not None and row in ("tuned", "distill"):
-        config = config.replace(min_rank=args.min_rank)
-    if args.no_structure_when_frozen and row in ("tuned", "distill"):
-        config = config.replace(structure_when_frozen=False)
-    if args.factor_step is not None and row in ("tuned", "distill"):
-        config = config.replace(factor_step=args.factor_step)
+    if row in ("tuned", "distill"):
+        overrides = {field: getattr(args, field) for field in TUNED_FLAGS if getattr(args, field) is not None}
+        if args.epsilon_start is not None:
+            overrides["epsilon_ramp_epochs"] = args.epsilon_ramp_epochs or 0
+        if args.no_structure_when_frozen:
+            overrides["structure_when_frozen"] = False
+        config = config.replace(**overrides)
     torch.manual_seed(config.seed)
     dense = initial(model_name, args)
     example = torch.zeros(1, 3, 32, 32)
