@@ -30,6 +30,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -181,9 +182,13 @@ def bench_model(name: str, svd_model: nn.Module, size: tuple[int, ...], args, wo
         t0 = time.perf_counter()
         forms["auto"] = export(svd_model, "auto", objective="latency", example_inputs=x)
         auto_s = time.perf_counter() - t0
+        eager_forms, eager_x = forms, x
+        if args.channels_last:  # eager only; onnxruntime picks its own layouts
+            eager_forms = {f: copy.deepcopy(m).to(memory_format=torch.channels_last) for f, m in forms.items()}
+            eager_x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            eager = interleaved_medians([lambda m=m, x=x: m(x) for m in forms.values()], args.runs, args.warmup_s,
-                                        args.min_block_s)
+            eager = interleaved_medians([lambda m=m, x=eager_x: m(x) for m in eager_forms.values()], args.runs,
+                                        args.warmup_s, args.min_block_s)
         ort: list = [None] * len(forms)
         if not args.skip_onnx:
             sessions = [ort_session(model, one, threads, workdir, f"{name}-{form}-{batch}")
@@ -200,7 +205,8 @@ def bench_model(name: str, svd_model: nn.Module, size: tuple[int, ...], args, wo
                              "params": count_params(model),
                              "macs": s.macs, "eager_ms": 1000 * eager_s,
                              "ort_ms": None if ort_s is None else 1000 * ort_s, "factorized_layers": n_fact,
-                             "layers": len(svd_layers(svd_model)), "auto_select_s": auto_s if form == "auto" else None}
+                             "layers": len(svd_layers(svd_model)), "auto_select_s": auto_s if form == "auto" else None,
+                             "channels_last": args.channels_last}
             print(f"  {name} b{batch} {form:10s} eager {1000 * eager_s:9.2f} ms"
                   + ("" if ort_s is None else f"  ort {1000 * ort_s:9.2f} ms"), flush=True)
         for r in results.values():
@@ -244,6 +250,8 @@ def markdown(rows: list[dict], models: dict[str, str], command: str) -> str:
         f"- command: `{command}`",
         f"- machine: {cpu}, {os.cpu_count()} CPU cores visible (shared with other jobs), torch and onnxruntime "
         f"intra-op threads {torch.get_num_threads()}; absolute numbers are noisy, compare ratios within a run",
+        "- eager memory format: " + ("channels_last (models and inputs; `auto` chose its layers in NCHW)"
+                                     if rows[0].get("channels_last") else "NCHW (contiguous)"),
         f"- versions: Python {platform.python_version()}, torch {torch.__version__}, onnxruntime "
         f"{onnxruntime.__version__}, timm {timm.__version__}, dprp_surgery {dprp_surgery.__version__}",
     ]
@@ -346,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--case", action="append", default=None, metavar="SPEC",
                         help="a model to measure, repeatable; replaces the flags above: cifar:resnet20:SCHEME:KEEP, "
                              "timm:NAME:SCHEME:KEEP[:SIZE] or run:DIR")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="time the eager forms with models and inputs in channels_last memory format (oneDNN "
+                             "then skips its per-call layout reorders; onnxruntime rows are unchanged)")
     parser.add_argument("--md", type=Path, default=None, help="markdown file to write the section into")
     parser.add_argument("--json", type=Path, default=None, help="write the rows as JSON")
     parser.add_argument("--smoke", action="store_true",

@@ -89,7 +89,7 @@ def test_train_step_smoke(capsys):
 
 
 @pytest.mark.parametrize(("flags", "models"), [(["--skip-timm"], ["resnet20"]),
-                                               (["--skip-onnx"], ["resnet20", "convnext_atto"])],
+                                               (["--skip-onnx", "--channels-last"], ["resnet20", "convnext_atto"])],
                          ids=["onnx", "timm"])
 def test_latency_smoke(flags, models, tmp_path, capsys):
     """Two halves of one --smoke run (the ONNX exports take most of the time): ResNet-20 with onnxruntime; both
@@ -101,8 +101,10 @@ def test_latency_smoke(flags, models, tmp_path, capsys):
         (m, f, 1) for m in models for f in ("dense", "factorized", "auto")]
     assert all(r["eager_ms"] > 0 for r in rows) and all(r["factorized_layers"] <= r["layers"] for r in rows)
     assert all((r["ort_ms"] is None) == ("--skip-onnx" in flags) for r in rows)
+    assert all(r["channels_last"] == ("--channels-last" in flags) for r in rows)
     out = capsys.readouterr().out
     assert "## Inference latency (issue 4)" in out and ("timm:convnext_atto at 32px" in out) == ("--skip-onnx" in flags)
+    assert ("eager memory format: channels_last" in out) == ("--channels-last" in flags)
     with pytest.raises(SystemExit):  # smoke timings never go into the docs
         run_main("latency.py", ["--smoke", "--md", str(tmp_path / "bench.md")])
     assert not (tmp_path / "bench.md").exists()
