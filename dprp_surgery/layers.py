@@ -141,14 +141,15 @@ _GRAM_COND = 1e-4
 
 
 def _thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD (U, s, V) of a tall float32 matrix, singular values descending.
+    """Thin SVD (U, s, V) of a tall float32 or float64 matrix, singular values descending.
 
     Large CPU matrices go through the eigendecomposition of the float64 Gram matrix A^T A (2-3x faster
     than LAPACK's float32 SVD on 768-wide ViT weights): V and s^2 come from ``eigh``, U = A V / s. In
     float64 the error of s_i and U_i is about 1e-16 (s_max / s_i)^2, below float32 resolution while
-    s_min / s_max > 1e-4; worse-conditioned (e.g. rank-deficient) matrices use ``torch.linalg.svd``.
+    s_min / s_max > 1e-4; worse-conditioned (e.g. rank-deficient) and float64 matrices use
+    ``torch.linalg.svd``.
     """
-    if matrix.device.type == "cpu" and matrix.shape[1] >= GRAM_SVD_MIN:
+    if matrix.device.type == "cpu" and matrix.dtype == torch.float32 and matrix.shape[1] >= GRAM_SVD_MIN:
         a = matrix.double()
         lam, v = torch.linalg.eigh(a.T @ a)
         lam, v = lam.flip(0), v.flip(1)
@@ -202,9 +203,29 @@ class SVDLayer(nn.Module, ABC):
             nn.init.uniform_(self.bias, -bound, bound)
 
     @torch.no_grad()
+    def _copy_from(self, dense: nn.Module) -> None:
+        """Take the dense layer's weight (as its SVD), bias and frozen/trainable flags."""
+        self._set_from_weight(dense.weight)
+        for p in (self.U, self.s, self.V):
+            p.requires_grad_(dense.weight.requires_grad)
+        if dense.bias is not None:
+            self.bias.copy_(dense.bias.detach())
+            self.bias.requires_grad_(dense.bias.requires_grad)
+
+    @torch.no_grad()
+    def _copy_to(self, dense: nn.Module) -> None:
+        """Write the dense weight, bias and frozen/trainable flags into a dense layer of the same shape."""
+        dense.weight.copy_(self.dense_weight())
+        dense.weight.requires_grad_(self.U.requires_grad)
+        if self.bias is not None:
+            dense.bias.copy_(self.bias)
+            dense.bias.requires_grad_(self.bias.requires_grad)
+
+    @torch.no_grad()
     def _set_from_weight(self, weight: torch.Tensor) -> None:
         """Set U, s, V to the leading `rank` components of the SVD of the reshaped weight."""
-        matrix = MATRICIZATIONS[self.scheme].to_matrix(weight.detach()).to(torch.float32)
+        dtype = torch.promote_types(weight.dtype, torch.float32)  # float64 layers keep float64 precision
+        matrix = MATRICIZATIONS[self.scheme].to_matrix(weight.detach()).to(dtype)
         if matrix.shape[0] >= matrix.shape[1]:
             u, s, v = _thin_svd(matrix)
         else:  # LAPACK is about twice as fast on the tall orientation
@@ -242,6 +263,18 @@ class SVDLayer(nn.Module, ABC):
         return 1.0 - r * (h + w + 1) / (h * w)
 
     # ------------------------------------------------------------------ weights
+    @property
+    def weight(self) -> torch.Tensor:
+        """Read-only dense weight U diag(s) V^T, for code that reads ``layer.weight`` directly.
+
+        Code such as the inference fast path of ``nn.TransformerEncoderLayer``, or a forward calling
+        ``F.linear(x, self.fc.weight)`` in a model that torch.fx cannot trace, passes ``layer.weight`` to
+        functional ops instead of calling the layer; with this property it computes with the factorized
+        weight and gradients reach U, s, V.
+        It is recomputed at every access: assign to U, s, V (or use `from_dense`) to change the layer.
+        """
+        return self.dense_weight()
+
     def dense_weight(self) -> torch.Tensor:
         """The dense weight U diag(s) V^T reshaped back to the layer's weight shape."""
         matrix = (self.U * self.s) @ self.V.T
@@ -315,9 +348,7 @@ class SVDLinear(SVDLayer):
     def from_dense(cls, module: nn.Linear, scheme: str = "channel", rank: int | None = None) -> SVDLinear:
         layer = cls(module.in_features, module.out_features, module.bias is not None, rank=rank, device="meta",
                     dtype=module.weight.dtype).to_empty(device=module.weight.device)
-        layer._set_from_weight(module.weight)
-        if module.bias is not None:
-            layer.bias.data.copy_(module.bias.detach())
+        layer._copy_from(module)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -337,10 +368,7 @@ class SVDLinear(SVDLayer):
     def to_dense(self) -> nn.Linear:
         dense = nn.Linear(self.in_features, self.out_features, self.bias is not None,
                           device=self.U.device, dtype=self.U.dtype)
-        with torch.no_grad():
-            dense.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
+        self._copy_to(dense)
         return dense
 
     def to_factorized(self) -> nn.Sequential:
@@ -390,9 +418,7 @@ class _SVDConvNd(SVDLayer):
         layer = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
                     module.dilation, module.groups, module.bias is not None, module.padding_mode, scheme=scheme,
                     rank=rank, device="meta", dtype=module.weight.dtype).to_empty(device=module.weight.device)
-        layer._set_from_weight(module.weight)
-        if module.bias is not None:
-            layer.bias.data.copy_(module.bias.detach())
+        layer._copy_from(module)
         return layer
 
     # ------------------------------------------------------------------ padding helpers
@@ -448,10 +474,7 @@ class _SVDConvNd(SVDLayer):
         dense = self._conv_type()(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                                   self.dilation, self.groups, self.bias is not None, self.padding_mode,
                                   device=self.U.device, dtype=self.U.dtype)
-        with torch.no_grad():
-            dense.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
+        self._copy_to(dense)
         return dense
 
     def _pad_module(self) -> nn.Module | None:

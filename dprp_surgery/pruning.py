@@ -92,14 +92,16 @@ class RankPruner:
 
         Raises:
             ValueError: An optimizer state tensor of a pruned parameter cannot be sliced (its shape does
-                not match the parameter's); nothing is modified in that case.
+                not match the parameter's), or the optimizer keeps flat state over all parameters (LBFGS);
+                nothing is modified in that case.
         """
         named = svd_layers(unwrap_model(model))
         if not named:
             return {}
         keep = self._decide([m for _, m in named], self.epsilon if epsilon is None else float(epsilon))
         todo = [(name, layer, int(k)) for (name, layer), k in zip(named, keep.tolist()) if int(k) < layer.rank]
-        if optimizer is not None:  # check everything first so that a failure leaves model and state intact
+        if optimizer is not None and todo:  # check everything first so that a failure leaves model and state intact
+            _check_optimizer(optimizer, todo[0][0])
             for name, layer, _ in todo:
                 _check_state(optimizer, name, layer)
         changes: dict[str, tuple[int, int]] = {}
@@ -124,6 +126,20 @@ def _sliceable(value: Tensor, dim: int, old_rank: int, shape: tuple[int, ...]) -
     if value.ndim != len(shape) or value.shape[dim] != old_rank:
         return False
     return all(v in (n, 1) for i, (v, n) in enumerate(zip(value.shape, shape)) if i != dim)
+
+
+# Optimizers whose state is one flat vector over all parameters (kept on the first), not per parameter.
+_FLAT_STATE_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (torch.optim.LBFGS,)
+
+
+def _check_optimizer(optimizer: torch.optim.Optimizer, name: str) -> None:
+    """Raise a ValueError for an optimizer whose state cannot follow a change of parameter shapes."""
+    if isinstance(optimizer, _FLAT_STATE_OPTIMIZERS):
+        raise ValueError(
+            f"cannot prune layer {name!r}: {type(optimizer).__name__} keeps its state as flat vectors over all "
+            "parameters, which no longer fit once a layer loses rank; use SGD/Adam/AdamW, or create a new "
+            f"{type(optimizer).__name__} after every pruning step"
+        )
 
 
 def _check_state(optimizer: torch.optim.Optimizer, name: str, layer: SVDLayer) -> None:

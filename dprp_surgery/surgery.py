@@ -52,7 +52,11 @@ def factorize(model: nn.Module, config: DPRPConfig | None = None) -> nn.Module:
     """Return a copy of `model` in which every selected Conv/Linear is an SVD-factorized twin.
 
     Each twin starts at full rank theta = min(h, w) from the SVD of its reshaped weight, so the
-    copy computes the same function (Sec. III-C). The input model is not modified.
+    copy computes the same function (Sec. III-C), and is frozen where the dense layer was
+    (``requires_grad``). The input model is not modified. A layer stays dense, with its reason in
+    the report's ``skipped``, when the forward never calls it, reads its weight outside its own
+    forward, ties its weight to another module, carries module hooks, subclasses Conv/Linear with
+    its own forward, or is incompressible under ``min_compressible``.
 
     Args:
         model: Any nn.Module (timm, torchvision or your own).
@@ -164,6 +168,12 @@ def _plan(model: nn.Module, called: dict[str, str | None], config: DPRPConfig):
         if called[name] is not None:
             report.skipped[name] = called[name]
             continue
+        hooks = _hooks_on(module)
+        if hooks:
+            report.skipped[name] = (f"it has {hooks} registered on it, which a twin would not carry; left dense to "
+                                    "keep its function (remove them before factorize and register them on the "
+                                    "factorized model)")
+            continue
         if id(module.weight) in shared:
             report.skipped[name] = "its weight is shared with another module (tied weights)"
             continue
@@ -188,6 +198,15 @@ def _plan(model: nn.Module, called: dict[str, str | None], config: DPRPConfig):
             + ". Check the include/exclude globs or set min_compressible=None."
         )
     return plan, report
+
+
+_HOOK_DICTS = {"_forward_pre_hooks": "forward pre-hooks", "_forward_hooks": "forward hooks",
+               "_backward_pre_hooks": "backward pre-hooks", "_backward_hooks": "backward hooks"}
+
+
+def _hooks_on(module: nn.Module) -> str:
+    """Kinds of module hooks registered on `module` ('' when none), e.g. 'forward hooks'."""
+    return " and ".join(kind for attr, kind in _HOOK_DICTS.items() if getattr(module, attr, None))
 
 
 def _base_name(module: nn.Module) -> str:

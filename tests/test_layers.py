@@ -240,3 +240,44 @@ def test_rank_deficient_large_layer_falls_back_to_svd():
     x = torch.randn(3, 300)
     y = dense(x)
     torch.testing.assert_close(layer(x), y, rtol=0, atol=1e-5 * y.abs().max().item())  # zero rows: relative is inf
+
+
+@pytest.mark.parametrize("scheme", ["paper", "channel", "spatial"])
+def test_float64_layers_keep_float64_precision(scheme):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 8, 3, padding=1).double()
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
+    twin = SVDConv2d.from_dense(conv, scheme=scheme)
+    assert twin.U.dtype == torch.float64
+    torch.testing.assert_close(twin(x), conv(x), rtol=1e-12, atol=1e-12)
+
+
+def test_float64_large_linear_is_exact_in_float64():
+    torch.manual_seed(0)
+    lin = nn.Linear(300, 400).double()  # wide enough for the float32 Gram path, which float64 must skip
+    twin = SVDLinear.from_dense(lin)
+    torch.testing.assert_close(twin.dense_weight(), lin.weight.detach(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dense", [nn.Linear(6, 5), nn.Conv2d(3, 4, 3)], ids=["linear", "conv"])
+def test_weight_property_is_the_dense_weight_with_gradient_to_the_factors(dense):
+    twin = TWINS[type(dense)].from_dense(dense)
+    torch.testing.assert_close(twin.weight, dense.weight.detach(), rtol=1e-5, atol=1e-6)
+    twin.weight.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (twin.U, twin.s, twin.V))
+    assert "weight" not in dict(twin.named_parameters())
+
+
+@pytest.mark.parametrize("frozen", ["weight", "bias", "both"])
+def test_conversions_carry_frozen_flags(frozen):
+    conv = nn.Conv2d(3, 4, 3)
+    if frozen in ("weight", "both"):
+        conv.weight.requires_grad_(False)
+    if frozen in ("bias", "both"):
+        conv.bias.requires_grad_(False)
+    twin = SVDConv2d.from_dense(conv)
+    assert [p.requires_grad for p in (twin.U, twin.s, twin.V)] == [conv.weight.requires_grad] * 3
+    assert twin.bias.requires_grad == conv.bias.requires_grad
+    back = twin.to_dense()
+    assert (back.weight.requires_grad, back.bias.requires_grad) == (conv.weight.requires_grad,
+                                                                    conv.bias.requires_grad)

@@ -169,3 +169,21 @@ def test_no_svd_layers_and_validation():
 
 # The DDP broadcast of the keep counts (rank 0 decides) is tested in the 2-process worker of
 # tests/test_trainer.py::test_ddp_two_processes, to start the processes only once.
+
+
+def test_lbfgs_flat_state_raises_and_changes_nothing():
+    model = make_model()
+    opt = torch.optim.LBFGS(model.parameters(), history_size=3, max_iter=2)
+    x, y = batch(0)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with pytest.raises(ValueError, match=r"cannot prune layer '0': LBFGS keeps its state as flat vectors"):
+        RankPruner(epsilon=0.1).step(model, opt)
+    assert model[0].rank == 6 and model[2].rank == 5
+    opt.step(closure)  # still consistent

@@ -195,3 +195,60 @@ def test_factorize_no_warning_on_traceable_models():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         factorize(torchvision.models.resnet18())
+
+
+def test_builtin_modules_that_read_weight_directly_keep_working():
+    """nn.TransformerEncoderLayer's eval fast path reads linear1.weight and linear2.weight itself."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True, dropout=0.0))
+    x = torch.randn(2, 5, 16)
+    fact = factorize(model, DPRPConfig(min_compressible=None))
+    assert set(surgery_report(fact).factorized) == {"0.linear1", "0.linear2"}
+    torch.testing.assert_close(fact(x), model(x), rtol=1e-4, atol=1e-5)  # training mode
+    fact(x).sum().backward()
+    assert fact[0].linear1.s.grad is not None
+    model.eval(), fact.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fact(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+class ReadsWeightUntraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
+            x = self.a(x)
+        return torch.nn.functional.linear(x, self.b.weight, self.b.bias)
+
+
+def test_module_walk_fallback_with_a_weight_read_outside_forward():
+    torch.manual_seed(0)
+    model = ReadsWeightUntraceable()
+    x = torch.rand(2, 8)
+    with pytest.warns(UserWarning, match="could not trace"):
+        fact = factorize(model, DPRPConfig(min_compressible=None))
+    assert set(surgery_report(fact).factorized) == {"a", "b"}
+    torch.testing.assert_close(fact(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_layers_with_hooks_stay_dense_and_keep_their_function():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10), nn.Linear(10, 4))
+    model[3].register_forward_hook(lambda module, inputs, output: output * 0.5)
+    model[0].register_forward_pre_hook(lambda module, inputs: (inputs[0] * 2,))
+    x = torch.randn(2, 3, 8, 8)
+    fact = factorize(model, DPRPConfig(min_compressible=None))
+    report = surgery_report(fact)
+    assert "forward hooks" in report.skipped["3"] and "forward pre-hooks" in report.skipped["0"]
+    assert [n for n, _ in svd_layers(fact)] == ["4"]
+    torch.testing.assert_close(fact(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_layers_stay_frozen():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+    model[0].requires_grad_(False)
+    fact = factorize(model, DPRPConfig(min_compressible=None))
+    assert [p.requires_grad for p in fact[0].parameters()] == [False] * 4
+    assert all(p.requires_grad for p in fact[3].parameters())
