@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
 import math
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,10 @@ LR_SCHEDULES = ("plateau", "cosine", "constant")
 PRUNE_UNITS = ("epoch", "step")
 COMP_WEIGHTINGS = ("layers", "params", "params-squared")
 FACTOR_STEPS = ("plain", "capped")
+DEVICE_TYPES = ("cpu", "cuda")
+CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
+
+log = logging.getLogger(__name__)
 
 
 def _check(cond: bool, name: str, value: Any, want: str) -> None:
@@ -204,11 +210,11 @@ class DPRPConfig:
         _check(len(self.layer_types) > 0, "layer_types", self.layer_types, "name at least one layer type")
         for name in ("epochs", "batch_size", "min_rank", "prune_every"):
             v = getattr(self, name)
-            _check(isinstance(v, int) and v >= 1, name, v, "must be an integer >= 1")
+            _check(_is_int(v) and v >= 1, name, v, "must be an integer >= 1")
         for name in ("lr_patience", "warmup_epochs", "reg_warmup_epochs", "reg_cooldown_epochs", "epsilon_ramp_epochs",
                      "prune_start_epoch", "seed"):
             v = getattr(self, name)
-            _check(isinstance(v, int) and v >= 0, name, v, "must be an integer >= 0")
+            _check(_is_int(v) and v >= 0, name, v, "must be an integer >= 0")
         for name in ("lr", "sigma_lr_scale", "factor_lr_scale", "delta"):
             v = getattr(self, name)
             _check(_finite(v) and v > 0, name, v, "must be a finite number > 0")
@@ -239,14 +245,42 @@ class DPRPConfig:
         for name in ("amp", "structure_when_frozen"):
             v = getattr(self, name)
             _check(isinstance(v, bool), name, v, "must be true or false")
-        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-               "device", self.device, "use 'auto', 'cpu' or 'cuda[:N]'")
-        _check(self.version == CONFIG_VERSION, "version", self.version,
+        _check(_valid_device(self.device), "device", self.device,
+               "use 'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N' (e.g. 'cuda:1')")
+        _check(_is_int(self.version) and self.version == CONFIG_VERSION, "version", self.version,
                f"this dprp_surgery reads config version {CONFIG_VERSION}")
+        self._warn_inert_settings()
+
+    def _warn_inert_settings(self) -> None:
+        """Log a warning for settings that are valid but have no effect on training."""
+        if self.reg_cooldown_epochs > 0 and self.reg_cooldown_epochs >= self.epochs:
+            log.warning("DPRPConfig.reg_cooldown_epochs=%d >= epochs=%d: every epoch is in the cool-down, so "
+                        "lambda_comp is 0 and no pruning runs (nothing is compressed); lower reg_cooldown_epochs "
+                        "below epochs or raise epochs.", self.reg_cooldown_epochs, self.epochs)
+        if self.prune_start_epoch >= self.epochs:
+            log.warning("DPRPConfig.prune_start_epoch=%d >= epochs=%d: pruning never runs (nothing is "
+                        "compressed); lower prune_start_epoch below epochs or raise epochs.",
+                        self.prune_start_epoch, self.epochs)
+        if self.epsilon_start is not None and self.epsilon_ramp_epochs == 0:
+            log.warning("DPRPConfig.epsilon_start=%r is ignored because epsilon_ramp_epochs=0: epsilon stays at "
+                        "%r; set epsilon_ramp_epochs >= 1 for the schedule, or epsilon_start=None.",
+                        self.epsilon_start, self.epsilon)
+        if self.epsilon_start is None and self.epsilon_ramp_epochs > 0:
+            log.warning("DPRPConfig.epsilon_ramp_epochs=%d is ignored because epsilon_start=None: epsilon stays "
+                        "at %r; set epsilon_start (e.g. 0.01) for the schedule, or epsilon_ramp_epochs=0.",
+                        self.epsilon_ramp_epochs, self.epsilon)
 
     # ------------------------------------------------------------------ round trips
     def replace(self, **changes: Any) -> DPRPConfig:
-        """Return a copy with some fields changed (validated like the constructor)."""
+        """Return a copy with some fields changed (validated like the constructor).
+
+        Args:
+            **changes: New values of fields.
+
+        Raises:
+            ValueError: For an unknown field name (with the closest field suggested) or an invalid value.
+        """
+        _check_field_names(changes)
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -262,12 +296,7 @@ class DPRPConfig:
         """Build a config from a dict, rejecting unknown keys with a suggestion."""
         if not isinstance(data, dict):
             raise ValueError(f"a DPRPConfig must be a mapping of field names to values, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        for key in data:
-            if key not in known:
-                close = difflib.get_close_matches(key, sorted(known), n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise ValueError(f"unknown DPRPConfig field {key!r}.{hint}")
+        _check_field_names(data)
         return cls(**data)
 
     def to_json(self, path: str | Path | None = None) -> str:
@@ -279,8 +308,17 @@ class DPRPConfig:
 
     @classmethod
     def from_json(cls, text_or_path: str | Path) -> DPRPConfig:
-        """Parse JSON text, or read a .json file."""
-        text = _read_if_path(text_or_path)
+        """Parse JSON text, or read a .json file.
+
+        Args:
+            text_or_path: A `Path`, the name of an existing file, or JSON text. A string that ends in
+                .json/.yaml/.yml (one line, not starting with "{", without ": ") is taken as a file name.
+
+        Raises:
+            ValueError: If a file name is given but the file does not exist or cannot be read, for
+                invalid JSON, an unknown field or an invalid value.
+        """
+        text = _read_if_path(text_or_path, "JSON")
         return cls.from_dict(json.loads(text))
 
     def to_yaml(self, path: str | Path | None = None) -> str:
@@ -293,8 +331,22 @@ class DPRPConfig:
 
     @classmethod
     def from_yaml(cls, text_or_path: str | Path) -> DPRPConfig:
-        """Parse YAML text, or read a .yaml/.yml file."""
-        data = _yaml().safe_load(_read_if_path(text_or_path))
+        """Parse YAML text, or read a .yaml/.yml file.
+
+        PyYAML follows YAML 1.1, which reads a float without a dot (``weight_decay: 1e-4``) as the string
+        "1e-4"; such strings are converted to numbers for the float fields.
+
+        Args:
+            text_or_path: A `Path`, the name of an existing file, or YAML text. A string that ends in
+                .json/.yaml/.yml (one line, not starting with "{", without ": ") is taken as a file name.
+
+        Raises:
+            ValueError: If a file name is given but the file does not exist or cannot be read, for YAML
+                that is not a mapping, an unknown field or an invalid value.
+        """
+        data = _yaml().safe_load(_read_if_path(text_or_path, "YAML"))
+        if isinstance(data, dict):
+            data = _yaml_floats(data)
         return cls.from_dict(data or {})
 
     @classmethod
@@ -331,6 +383,7 @@ class DPRPConfig:
             close = difflib.get_close_matches(name, PRESETS, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"unknown preset {name!r}; use one of {', '.join(PRESETS)}.{hint}")
+        _check_field_names(overrides)
         return cls(**{**PRESETS[name], **overrides})
 
 
@@ -352,13 +405,78 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _read_if_path(text_or_path: str | Path) -> str:
-    """Return file contents when given an existing path, else the text itself."""
-    if isinstance(text_or_path, Path) or (
-        isinstance(text_or_path, str) and "\n" not in text_or_path and Path(text_or_path).is_file()
-    ):
-        return Path(text_or_path).read_text()
-    return str(text_or_path)
+def _is_int(v: Any) -> bool:
+    """True for an int that is not a bool."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _valid_device(v: Any) -> bool:
+    """True for "auto" or a torch device string of a supported type ("cpu", "cuda", "cuda:1")."""
+    if v == "auto":
+        return True
+    if not isinstance(v, str):
+        return False
+    import torch
+
+    try:
+        return torch.device(v).type in DEVICE_TYPES
+    except RuntimeError:
+        return False
+
+
+def _check_field_names(names: Any) -> None:
+    """Raise a ValueError for the first name that is not a DPRPConfig field, suggesting the closest."""
+    known = sorted(f.name for f in fields(DPRPConfig))
+    for key in names:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else " See the DPRPConfig attributes for the field names."
+            raise ValueError(f"unknown DPRPConfig field {key!r}.{hint}")
+
+
+def _yaml_floats(data: dict[str, Any]) -> dict[str, Any]:
+    """Convert numeric strings (YAML 1.1 reads 1e-4 as a string) of the float fields to floats."""
+    float_fields = {f.name for f in fields(DPRPConfig) if "float" in str(f.type)}
+    out = dict(data)
+    for key, value in data.items():
+        if key in float_fields and isinstance(value, str):
+            try:
+                out[key] = float(value)
+            except ValueError:
+                pass  # left as is: validation names the field and the value
+    return out
+
+
+def _is_file(path: Path) -> bool:
+    """Path.is_file() that is False instead of raising for names the OS rejects (too long, NUL)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _read_if_path(text_or_path: str | os.PathLike[str], kind: str) -> str:
+    """Return a config file's contents when given a path or a file name, else the text itself."""
+    if isinstance(text_or_path, os.PathLike):
+        path = Path(text_or_path)
+    else:
+        text = str(text_or_path)
+        stripped = text.strip()
+        if "\n" in text or stripped.startswith(("{", "[")) or ": " in text:
+            return text  # JSON/YAML text, never a file name
+        path = Path(stripped)
+        if not _is_file(path):
+            if stripped.lower().endswith(CONFIG_SUFFIXES):
+                raise ValueError(f"config file {stripped!r} does not exist; check the path, or pass the {kind} "
+                                 "text itself")
+            return text
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        raise ValueError(f"config file {str(path)!r} does not exist; check the path, or pass the {kind} "
+                         "text itself") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read config file {str(path)!r}: {exc}") from None
 
 
 def _yaml():

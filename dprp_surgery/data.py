@@ -31,12 +31,16 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
 __all__ = [
     "AUGMENTATIONS",
@@ -218,13 +222,28 @@ def _scan_image_folder(root: Path) -> tuple[list[str], list[str], list[int], int
     return classes, files, targets, newest
 
 
+def _to_8bit(im: PILImage) -> PILImage:
+    """Scale a 16/32-bit integer ("I;16*", "I") or float ("F") image to mode "L"; others unchanged."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.clip(np.asarray(im).astype(np.int64), 0, 65535) >> 8  # 16-bit range: 65535 -> 255
+    elif im.mode == "F":
+        a = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        scale = 255.0 if a.size and a.max() <= 1.0 else 1.0  # [0, 1] floats, else already [0, 255]
+        a = np.clip(np.rint(a * scale), 0, 255)
+    else:
+        return im
+    return Image.fromarray(a.astype(np.uint8), mode="L")
+
+
 def _decode_one(path: str, size: int | None) -> np.ndarray:
     """Decode one image file to an RGB ``(H, W, 3)`` uint8 array, resized if ``size`` is set."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = _to_8bit(im).convert("RGB")
             if size is not None and im.size != (size, size):
                 im = im.resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(im, dtype=np.uint8)
@@ -234,9 +253,12 @@ def _decode_one(path: str, size: int | None) -> np.ndarray:
         ) from None
 
 
-def _decode_chunk(paths: list[str], size: int | None, hw: tuple[int, int]) -> np.ndarray:
-    """Decode a list of images into one ``(n, H, W, 3)`` array, checking every image's size."""
-    out = np.empty((len(paths), hw[0], hw[1], 3), dtype=np.uint8)
+def _decode_chunk(
+    paths: list[str], size: int | None, hw: tuple[int, int], out: np.ndarray | None = None
+) -> np.ndarray:
+    """Decode images into ``out`` (a new ``(n, 3, H, W)`` array if None), checking every image's size."""
+    if out is None:
+        out = np.empty((len(paths), 3, hw[0], hw[1]), dtype=np.uint8)
     for i, path in enumerate(paths):
         arr = _decode_one(path, size)
         if arr.shape[:2] != hw:
@@ -245,7 +267,7 @@ def _decode_chunk(paths: list[str], size: int | None, hw: tuple[int, int]) -> np
                 f"{hw[1]}x{hw[0]}; images of different sizes need image_size=... to resize them "
                 "to one square size."
             )
-        out[i] = arr
+        out[i] = arr.transpose(2, 0, 1)
     return out
 
 
@@ -292,10 +314,10 @@ def progress_bar(enabled: bool, transient: bool = False):  # noqa: ANN202 - rich
 def _decode_files(
     files: list[str], size: int | None, workers: int, progress: bool, label: str
 ) -> np.ndarray:
-    """Decode all files into one ``(N, H, W, 3)`` array in parallel with a progress bar."""
+    """Decode all files into one ``(N, 3, H, W)`` array (the final layout) in parallel with a progress bar."""
     first = _decode_one(files[0], size)
     hw = (int(first.shape[0]), int(first.shape[1]))
-    out = np.empty((len(files), hw[0], hw[1], 3), dtype=np.uint8)
+    out = np.empty((len(files), 3, hw[0], hw[1]), dtype=np.uint8)
     starts = list(range(0, len(files), _CHUNK))
     executor = _make_executor(workers, len(starts))
     if executor is None:
@@ -303,21 +325,25 @@ def _decode_files(
             task = bar.add_task(f"decoding {label}", total=len(files))
             for s in starts:
                 chunk = files[s : s + _CHUNK]
-                out[s : s + len(chunk)] = _decode_chunk(chunk, size, hw)
+                _decode_chunk(chunk, size, hw, out[s : s + len(chunk)])
                 bar.advance(task, len(chunk))
         return out
+    threads = isinstance(executor, ThreadPoolExecutor)  # threads decode straight into `out`
     try:
         # Submit (and so fork the workers) before the progress bar starts its refresh thread.
         futures: dict[Future[np.ndarray], int] = {
-            executor.submit(_decode_chunk, files[s : s + _CHUNK], size, hw): s for s in starts
+            executor.submit(_decode_chunk, files[s : s + _CHUNK], size, hw, out[s : s + _CHUNK] if threads else None): s
+            for s in starts
         }
         with progress_bar(progress) as bar:
             task = bar.add_task(f"decoding {label}", total=len(files))
             for fut in as_completed(futures):
+                s = futures.pop(fut)  # drop the future (and its chunk) once copied: one chunk alive at a time
                 arr = fut.result()
-                s = futures[fut]
-                out[s : s + arr.shape[0]] = arr
+                if not threads:
+                    out[s : s + arr.shape[0]] = arr
                 bar.advance(task, arr.shape[0])
+                del arr
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
     return out
@@ -386,7 +412,9 @@ def load_image_folder(
     Classes are the sorted subfolder names and files are ordered as in
     ``torchvision.datasets.ImageFolder`` (so labels and indices match it). Images are decoded
     with PIL to RGB, in parallel over ``workers`` processes (forked, on Linux) or threads, with a
-    rich progress bar on stderr. The result is cached in one safetensors file under
+    rich progress bar on stderr. 16-bit grayscale images (PIL modes "I;16" and "I", e.g. 16-bit
+    PNGs) are scaled from [0, 65535] to [0, 255] (the top 8 bits); float images (mode "F") are
+    taken as [0, 1] when no pixel exceeds 1, else as [0, 255]. The result is cached in one safetensors file under
     ``cache_dir``, keyed by the absolute path, the file list and count, the newest file mtime
     and ``image_size``; the cache is written atomically, so a second call loads it in a fraction
     of a second and any change to the folder triggers a fresh decode.
@@ -426,9 +454,8 @@ def load_image_folder(
     t0 = time.perf_counter()
     n_workers = workers if workers is not None else (os.cpu_count() or 1)
     arr = _decode_files(files, image_size, max(1, int(n_workers)), progress, root_path.name)
-    images = torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
-    del arr
-    ds = TensorImageDataset(images, torch.tensor(targets, dtype=torch.int64), classes)
+    # decoded straight into (N, 3, H, W): the tensor shares that buffer, no second full-size copy
+    ds = TensorImageDataset(torch.from_numpy(arr), torch.tensor(targets, dtype=torch.int64), classes)
     logger.info("Decoded %d images of %s in %.2fs", len(ds), root_path, time.perf_counter() - t0)
     if cache:
         _save_cache(cache_file, ds, root_path)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
+import re
 
 import pytest
+import yaml
 
 from dprp_surgery import DPRPConfig
-from dprp_surgery.config import CONFIG_VERSION
+from dprp_surgery.config import CONFIG_VERSION, PRESETS
 
 
 def test_defaults_follow_the_paper():
@@ -86,3 +90,110 @@ def test_presets():
     assert DPRPConfig.preset("tuned-target50", target_compression=0.65).target_compression == 0.65
     with pytest.raises(ValueError, match=r"unknown preset 'fast'"):
         DPRPConfig.preset("fast")
+
+
+@pytest.mark.parametrize("fmt", ["json", "yaml"])
+def test_single_line_text_longer_than_a_file_name_is_parsed(fmt):
+    c = DPRPConfig.preset("tuned-target50", include=["layer1.*", "layer2.*"])
+    if fmt == "json":
+        text, parse = json.dumps(c.to_dict()), DPRPConfig.from_json
+    else:
+        text, parse = yaml.safe_dump(c.to_dict(), default_flow_style=True, width=10**6).strip(), DPRPConfig.from_yaml
+    assert "\n" not in text and len(text) > 255  # longer than NAME_MAX: Path(text).is_file() raises OSError
+    assert parse(text) == c
+
+
+@pytest.mark.parametrize("as_path", [False, True])
+@pytest.mark.parametrize(("parse", "name"), [("from_json", "missing_config.json"), ("from_yaml", "missing.yaml"),
+                                             ("from_yaml", "missing.YML"), ("from_json", "missing.yaml")])
+def test_missing_config_file_is_named(tmp_path, parse, name, as_path):
+    path = tmp_path / name
+    arg = path if as_path else str(path)
+    with pytest.raises(ValueError, match=rf"config file '{re.escape(str(path))}' does not exist; check the path"):
+        getattr(DPRPConfig, parse)(arg)
+
+
+def test_file_name_given_as_a_string_is_read(tmp_path):
+    c = DPRPConfig(lr=0.05)
+    c.to_json(tmp_path / "c.json")
+    c.to_yaml(tmp_path / "c.yaml")
+    assert DPRPConfig.from_json(str(tmp_path / "c.json")) == c == DPRPConfig.from_yaml(str(tmp_path / "c.yaml"))
+
+
+def test_yaml_floats_without_a_dot_are_numbers():
+    # PyYAML (YAML 1.1) reads 1e-4 as the string "1e-4"
+    assert yaml.safe_load("weight_decay: 1e-4")["weight_decay"] == "1e-4"
+    c = DPRPConfig.from_yaml("weight_decay: 1e-4\nlr: 1E-2\nfactor_weight_decay: 5e-5\ntarget_compression: 5e-1\n")
+    assert (c.weight_decay, c.lr, c.factor_weight_decay, c.target_compression) == (1e-4, 1e-2, 5e-5, 0.5)
+    assert c == DPRPConfig.from_yaml(c.to_yaml())
+    # only numeric strings of float fields are converted; other strings still fail validation
+    with pytest.raises(ValueError, match=r"DPRPConfig.lr='fast' is invalid"):
+        DPRPConfig.from_yaml("lr: fast\n")
+    with pytest.raises(ValueError, match=r"DPRPConfig.epochs='1e2' is invalid: must be an integer"):
+        DPRPConfig.from_yaml("epochs: 1e2\n")
+    with pytest.raises(ValueError, match=r"DPRPConfig.weight_decay='1e-4' is invalid"):
+        DPRPConfig(weight_decay="1e-4")  # Python callers pass numbers
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "cpu:0"])
+def test_valid_devices(device):
+    assert DPRPConfig(device=device).device == device
+
+
+@pytest.mark.parametrize("device", [None, 0, "cudafoo", "CUDA", "cuda:x", "cuda:-1", "meta", "mps", ""])
+def test_invalid_device_is_a_value_error(device):
+    with pytest.raises(ValueError, match=rf"DPRPConfig.device={device!r} is invalid: use 'auto'.*'cuda:1'"):
+        DPRPConfig(device=device)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: DPRPConfig.preset("tuned", epochz=3), lambda: DPRPConfig().replace(epochz=3),
+     lambda: DPRPConfig.from_dict({"epochz": 3})],
+    ids=["preset", "replace", "from_dict"],
+)
+def test_unknown_override_suggests_the_field(make):
+    with pytest.raises(ValueError, match=r"unknown DPRPConfig field 'epochz'. Did you mean 'epochs'\?"):
+        make()
+
+
+INT_FIELDS = ["epochs", "batch_size", "min_rank", "prune_every", "lr_patience", "warmup_epochs", "reg_warmup_epochs",
+              "reg_cooldown_epochs", "epsilon_ramp_epochs", "prune_start_epoch", "seed", "version"]
+
+
+@pytest.mark.parametrize("value", [True, False])
+@pytest.mark.parametrize("field", INT_FIELDS)
+def test_bools_are_not_integers(field, value):
+    with pytest.raises(ValueError, match=rf"DPRPConfig.{field}={value} is invalid"):
+        DPRPConfig(**{field: value})
+
+
+def test_integers_still_accepted():
+    c = DPRPConfig(epochs=3, seed=0, lr_patience=0, prune_start_epoch=1, version=CONFIG_VERSION)
+    assert (c.epochs, c.seed, c.lr_patience, c.prune_start_epoch) == (3, 0, 0, 1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"epochs": 2, "reg_cooldown_epochs": 2}, r"reg_cooldown_epochs=2 >= epochs=2: .*nothing is compressed"),
+        ({"epochs": 1, "reg_cooldown_epochs": 5}, r"reg_cooldown_epochs=5 >= epochs=1"),
+        ({"epochs": 3, "prune_start_epoch": 3}, r"prune_start_epoch=3 >= epochs=3: pruning never runs"),
+        ({"epsilon_start": 0.01}, r"epsilon_start=0.01 is ignored because epsilon_ramp_epochs=0"),
+        ({"epsilon_ramp_epochs": 2}, r"epsilon_ramp_epochs=2 is ignored because epsilon_start=None"),
+    ],
+)
+def test_settings_without_effect_log_a_warning(caplog, kwargs, message):
+    with caplog.at_level(logging.WARNING, logger="dprp_surgery.config"):
+        c = DPRPConfig(**kwargs)
+    assert all(getattr(c, k) == v for k, v in kwargs.items())  # still accepted (smoke runs of presets)
+    assert len(caplog.records) == 1 and caplog.records[0].levelno == logging.WARNING
+    assert re.search(message, caplog.records[0].getMessage())
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_and_working_schedules_log_nothing(caplog, name):
+    with caplog.at_level(logging.WARNING, logger="dprp_surgery.config"):
+        DPRPConfig.preset(name)
+        DPRPConfig(epochs=3, reg_cooldown_epochs=2, prune_start_epoch=2, epsilon_start=0.01, epsilon_ramp_epochs=2)
+    assert caplog.records == []

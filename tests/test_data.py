@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +122,52 @@ def test_parallel_decode_matches_serial(tiny, cache: Path, monkeypatch: pytest.M
     monkeypatch.setattr(data, "_CHUNK", 2)
     parallel = load_image_folder(root, progress=True, cache=False, workers=2)
     assert torch.equal(serial.images, parallel.images) and torch.equal(serial.targets, parallel.targets)
+
+
+@pytest.mark.parametrize(("workers", "pool"), [(1, None), (2, "processes"), (2, "threads")])
+def test_decode_fills_the_dataset_buffer_without_a_copy(
+    tiny, workers: int, pool: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Images are decoded straight into the (N, 3, H, W) array the dataset keeps: no full-size copy after."""
+    root, written = tiny
+    monkeypatch.setattr(data, "_CHUNK", 5)  # 12 images: chunks of 5, 5 and 2
+    if pool == "threads":
+        monkeypatch.setattr(data, "_make_executor", lambda w, n: ThreadPoolExecutor(w))
+    decoded: list[np.ndarray] = []
+    decode_files = data._decode_files
+
+    def spy(*args, **kwargs):
+        decoded.append(decode_files(*args, **kwargs))
+        return decoded[-1]
+
+    monkeypatch.setattr(data, "_decode_files", spy)
+    ds = load_image_folder(root, progress=False, cache=False, workers=workers)
+    expected = torch.stack([torch.from_numpy(arr).permute(2, 0, 1) for _, arr in sorted(written.items())])
+    assert ds.images.is_contiguous() and torch.equal(ds.images, expected)
+    assert np.shares_memory(ds.images.numpy(), decoded[0])
+
+
+@pytest.mark.parametrize(
+    ("pixels", "suffix", "mode", "expected"),
+    [
+        (np.array([[0, 257], [32768, 65535]], np.uint16), ".png", "I;16", [[0, 1], [128, 255]]),  # 16-bit PNG
+        (np.array([[0, 257], [32768, 65535]], np.int32), ".tif", "I", [[0, 1], [128, 255]]),
+        (np.array([[0.0, 0.25], [0.5, 1.0]], np.float32), ".tif", "F", [[0, 64], [128, 255]]),  # floats in [0, 1]
+        (np.array([[0.0, 7.0], [100.0, 255.0]], np.float32), ".tif", "F", [[0, 7], [100, 255]]),  # in [0, 255]
+    ],
+    ids=["I;16-png", "I-tif", "F-unit", "F-255"],
+)
+def test_high_bit_depth_grayscale_is_scaled_to_8_bits(
+    tmp_path: Path, pixels: np.ndarray, suffix: str, mode: str, expected: list
+) -> None:
+    path = tmp_path / "deep" / "a" / f"img{suffix}"
+    path.parent.mkdir(parents=True)
+    Image.fromarray(pixels).save(path)
+    with Image.open(path) as im:
+        assert im.mode == mode  # the file really holds the deep mode under test
+    ds = load_image_folder(tmp_path / "deep", progress=False, cache=False)
+    want = torch.tensor(expected, dtype=torch.uint8).expand(3, 2, 2)
+    assert torch.equal(ds.images[0], want)
 
 
 def test_resize_and_mixed_sizes(tmp_path: Path) -> None:
