@@ -9,8 +9,11 @@ A *model spec* names an architecture and, optionally, local weights:
 * a directory written by :func:`dprp_surgery.export.save` (a *dprp artifact*, with
   ``manifest.json`` and ``model.safetensors``);
 * a run directory written by ``dprp compress`` (``run.json`` and ``checkpoint.pt``);
-* a ``.pt2`` file written by ``torch.export.save``;
-* a whole pickled module (``torch.save(model)``), only with ``trust_pickle=True``.
+* a ``.pt2`` file written by ``torch.export.save`` (one with entries that ``torch.export.load``
+  would unpickle with ``weights_only=False``, or with compiled AOTInductor code, only with
+  ``trust_pickle=True``);
+* a whole pickled module (``torch.save(model)``), only with ``trust_pickle=True``; with ``arch=``
+  (``--arch``) it must match that architecture and is recorded as it.
 
 Weights are always read without running code: ``.safetensors`` with safetensors, everything else
 with ``torch.load(..., weights_only=True)``; a file that needs arbitrary unpickling raises
@@ -243,12 +246,41 @@ def _tag(model: nn.Module, arch: str) -> None:
         pass
 
 
-def infer_arch(model: nn.Module) -> str | None:
+def infer_arch(model: nn.Module, *, verify: bool = True) -> str | None:
     """The architecture spec of a model, when it can be told: ``timm:NAME``, ``cifar:NAME``, ...
 
     Uses the tag left by :func:`build_arch`/:func:`load_model`, timm's ``pretrained_cfg`` and
     the CIFAR ResNets' ``name``; returns None for anything else (e.g. a bare torchvision model).
+
+    Args:
+        model: The model.
+        verify: Also check that the architecture, rebuilt from its name with default arguments
+            (and the model's class count) on the meta device, has the model's module tree (module
+            types and ``extra_repr`` per qualified name; layers replaced by surgery or export are
+            skipped). This is what :func:`dprp_surgery.export.save` relies on to rebuild the model.
+
+    Raises:
+        ValueError: With `verify`, when the rebuilt architecture differs from the model (e.g. a
+            timm model built with ``global_pool="max"``), naming the first differing module.
     """
+    arch = _name_arch(model)
+    if arch is not None and verify:
+        num_classes = infer_num_classes(model)
+        detail = _rebuild_mismatch(model, arch, num_classes)
+        if detail is not None:
+            classes = f" (num_classes={num_classes})" if num_classes is not None else ""
+            raise ValueError(
+                f"{type(model).__name__} looks like {arch}, but {arch} rebuilt from its name with default arguments"
+                f"{classes} differs from it: {detail}. A dprp artifact could not rebuild this model from the "
+                "architecture name (it would load as a different model). Build the model with default arguments "
+                "(only num_classes may differ), or export it as a graph instead (dprp_surgery.export.to_pt2, "
+                "`dprp export --format pt2`)."
+            )
+    return arch
+
+
+def _name_arch(model: nn.Module) -> str | None:
+    """The architecture spec named by the model's tag, timm pretrained_cfg or CIFAR name (unchecked)."""
     tag = getattr(model, _ARCH_ATTR, None)
     if isinstance(tag, str) and tag.split(":", 1)[0] in ARCH_KINDS:
         return tag
@@ -259,6 +291,49 @@ def infer_arch(model: nn.Module) -> str | None:
 
     if isinstance(model, CifarResNet) and model.name in CIFAR_MODELS:
         return f"cifar:{model.name}"
+    return None
+
+
+def _describe_module(module: nn.Module) -> str:
+    """``Type(extra_repr)`` of one module (without its children)."""
+    return f"{type(module).__name__}({module.extra_repr()})"
+
+
+def _rebuild_mismatch(model: nn.Module, arch: str, num_classes: int | None) -> str | None:
+    """The first difference between `model`'s module tree and `arch` rebuilt on the meta device, or None."""
+    from .layers import SVDLayer
+
+    recorded = getattr(model, "_dprp_layers", None) or {}
+    named = list(model.named_modules(remove_duplicate=False))
+    replaced = {id(m) for name, m in named if isinstance(m, SVDLayer) or (name and name in recorded)}
+    skipped = [name for name, m in named if id(m) in replaced]
+
+    def kept(name: str) -> bool:
+        return not any(name == s or name.startswith(f"{s}.") for s in skipped)
+
+    try:
+        with torch.device("meta"):
+            ref = build_arch(arch, num_classes)
+    except ModelSpecError:
+        raise
+    except Exception:  # noqa: BLE001 - an architecture that cannot be built on the meta device
+        ref = build_arch(arch, num_classes)
+    ref_modules = dict(ref.named_modules(remove_duplicate=False))
+    for name, m in named:
+        if not kept(name):
+            continue
+        label = repr(name) if name else "(the root)"
+        other = ref_modules.get(name)
+        if other is None:
+            return f"module {label} ({_describe_module(m)}) is not in the rebuilt {arch}"
+        same_type = (type(m).__module__, type(m).__qualname__) == (type(other).__module__, type(other).__qualname__)
+        if not same_type or m.extra_repr() != other.extra_repr():
+            return (f"module {label} is {_describe_module(m)} in the model but {_describe_module(other)} in the "
+                    f"rebuilt {arch}")
+    own = {name for name, _ in named}
+    for name, other in ref_modules.items():
+        if name not in own and kept(name):
+            return f"the rebuilt {arch} has module {name!r} ({_describe_module(other)}), which the model lacks"
     return None
 
 
@@ -289,10 +364,13 @@ def _head(model: nn.Module) -> tuple[str, nn.Module] | None:
 
 
 def infer_num_classes(model: nn.Module) -> int | None:
-    """Number of classifier outputs (``model.num_classes`` or the last Linear's out_features)."""
+    """Number of classifier outputs (``model.num_classes`` or the last Linear's out_features).
+
+    0 for a model built without a classifier (timm's ``num_classes=0``); None when unknown.
+    """
     n = getattr(model, "num_classes", None)
-    if isinstance(n, int) and not isinstance(n, bool) and n > 0:
-        return n
+    if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
+        return n  # 0: a model built without a classifier (timm num_classes=0)
     head = _head(model)
     if head is None:
         return None
@@ -495,8 +573,11 @@ def load_model(spec: str | os.PathLike[str], *, num_classes: int | None = None, 
         spec: The model spec.
         num_classes: Classifier outputs of a newly built architecture. None keeps the default, or
             the class count of the weights file when it has a different classifier.
-        trust_pickle: Allow unpickling a whole-module file (runs code from the file).
-        arch: Architecture (``timm:NAME``, ...) of a bare state-dict file given as `spec`.
+        trust_pickle: Allow unpickling a whole-module file, or a ``.pt2`` file holding pickled
+            entries (runs code from the file).
+        arch: Architecture (``timm:NAME``, ...) of a bare state-dict file given as `spec`; with
+            `trust_pickle`, also of a whole pickled module, which must match it (the module is
+            then recorded as `arch`, so it can be saved as a pickle-free artifact).
 
     Returns:
         The model (eval mode for artifacts and exported programs) and its architecture string:
@@ -505,8 +586,10 @@ def load_model(spec: str | os.PathLike[str], *, num_classes: int | None = None, 
 
     Raises:
         ModelSpecError: Unknown forms, names or paths.
-        UntrustedPickleError: A whole-module pickle without `trust_pickle`.
-        ValueError: Unreadable files and weights that do not fit the architecture.
+        UntrustedPickleError: A whole-module pickle, or a ``.pt2`` file that ``torch.export.load``
+            would unpickle with ``weights_only=False``, without `trust_pickle`.
+        ValueError: Unreadable files, weights that do not fit the architecture, and a pickled
+            module that is not `arch`.
     """
     ms = parse_model_spec(spec)
     if ms.kind == "file" and arch is not None:
@@ -514,6 +597,8 @@ def load_model(spec: str | os.PathLike[str], *, num_classes: int | None = None, 
         if a.kind not in ARCH_KINDS or a.weights is not None:
             raise ModelSpecError(f"--arch {arch!r} must be timm:NAME, torchvision:NAME or cifar:NAME (no '@').")
         ms = ModelSpec(a.kind, a.name, ms.weights, f"{arch}@{ms.text}")
+        if trust_pickle and ms.weights.suffix != ".safetensors":
+            return _load_trusted_with_arch(ms, num_classes), ms.arch  # type: ignore[return-value]
     if ms.kind in ARCH_KINDS:
         return _load_arch(ms, num_classes), ms.arch  # type: ignore[return-value]
     if ms.kind == "artifact":
@@ -524,17 +609,18 @@ def load_model(spec: str | os.PathLike[str], *, num_classes: int | None = None, 
     if ms.kind == "run":
         return load_run(ms.weights)
     if ms.kind == "pt2":
-        return _load_pt2(ms.weights), f"pt2:{ms.weights}"
+        return _load_pt2(ms.weights, trust_pickle), f"pt2:{ms.weights}"
     return _load_file(ms.weights, trust_pickle)
 
 
-def _load_arch(ms: ModelSpec, num_classes: int | None) -> nn.Module:
-    """Build an architecture and load its optional weights file."""
+def _load_arch(ms: ModelSpec, num_classes: int | None, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Build an architecture and load its optional weights file (or `state`, already read from it)."""
     arch = ms.arch
     if ms.weights is None:
         return build_arch(arch, num_classes)
     _check_name(ms.kind, ms.name)  # before reading a possibly large file
-    state = read_state_dict(ms.weights)
+    if state is None:
+        state = read_state_dict(ms.weights)
     model = build_arch(arch, num_classes)
     if num_classes is None and (n := _classes_in_state(model, state)) is not None:
         model = build_arch(arch, n)
@@ -550,14 +636,120 @@ def _load_arch(ms: ModelSpec, num_classes: int | None) -> nn.Module:
     return model
 
 
-def _load_pt2(path: Path) -> nn.Module:
-    """The module of a torch.export program."""
+def _load_trusted_with_arch(ms: ModelSpec, num_classes: int | None) -> nn.Module:
+    """A file with an explicit arch and trust_pickle: a state dict, a pickled checkpoint or a whole module."""
+    path, arch = ms.weights, str(ms.arch)
+    _check_name(ms.kind, ms.name)
     try:
-        program = torch.export.load(str(path))
+        return _load_arch(ms, num_classes)
+    except UntrustedPickleError:
+        pass  # needs full unpickling, which the caller trusts
+    obj = torch.load(path, map_location="cpu", weights_only=False)  # the caller trusts this file
+    if isinstance(obj, Mapping):  # a checkpoint with pickled extras (e.g. its training args)
+        return _load_arch(ms, num_classes, _unwrap(obj, path))
+    if not isinstance(obj, nn.Module):
+        raise ValueError(f"{str(path)!r} was unpickled (trusted) but holds a {type(obj).__name__}, not an nn.Module "
+                         "or a state dict.")
+    detail = _rebuild_mismatch(obj, arch, infer_num_classes(obj))
+    if detail is not None:
+        raise ValueError(f"the model pickled in {str(path)!r} is not --arch {arch} (arch={arch!r}): {detail}. Pass the "
+                         "architecture the model was built with, or leave out --arch to load it as it is.")
+    _tag(obj, arch)
+    return obj
+
+
+_PT2_LEGACY_FILES = ("serialized_state_dict.pt", "serialized_constants.pt", "serialized_example_inputs.pt")
+
+
+def _pt2_unsafe_entries(names: list[str], read: Any) -> list[str]:
+    """Entries of a .pt2 archive listing that torch.export.load would unpickle unsafely or run as code."""
+    import io as _io
+
+    from torch.export.pt2_archive import constants as pc
+
+    unsafe: list[str] = []
+    custom = (pc.CUSTOM_OBJ_FILENAME_PREFIX, pc.OPAQUE_OBJ_FILENAME_PREFIX)
+    for name in names:
+        rel, base = f"/{name}", name.rsplit("/", 1)[-1]
+
+        def under(folder: str, rel: str = rel) -> bool:
+            return f"/{folder.strip('/')}/" in rel
+
+        if under(pc.AOTINDUCTOR_DIR):
+            unsafe.append(f"{name} (compiled AOTInductor code)")
+        elif (under(pc.WEIGHTS_DIR) or under(pc.CONSTANTS_DIR)) and base.endswith("_config.json"):
+            try:
+                config = json.loads(read(name)).get("config")
+            except Exception:  # noqa: BLE001 - an unreadable config cannot be checked
+                config = None
+            if not isinstance(config, Mapping):
+                unsafe.append(f"{name} (unreadable payload config)")
+                continue
+            for fqn, meta in config.items():
+                if not isinstance(meta, Mapping):
+                    unsafe.append(f"{fqn} (unreadable entry in {name})")
+                elif meta.get("use_pickle"):
+                    unsafe.append(f"{fqn} (use_pickle in {name})")
+                elif str(meta.get("path_name", "")).startswith(custom):
+                    unsafe.append(f"{fqn} (a pickled Python object in {name})")
+        elif under(pc.CONSTANTS_DIR) and base.startswith(custom):
+            unsafe.append(f"{name} (a pickled Python object)")
+        elif base.endswith(".pt") and (under(pc.WEIGHTS_DIR) or under(pc.CONSTANTS_DIR) or
+                                       under(pc.SAMPLE_INPUTS_DIR) or name in _PT2_LEGACY_FILES):
+            # torch tries weights_only=True first and falls back to weights_only=False on failure
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    torch.load(_io.BytesIO(read(name)), map_location="cpu", weights_only=True)
+            except Exception:  # noqa: BLE001 - anything the safe unpickler refuses
+                unsafe.append(f"{name} (needs full unpickling)")
+    return unsafe
+
+
+def _check_pt2(path: Path) -> None:
+    """Raise UntrustedPickleError when loading the .pt2 file would unpickle arbitrary objects or run code."""
+    import zipfile
+
+    from torch.export.pt2_archive._package import PT2ArchiveReader
+
+    unsafe: list[str] = []
+    zip_unsafe: list[str] = []
+    readable = False
+    try:  # the listing torch.export.load reads first ...
+        with PT2ArchiveReader(str(path)) as reader:
+            unsafe = _pt2_unsafe_entries(reader.get_file_names(), reader.read_bytes)
+        readable = True
+    except Exception:  # noqa: BLE001 - not a PT2 archive: torch falls back to the legacy zip layout
+        pass
+    try:  # ... and every zip member, as its legacy fallback reads them
+        with zipfile.ZipFile(path) as zf:
+            zip_unsafe = _pt2_unsafe_entries([i.filename for i in zf.infolist() if not i.is_dir()], zf.read)
+        readable = True
+    except (zipfile.BadZipFile, OSError):
+        pass
+    if not readable:
+        raise ValueError(f"cannot read {str(path)!r} as a torch.export program (not a .pt2 zip archive); "
+                         "re-export it with `dprp export --format pt2`.")
+    unsafe = unsafe or zip_unsafe
+    if unsafe:
+        entries = ", ".join(dict.fromkeys(unsafe))
+        raise UntrustedPickleError(
+            f"{str(path)!r} holds entries that torch.export.load unpickles with weights_only=False or runs as code "
+            f"({entries}), so loading it would run arbitrary code from the file. Pass --trust-pickle "
+            "(trust_pickle=True) only for files you trust, or re-export the model with `dprp export --format pt2` "
+            "(torch.export.save of a model whose weights and inputs are plain tensors)."
+        )
+
+
+def _load_pt2(path: Path, trust_pickle: bool = False) -> nn.Module:
+    """The module of a torch.export program; files that would unpickle arbitrary objects need trust_pickle."""
+    if not trust_pickle:
+        _check_pt2(path)
+    try:
+        return torch.export.load(str(path)).module()
     except Exception as exc:  # noqa: BLE001
         raise ValueError(f"cannot read {str(path)!r} as a torch.export program ({type(exc).__name__}: "
                          f"{_first_line(exc)}); re-export it with `dprp export --format pt2`.") from None
-    return program.module()
 
 
 def _load_file(path: Path, trust_pickle: bool) -> tuple[nn.Module, str]:
@@ -578,7 +770,10 @@ def _load_file(path: Path, trust_pickle: bool) -> tuple[nn.Module, str]:
         if not isinstance(obj, nn.Module):
             raise ValueError(f"{str(path)!r} was unpickled (trusted) but holds a {type(obj).__name__}, not an "
                              "nn.Module.") from None
-        arch = infer_arch(obj) or f"pickle:{path}"
+        try:
+            arch = infer_arch(obj) or f"pickle:{path}"
+        except ValueError:  # not rebuildable from its name (e.g. non-default arguments): keep it as a pickle
+            arch = f"pickle:{path}"
         return obj, arch
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping) and "ranks" in obj:
         raise ValueError(f"{str(path)!r} is a dprp training checkpoint; pass its run directory "
@@ -707,8 +902,8 @@ def data_recipe(arch: str | None, model: nn.Module | None = None) -> DataRecipe:
 
     kind, _, name = (arch or "").partition(":")
     cfg = getattr(model, "pretrained_cfg", None) if model is not None else None
-    if kind == "cifar" or (kind not in ARCH_KINDS and model is not None and infer_arch(model) and
-                           str(infer_arch(model)).startswith("cifar:")):
+    if kind == "cifar" or (kind not in ARCH_KINDS and model is not None and
+                           str(infer_arch(model, verify=False)).startswith("cifar:")):
         return DataRecipe(tuple(IMAGENET_MEAN), tuple(IMAGENET_STD), 32, "cifar", "CIFAR ResNet weights")
     if kind == "timm" or isinstance(cfg, Mapping):
         try:

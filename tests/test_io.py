@@ -261,3 +261,188 @@ def test_set_num_classes():
     assert infer_num_classes(m) == 4 and m(torch.randn(1, 3, 32, 32)).shape == (1, 4)
     t = set_num_classes(build_arch("torchvision:resnet18"), 3)
     assert t.fc.out_features == 3
+
+
+# ----------------------------------------------------------------------------- crafted .pt2 files
+def _tampered_pt2(src: pathlib.Path, dst: pathlib.Path, edit) -> pathlib.Path:
+    """Rewrite the PT2 archive `src` as `dst`; ``edit(name, data)`` returns new bytes or ``{name: bytes}`` to write."""
+    from torch.export.pt2_archive._package import PT2ArchiveReader, PT2ArchiveWriter
+
+    reader = PT2ArchiveReader(str(src))
+    with PT2ArchiveWriter(str(dst)) as writer:
+        for name in reader.get_file_names():
+            if name.startswith(".data/"):
+                continue  # written by the writer itself
+            data = edit(name, reader.read_bytes(name))
+            for entry, content in (data if isinstance(data, dict) else {name: data}).items():
+                writer.write_bytes(entry, content)
+    return dst
+
+
+def _pickled_bias(marker):
+    """An edit marking the Linear's bias use_pickle, its payload a pickle that creates `marker`."""
+    import io as std_io
+
+    payload = std_io.BytesIO()
+    torch.save(_Touch(marker), payload)
+
+    def edit(name, data):
+        if name.endswith("model_weights_config.json"):
+            config = json.loads(data)
+            config["config"]["bias"]["use_pickle"] = True
+            return json.dumps(config).encode()
+        return payload.getvalue() if name == "data/weights/weight_1" else data
+
+    return edit
+
+
+def _pickled_sample_inputs(marker):
+    """An edit replacing the sample inputs by a pickle that creates `marker` (torch retries weights_only=False)."""
+    import io as std_io
+
+    payload = std_io.BytesIO()
+    torch.save(((_Touch(marker),), {}), payload)
+    return lambda name, data: payload.getvalue() if name.startswith("data/sample_inputs/") else data
+
+
+def _opaque_constant(marker):
+    """An edit adding an opaque-object constant, which torch reads with pickle.loads."""
+    import pickle
+
+    def edit(name, data):
+        if name.endswith("model_constants_config.json"):
+            config = json.loads(data)
+            config["config"]["c"] = {"path_name": "opaque_obj_0", "is_param": False, "use_pickle": True,
+                                     "tensor_meta": None}
+            return {"data/constants/opaque_obj_0": pickle.dumps(_Touch(marker), protocol=4),
+                    name: json.dumps(config).encode()}
+        return data
+
+    return edit
+
+
+@pytest.mark.parametrize("tamper, entry", [
+    (_pickled_bias, "bias (use_pickle"),
+    (_pickled_sample_inputs, "data/sample_inputs/model.pt"),
+    (_opaque_constant, "c (use_pickle in data/constants/model_constants_config.json)"),
+])
+def test_pt2_with_pickled_entries_runs_nothing(tmp_path, tamper, entry):
+    from dprp_surgery.export import to_pt2
+
+    clean = to_pt2(torch.nn.Linear(3, 2), tmp_path / "lin.pt2", torch.randn(1, 3))
+    loaded, arch = load_model(clean)  # an ordinary .pt2 needs no trust
+    assert arch == f"pt2:{clean}"
+    marker = tmp_path / "pwned"
+    evil = _tampered_pt2(clean, tmp_path / "evil.pt2", tamper(marker))
+    with pytest.raises(UntrustedPickleError) as info:
+        load_model(evil)
+    text = str(info.value)
+    assert str(evil) in text and entry in text and "--trust-pickle" in text and "trust_pickle=True" in text
+    assert not marker.exists()
+    # the check is what stops it: trusting the file lets torch.export.load unpickle the payload
+    try:
+        load_model(evil, trust_pickle=True)
+    except ValueError:
+        pass
+    assert marker.exists()
+
+
+def test_pt2_with_compiled_code_is_untrusted(tmp_path):
+    from dprp_surgery.export import to_pt2
+
+    clean = to_pt2(torch.nn.Linear(3, 2), tmp_path / "lin.pt2", torch.randn(1, 3))
+    evil = _tampered_pt2(clean, tmp_path / "aoti.pt2", lambda name, data: (
+        {"data/aotinductor/model/model.so": b"\x7fELF", name: data} if name == "models/model.json" else data))
+    with pytest.raises(UntrustedPickleError, match="AOTInductor"):
+        load_model(evil)
+
+
+def test_dprp_pt2_export_loads_without_trust(tmp_path):
+    from dprp_surgery import DPRPConfig, factorize
+    from dprp_surgery.export import export, to_pt2
+
+    model = export(factorize(resnet20(), DPRPConfig(scheme="channel")), "factorized").eval()
+    x = torch.randn(2, 3, 32, 32)
+    path = to_pt2(model, tmp_path / "f.pt2", x)
+    loaded, _ = load_model(path)
+    torch.testing.assert_close(loaded(x), model(x))
+
+
+# ----------------------------------------------------------------------------- whole modules with --arch
+def test_trusted_whole_module_with_arch_becomes_rebuildable(tmp_path):
+    import torchvision
+
+    from dprp_surgery.export import load, save
+
+    src = torchvision.models.resnet18(num_classes=3).eval()
+    path = tmp_path / "tv.pt"
+    torch.save(src, path)
+    with pytest.raises(UntrustedPickleError, match="--trust-pickle"):  # --arch alone does not unpickle
+        load_model(path, arch="torchvision:resnet18")
+    model, arch = load_model(path, arch="torchvision:resnet18", trust_pickle=True)
+    assert arch == "torchvision:resnet18" and infer_arch(model) == "torchvision:resnet18"
+    _same(model, src)
+    art = save(model, tmp_path / "art")  # no arch= needed: the module now records it
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(load(art)(x), src(x))
+    with pytest.raises(ValueError) as info:  # a different architecture is refused, naming the first difference
+        load_model(path, arch="torchvision:resnet34", trust_pickle=True)
+    text = str(info.value)
+    assert str(path) in text and "torchvision:resnet34" in text and "'layer1.2'" in text
+
+
+def test_trusted_checkpoint_with_pickled_extras_and_arch(tmp_path):
+    src = resnet20()
+    path = tmp_path / "ckpt.pth"
+    torch.save({"state_dict": src.state_dict(), "note": _Touch(tmp_path / "ran")}, path)
+    with pytest.raises(UntrustedPickleError):
+        load_model(path, arch="cifar:resnet20")
+    model, arch = load_model(path, arch="cifar:resnet20", trust_pickle=True)
+    assert arch == "cifar:resnet20"
+    _same(model, src)
+
+
+# ----------------------------------------------------------------------------- rebuilding from the arch name
+def test_headless_timm_model_round_trips(tmp_path):
+    import timm
+
+    from dprp_surgery.export import load, save
+
+    src = timm.create_model("mobilenetv3_small_050", num_classes=0).eval()
+    assert infer_num_classes(src) == 0
+    art = save(src, tmp_path / "art")
+    assert json.loads((art / "manifest.json").read_text())["num_classes"] == 0
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(load(art)(x), src(x))
+
+
+def test_non_default_timm_kwargs_are_not_saved_silently(tmp_path):
+    import timm
+
+    from dprp_surgery.export import save
+
+    src = timm.create_model("mobilenetv3_small_050", num_classes=10, global_pool="max").eval()
+    with pytest.raises(ValueError) as info:
+        save(src, tmp_path / "art")
+    text = str(info.value)
+    assert "'global_pool.pool'" in text and "AdaptiveMaxPool2d" in text and "timm:mobilenetv3_small_050" in text
+    assert "default arguments" in text and "num_classes=10" in text
+    assert not (tmp_path / "art").exists()
+    assert infer_arch(src, verify=False) == "timm:mobilenetv3_small_050"
+    # a trusted pickle of it stays a pickle instead of claiming the default architecture
+    path = tmp_path / "whole.pt"
+    torch.save(src, path)
+    _, arch = load_model(path, trust_pickle=True)
+    assert arch == f"pickle:{path}"
+
+
+def test_rebuild_check_skips_replaced_layers():
+    import timm
+
+    from dprp_surgery import DPRPConfig, factorize
+    from dprp_surgery.export import export
+
+    model = factorize(timm.create_model("mobilenetv3_small_050", num_classes=4), DPRPConfig())
+    assert infer_arch(model) == "timm:mobilenetv3_small_050"
+    for mode in ("factorized", "auto", "dense"):
+        assert infer_arch(export(model, mode)) == "timm:mobilenetv3_small_050"
