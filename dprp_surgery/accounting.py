@@ -3,6 +3,8 @@
 MACs come from torch's own counter (`torch.utils.flop_counter.FlopCounterMode`, MACs = FLOPs / 2):
 one forward of the model measures every layer as it runs; a factorized layer is also measured as
 its dense original and as its deployable realisation (`SVDLayer.to_factorized`) on the meta device.
+Layers that `dprp_surgery.export.export` realised in factorized form (or that an artifact loaded so)
+count as one factorized layer each, against the dense layer rebuilt from their recorded spec.
 """
 
 from __future__ import annotations
@@ -172,9 +174,36 @@ def count_params(model: nn.Module) -> int:
 
 
 def dense_param_count(model: nn.Module) -> int:
-    """Parameters of `model` with every SVD layer merged back into its dense layer (shared ones counted once)."""
+    """Parameters of `model` with every factorized layer merged back into its dense layer.
+
+    Factorized layers are SVD layers and the layers that export realised in factorized form (listed by
+    ``dprp_surgery.export.layer_forms``); shared ones are counted once.
+
+    Args:
+        model: Any model.
+
+    Returns:
+        The parameter count of the dense model `model` was factorized from.
+    """
     svd = {id(m): m for m in model.modules() if isinstance(m, SVDLayer)}.values()
-    return count_params(model) - sum(m.factor_param_count() for m in svd) + sum(m.dense_param_count() for m in svd)
+    total = count_params(model) - sum(m.factor_param_count() for m in svd) + sum(m.dense_param_count() for m in svd)
+    for name, spec in _realised(model).items():
+        total += _spec_layer(spec).dense_param_count() - count_params(model.get_submodule(name))
+    return total
+
+
+def _realised(model: nn.Module) -> dict[str, dict]:
+    """name -> spec of every layer realised by export in factorized form (an nn.Sequential of standard layers)."""
+    if not getattr(model, "_dprp_layers", None):
+        return {}
+    from .export import layer_forms
+
+    return {name: entry["spec"] for name, entry in layer_forms(model).items() if entry["form"] == "factorized"}
+
+
+def _spec_layer(spec: dict) -> SVDLayer:
+    """A shape-only SVD layer of a recorded spec, on the meta device."""
+    return layer_from_spec(spec, device="meta")
 
 
 def summarize(model: nn.Module, example_inputs: Any) -> Summary:
@@ -192,6 +221,9 @@ def summarize(model: nn.Module, example_inputs: Any) -> Summary:
     """
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     layer_types = tuple(TWINS) + (SVDLayer,)
+    realised = _realised(model)
+    outer = {id(model.get_submodule(n)) for n in realised}
+    inner = {id(m) for n in realised for m in model.get_submodule(n).modules()} - outer  # counted by the outer
     measured: dict[str, tuple[int, tuple[int, ...]]] = {}
     counter = FlopCounterMode(display=False)
     handles = []
@@ -209,7 +241,7 @@ def summarize(model: nn.Module, example_inputs: Any) -> Summary:
             measured[name] = (measured[name][0] + flops, measured[name][1])
 
     for m in model.modules():
-        if isinstance(m, layer_types):
+        if (isinstance(m, layer_types) and id(m) not in inner) or id(m) in outer:
             handles.append(m.register_forward_pre_hook(pre))
             handles.append(m.register_forward_hook(post))
     was_training = model.training
@@ -229,7 +261,10 @@ def summarize(model: nn.Module, example_inputs: Any) -> Summary:
     for name, (flops, shape) in measured.items():
         module = model.get_submodule(name)
         layer_flops += flops
-        rows.append(_row(name, module, flops, shape, report))
+        if name in realised:
+            rows.append(_realised_row(name, module, realised[name], flops, shape))
+        else:
+            rows.append(_row(name, module, flops, shape, report))
     for name, reason in (report.skipped.items() if report else ()):
         if name not in measured and isinstance(model.get_submodule(name), layer_types):
             module = model.get_submodule(name)
@@ -265,6 +300,18 @@ def _row(name: str, module: nn.Module, flops: int, shape: tuple[int, ...], repor
         dense_params=module.dense_param_count(), params=module.factor_param_count(),
         dense_macs=dense_macs, macs=unit_macs * module.rank, compression=module.compression_rate(),
         max_compression=module.compression_rate(1), note=report.notes.get(name) if report else None,
+    )
+
+
+def _realised_row(name: str, module: nn.Module, spec: dict, flops: int, shape: tuple[int, ...]) -> LayerRow:
+    """The LayerRow of a layer realised in factorized form, against the dense layer of its spec."""
+    layer = _spec_layer(spec)
+    return LayerRow(
+        name=name, kind=layer.dense_type.__name__, status="factorized", scheme=layer.scheme,
+        matrix=layer.matrix_shape, rank=layer.rank, full_rank=layer.full_rank,
+        dense_params=layer.dense_param_count(), params=count_params(module),
+        dense_macs=_meta_macs(layer.to_dense(), shape), macs=flops // 2, compression=layer.compression_rate(),
+        max_compression=layer.compression_rate(1), note="exported factorized",
     )
 
 

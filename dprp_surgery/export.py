@@ -379,7 +379,8 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, arch: str | None = N
 
     Args:
         model: A factorized or exported model.
-        path: Directory to create; an existing artifact there is replaced.
+        path: Directory to create; an existing artifact there is replaced (if the replacement fails,
+            the previous artifact is put back).
         arch: Architecture spec, e.g. "timm:resnet50", "torchvision:resnet18", "cifar:resnet20".
             Inferred for timm models, CIFAR ResNets and models loaded by dprp_surgery.
         config: The DPRPConfig (or its dict) the model was compressed with.
@@ -390,22 +391,28 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, arch: str | None = N
 
     Raises:
         ValueError: When the architecture cannot be inferred (pass `arch=`), or `path` exists and is
-            not an artifact directory.
+            neither an empty directory nor a dprp artifact holding only its manifest and weights
+            (nothing is deleted then).
     """
-    from .io import ARCH_KINDS, infer_arch, infer_num_classes
+    from .io import ARCH_KINDS, _rebuild_mismatch, infer_arch, infer_num_classes
 
+    given = arch is not None
     arch = arch or infer_arch(model)
     if not arch:
-        raise ValueError(f"cannot tell the architecture of {type(model).__name__}; pass arch= (e.g. "
-                         "arch='torchvision:resnet18', 'timm:resnet50' or 'cifar:resnet20') so the artifact can be "
-                         "rebuilt without pickle.")
+        raise ValueError(f"cannot tell the architecture of {type(model).__name__}; pass arch= (on the command line "
+                         "--arch; e.g. 'torchvision:resnet18', 'timm:resnet50' or 'cifar:resnet20') so the artifact "
+                         "can be rebuilt without pickle.")
     kind = arch.split(":", 1)[0]
     if kind not in ARCH_KINDS or "@" in arch:
         raise ValueError(f"arch={arch!r} cannot be rebuilt; use timm:NAME, torchvision:NAME or cifar:NAME.")
+    if given:  # an inferred arch was checked by infer_arch already
+        mismatch = _rebuild_mismatch(model, arch, infer_num_classes(model))
+        if mismatch:
+            raise ValueError(f"arch={arch!r} does not rebuild this model: {mismatch}; the artifact would load as "
+                             "another network. Pass the architecture the model was built as (with default "
+                             "arguments), or export it to pt2/onnx instead.")
     path = Path(path).expanduser()
-    if path.exists() and not (path.is_dir() and ((path / MANIFEST_FILE).is_file() or not any(path.iterdir()))):
-        raise ValueError(f"refusing to overwrite {str(path)!r}: it exists and is not a dprp artifact directory; "
-                         "choose another --out path.")
+    _check_replaceable(path)
     if config is not None and hasattr(config, "to_dict"):
         config = config.to_dict()
     if config is None:
@@ -426,7 +433,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, arch: str | None = N
     }
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
@@ -434,9 +441,18 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, arch: str | None = N
         manifest["sha256"] = _sha256(tmp / WEIGHTS_FILE)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         if path.exists():
+            _check_replaceable(path)  # again: it may have changed while the weights were written
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            if old.is_dir() and not old.is_symlink():  # left by an earlier save that died (pids are reused)
+                shutil.rmtree(old)
+            elif old.exists() or old.is_symlink():
+                old.unlink()
             os.rename(path, old)
-            os.rename(tmp, path)
+            try:
+                os.rename(tmp, path)
+            except BaseException:
+                os.rename(old, path)  # put the previous artifact back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, path)
@@ -444,6 +460,39 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, arch: str | None = N
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _make_parent(path: Path) -> None:
+    """Create `path`'s parent directories; a ValueError naming the file in the way if one is a file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), path.parent)
+        raise ValueError(f"cannot write {str(path)!r}: {str(blocker)!r} is a file, not a directory; choose another "
+                         "output path.") from None
+
+
+def _check_replaceable(path: Path) -> None:
+    """Raise unless `path` is absent, an empty directory, or a dprp artifact holding only artifact files."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_symlink() or not path.is_dir():
+        raise ValueError(f"refusing to overwrite {str(path)!r}: it exists and is not a directory; choose another "
+                         "--out path (a new or empty directory, or an existing dprp artifact).")
+    entries = sorted(p.name for p in path.iterdir())
+    if not entries:
+        return
+    try:
+        _read_manifest(path)
+    except ValueError as exc:
+        reason = str(exc).rsplit("; ", 1)[0]  # the reader's advice (re-export ...) does not apply here
+        raise ValueError(f"refusing to overwrite {str(path)!r}: it exists and is not a dprp artifact directory "
+                         f"({reason}); choose another --out path (a new or empty directory).") from None
+    foreign = [name for name in entries if name not in (MANIFEST_FILE, WEIGHTS_FILE)]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise ValueError(f"refusing to overwrite {str(path)!r}: besides the dprp artifact it holds {shown}, which "
+                         "saving would delete; move them away or choose another --out path.")
 
 
 def _read_manifest(root: Path) -> dict[str, Any]:
@@ -510,7 +559,10 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
         model = build_arch(arch, manifest.get("num_classes"))
     except ValueError as exc:
         raise ValueError(f"{str(mpath)!r}: cannot rebuild arch {arch!r}: {exc}") from None
-    dtype = getattr(torch, str(manifest.get("dtype", "float32")), torch.float32)
+    dtype = getattr(torch, str(manifest.get("dtype", "float32")), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"{str(mpath)!r} is corrupt: dtype {manifest.get('dtype')!r} is not a torch floating-point "
+                         "dtype (e.g. 'float32'); re-export the model.")
     layers = manifest["layers"]
     if not isinstance(layers, dict):
         raise ValueError(f"{str(mpath)!r} is corrupt: 'layers' must be a mapping; re-export the model.")
@@ -522,6 +574,9 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
         except AttributeError:
             raise ValueError(f"{str(mpath)!r} lists layer {name!r}, which {arch} does not have; the manifest does "
                              "not match its architecture.") from None
+        if not isinstance(entry, dict):
+            raise ValueError(f"{str(mpath)!r}: layer {name!r} has an invalid entry ({entry!r}; expected a mapping "
+                             "with 'form' and 'spec'); re-export the model.")
         form, spec = entry.get("form"), entry.get("spec")
         if form not in FORMS or not isinstance(spec, dict):
             raise ValueError(f"{str(mpath)!r}: layer {name!r} has an invalid entry (form {form!r}); re-export.")
@@ -583,7 +638,7 @@ def _exporting(model: nn.Module, path: str | os.PathLike[str], suffix: str) -> I
     first, the named file last, each by an atomic rename); on failure nothing is left behind.
     """
     final = Path(path).expanduser()
-    final.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(final)
     if final.is_dir():
         raise ValueError(f"output {str(final)!r} is a directory; give a file path ending in {suffix}.")
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))

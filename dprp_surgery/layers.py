@@ -554,7 +554,23 @@ class _SVDConvNd(SVDLayer):
             conv2.weight.copy_(w2)
             if has_bias:
                 conv2.bias.copy_(self.bias)
-        return nn.Sequential(*layers, *_items(first), *_items(second))
+        modules = (*layers, *_items(first), *_items(second))
+        if self.scheme == "paper":  # its folds into the batch dimension need a batch
+            return _BatchedSequential(*modules, sample_dim=self._ndim + 1)
+        return nn.Sequential(*modules)
+
+
+class _BatchedSequential(nn.Sequential):
+    """An nn.Sequential that also takes one unbatched sample, as nn.ConvNd does (run as a batch of one)."""
+
+    def __init__(self, *modules: nn.Module, sample_dim: int | None = None) -> None:
+        super().__init__(*modules)
+        self.sample_dim = sample_dim  # dims of one unbatched sample; None (a slice of one): none expected
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sample_dim is not None and x.dim() == self.sample_dim:
+            return super().forward(x.unsqueeze(0)).squeeze(0)
+        return super().forward(x)
 
 
 def _items(module: nn.Module) -> list[nn.Module]:

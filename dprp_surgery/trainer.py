@@ -8,7 +8,8 @@ lr 0.01, cosine schedule, batch 128). `compress` composes `factorize` and the tr
 
 Runs are resumable: every epoch writes ``run_dir/checkpoint.pt`` atomically (model, ranks, optimizer,
 scheduler, GradScaler, RNG states, history, config) and appends a line to ``run_dir/history.jsonl``;
-``resume=True`` continues at the next epoch, with the same numbers as an uninterrupted run.
+``resume=True`` continues at the next epoch, with the same numbers as an uninterrupted run. A fresh run
+refuses a run_dir that already holds checkpoint.pt or history.jsonl (resume it, or use another folder).
 
 Distributed (torchrun / DistributedDataParallel): when ``torch.distributed`` is initialised the model
 is wrapped in DDP (a new wrapper after every pruning that changes a shape); a DataLoader gets a
@@ -29,6 +30,7 @@ import copy
 import gc
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -212,6 +214,12 @@ def _atomic_write(path: Path, write) -> None:
             os.close(fd)
 
 
+def _merge_pruned(pruned: dict[str, tuple[int, int]], changes: dict[str, tuple[int, int]]) -> None:
+    """Add a pruning pass to `pruned`: per layer (rank before its first pass, rank after its last)."""
+    for name, (old, new) in changes.items():
+        pruned[name] = (pruned[name][0] if name in pruned else old, new)
+
+
 def _topk_correct(logits: Tensor, target: Tensor, ks: tuple[int, ...] = (1, 5)) -> list[Tensor]:
     """Number of samples whose target is among the top-k logits, for each k (k capped at the class count)."""
     kmax = min(max(ks), logits.shape[1])
@@ -278,6 +286,9 @@ def _make_loader(data: Any, config: DPRPConfig, train: bool, device: torch.devic
                           collate_fn=data.collate_fn, pin_memory=data.pin_memory, drop_last=data.drop_last,
                           worker_init_fn=data.worker_init_fn, persistent_workers=data.persistent_workers)
     if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
+        if hasattr(data, "__len__") and len(data) == 0:
+            raise ValueError(f"{'training' if train else 'validation'} data is empty: the {type(data).__name__} "
+                             "has 0 samples; check the dataset's path or filter")
         if world > 1:
             sampler = DistributedSampler(data, world, rank, shuffle=train, seed=config.seed)
             return DataLoader(data, batch_size=max(1, config.batch_size // world), sampler=sampler)
@@ -386,13 +397,17 @@ class DPRPTrainer:
     ReduceLROnPlateau on the epoch's mean classification loss (factor 0.1, patience 10), lambda_str 1,
     mu_orth 1000, mu_sort 1, lambda_comp 0.1 and epsilon 0.1 (Table I), pruning every epoch.
     `DPRPConfig.preset("finetune")` is the short recipe for pretrained models (10 epochs, lr 0.01, cosine).
+    ``warmup_epochs`` = w ramps every lr linearly per step over the first w epochs; for training data without
+    ``len()`` the number of steps is unknown, so the factor is one per epoch, (epoch + 0.5) / w (the step-wise
+    ramp's mean over that epoch).
 
     Each epoch record (``history`` and ``run_dir/history.jsonl``) holds: ``epoch`` (0-based), ``step`` (global
     steps so far), the mean over the epoch's steps of ``loss`` (L_total) and of every regularizer term
     (``app``, ``orth``, ``sort``, ``comp``, ``structure``, ``total_reg``; ``reg`` for the ablations),
     ``train_top1``/``train_top5`` (percent), ``val_loss``/``val_top1``/``val_top5`` (with val_data), ``lr`` (of
     the first parameter group, warm-up included) and ``lrs`` (every group), ``epsilon``, ``lambda_str``,
-    ``lambda_comp``, ``mu_orth``, ``mu_sort``, ``ranks`` and ``mean_rank``, ``pruned`` ({layer: [old, new]}),
+    ``lambda_comp``, ``mu_orth``, ``mu_sort``, ``ranks`` and ``mean_rank``, ``pruned`` ({layer: [rank at the start
+    of the epoch, rank at its end]} for the layers pruned in it),
     ``params``/``macs``/``dense_params``/``dense_macs``/``params_removed``/``macs_removed`` (from `summarize`
     with a batch of one), ``singular_values`` ({layer: list}, for the paper's Fig. 6), ``compression_stopped``
     (`target_compression` reached) and ``time`` (seconds).
@@ -405,10 +420,13 @@ class DPRPTrainer:
             ``TensorLoader(..., augment="cifar")`` for that) or any Dataset (-> seeded, shuffled DataLoader)
             of (image, label) pairs.
         val_data: Same kinds, evaluated after each epoch (after that epoch's pruning).
-        run_dir: Folder for checkpoint.pt and history.jsonl (created); None keeps everything in memory.
+        run_dir: Folder for checkpoint.pt and history.jsonl (created); None keeps everything in memory. A
+            fresh run (no checkpoint to resume) refuses a folder that already holds either file.
         resume: A checkpoint file, a run folder, or True for ``run_dir/checkpoint.pt`` (a fresh start when it
             does not exist yet): the model is truncated to the stored ranks, every state is restored and
-            training continues at the next epoch.
+            training continues at the next epoch. With ``lr_schedule="cosine"`` and a changed ``epochs`` the
+            schedule is re-fitted to the new length: from the resumed epoch on, the lr is that of a cosine
+            over the new number of epochs (it reaches its minimum at the new end).
         progress: Show rich progress bars (rank 0 only).
         example_inputs: Inputs for the parameter/MAC accounting; default a batch of one from the first batch.
         teacher: The dense model to distil from when ``config.distill > 0`` (a frozen copy is kept; it is not
@@ -417,7 +435,8 @@ class DPRPTrainer:
     With distillation ``app`` in the history is (1 - alpha) CE + alpha KD, and ``ce`` and ``kd`` hold the two parts.
 
     Raises:
-        ValueError: A corrupt or foreign checkpoint, unusable data, or ``distill > 0`` without a teacher.
+        ValueError: A corrupt or foreign checkpoint, a checkpoint of another optimizer, unusable data, a fresh
+            run in a run_dir that already holds one, or ``distill > 0`` without a teacher.
     """
 
     def __init__(self, model: nn.Module, config: DPRPConfig | None, train_data: Any, val_data: Any = None, *,
@@ -461,6 +480,8 @@ class DPRPTrainer:
         path = self._resume_path(resume)
         if path is not None:
             self.load_checkpoint(path)
+        else:
+            self._check_fresh_run_dir(resume)
         self._net = self._wrap()
 
     # ------------------------------------------------------------------ public API
@@ -474,6 +495,7 @@ class DPRPTrainer:
 
         Raises:
             NonFiniteLossError: A loss term became NaN/Inf (the last checkpoint is left untouched).
+            ValueError: The training data yielded no batches in an epoch (nothing is recorded or saved for it).
         """
         with self._progress_bars() as bars:
             self._bars = bars
@@ -492,7 +514,11 @@ class DPRPTrainer:
         return self.history
 
     def evaluate(self, data: Any = None) -> dict[str, float]:
-        """Mean cross-entropy and top-1/top-5 (percent) on `data` (default: the validation data)."""
+        """Mean cross-entropy and top-1/top-5 (percent) on `data` (default: the validation data).
+
+        Raises:
+            ValueError: No data, or data that yields no batches.
+        """
         loader = self.val_loader if data is None else _make_loader(data, self.config, False, self.device)
         if loader is None:
             raise ValueError("evaluate() needs data: pass it, or give the trainer val_data")
@@ -511,7 +537,9 @@ class DPRPTrainer:
                                      torch.tensor(y.shape[0], device=out.device)]).to(sums)
         model.train(was_training)
         sums = self._all_reduce(sums)
-        n = max(float(sums[3]), 1.0)
+        if float(sums[3]) == 0:
+            raise ValueError(f"validation data yielded no batches: {self._describe_empty(loader)}")
+        n = float(sums[3])
         return {"val_loss": float(sums[0]) / n, "val_top1": 100.0 * float(sums[1]) / n,
                 "val_top5": 100.0 * float(sums[2]) / n}
 
@@ -530,7 +558,7 @@ class DPRPTrainer:
         pruned: dict[str, tuple[int, int]] = dict(stats.pop("_pruned"))
         since = epoch - c.prune_start_epoch
         if c.prune_unit == "epoch" and since >= 0 and since % c.prune_every == 0 and not self._frozen(epoch):
-            pruned.update(self._prune(eps))
+            _merge_pruned(pruned, self._prune(eps))
         self._sync_buffers()
         record: dict[str, Any] = {"epoch": epoch, "step": self.global_step, **stats}
         if self.val_loader is not None:
@@ -604,13 +632,15 @@ class DPRPTrainer:
                                      torch.tensor(1.0, device=self.device)]).to(sums)
             if (c.prune_unit == "step" and epoch >= c.prune_start_epoch and self.global_step % c.prune_every == 0
                     and not self._frozen(epoch)):
-                pruned.update(self._prune(self.regularizer.epsilon_at(epoch)))
+                _merge_pruned(pruned, self._prune(self.regularizer.epsilon_at(epoch)))
             if bars is not None:
                 now = time.perf_counter()
                 if now - last_update > 0.25 or (n_steps is not None and i + 1 == n_steps):
                     last_update = now
                     bars.update(self._batch_task, completed=i + 1, info=self._batch_info(keys, sums))
         sums = self._all_reduce(sums)
+        if float(sums[-1]) == 0:  # before any scheduler step, history record or checkpoint
+            raise ValueError(f"training data yielded no batches in epoch {epoch}: {self._describe_empty(loader)}")
         steps, count = max(float(sums[-1]), 1.0), max(float(sums[-2]), 1.0)
         stats: dict[str, Any] = {k: float(sums[j]) / steps for j, k in enumerate(keys)}
         stats["train_top1"] = 100.0 * float(sums[len(keys)]) / count
@@ -653,12 +683,13 @@ class DPRPTrainer:
         raise NonFiniteLossError(bad, epoch, step, dict(zip(names, vec.tolist())))
 
     def _warmup_factor(self, epoch: int, step: int, n_steps: int | None) -> float:
-        """Linear warm-up over `warmup_epochs`: (global step + 1) / warm-up steps, then 1."""
+        """Warm-up over `warmup_epochs` epochs: (global step + 1) / warm-up steps; (epoch + 0.5) / w without len()."""
         w = self.config.warmup_epochs
         if w == 0 or epoch >= w:
             return 1.0
-        per = n_steps or 1
-        return min(1.0, (epoch * per + step + 1) / (w * per))
+        if not n_steps:  # unknown epoch length: one factor per epoch, the step-wise ramp's mean over that epoch
+            return (epoch + 0.5) / w
+        return min(1.0, (epoch * n_steps + step + 1) / (w * n_steps))
 
     def _scaled_step(self) -> None:
         """optimizer.step through the GradScaler, with the warm-up factor applied to every group's lr."""
@@ -735,11 +766,34 @@ class DPRPTrainer:
             b.data.copy_(buf)
 
     def _example_inputs(self) -> Any:
+        """A batch of one for the accounting: example_inputs, else the first sample seen or of the data."""
         if self._example is None:
-            loader = self.val_loader if self.val_loader is not None else self.train_loader
-            x, _ = self._to_device(next(iter(loader)))
+            val = self.val_loader is not None
+            loader = self.val_loader if val else self.train_loader
+            batch = next(iter(loader), None)
+            if batch is None:
+                raise ValueError(f"{'validation' if val else 'training'} data yielded no batches, so there is no "
+                                 f"example input for the accounting: {self._describe_empty(loader)}")
+            x, _ = self._to_device(batch)
             self._example = x[:1].detach().clone()
         return self._example
+
+    def _describe_empty(self, loader: Any) -> str:
+        """The likely causes of a loader that yields no batches, with what it knows of its size."""
+        inner = getattr(loader, "loader", loader)  # _RankShard
+        batch_size = getattr(inner, "batch_size", None)
+        drop_last = getattr(inner, "drop_last", None)
+        dataset = getattr(inner, "dataset", None)
+        try:
+            size = f"{len(dataset)} samples" if dataset is not None else None
+        except TypeError:
+            size = None
+        known = ", ".join(f"{k}={v}" for k, v in (("batch_size", batch_size), ("drop_last", drop_last))
+                          if v is not None)
+        desc = type(inner).__name__ + (f" of {size}" if size else "") + (f" with {known}" if known else "")
+        return (f"{desc}. The data is empty, or smaller than one batch with drop_last=True (set drop_last=False "
+                "or lower the batch size), or an iterator that was already exhausted (pass a re-iterable loader, "
+                "not a generator).")
 
     # ------------------------------------------------------------------ progress
     @contextlib.contextmanager
@@ -795,6 +849,22 @@ class DPRPTrainer:
             raise ValueError(f"cannot resume: checkpoint {str(path)!r} does not exist")
         return path
 
+    def _check_fresh_run_dir(self, resume: Any) -> None:
+        """Refuse a fresh start in a run_dir that already holds a run (its checkpoint or history)."""
+        if self.run_dir is None:
+            return
+        found = [name for name in (CHECKPOINT_NAME, HISTORY_NAME) if (self.run_dir / name).exists()]
+        if not found:
+            return
+        where = str(self.run_dir)
+        if resume is True:  # only history.jsonl is left: there is no checkpoint to continue from
+            raise ValueError(f"run_dir {where!r} holds {HISTORY_NAME} but no {CHECKPOINT_NAME} to resume from, "
+                             f"and a fresh run would append to that history; delete {where!r} (or its "
+                             f"{HISTORY_NAME}) or choose another run_dir")
+        raise ValueError(f"run_dir {where!r} already holds a run ({', '.join(found)}); pass resume=True to "
+                         "continue it (CLI: --resume), or choose another run_dir or delete that one to start "
+                         "afresh")
+
     def state_dict(self, epoch: int) -> dict[str, Any]:
         """Everything needed to continue after `epoch`, as tensors and plain Python values."""
         return {
@@ -845,6 +915,12 @@ class DPRPTrainer:
             missing, extra = sorted(set(layers) - set(ranks))[:3], sorted(set(ranks) - set(layers))[:3]
             raise ValueError(f"checkpoint {str(path)!r} belongs to another model: its SVD layers differ "
                              f"(missing {missing or '-'}, unexpected {extra or '-'})")
+        stored = ckpt["config"] if isinstance(ckpt.get("config"), dict) else {}
+        if stored.get("optimizer", self.config.optimizer) != self.config.optimizer:
+            raise ValueError(f"checkpoint {str(path)!r} was trained with optimizer={stored['optimizer']!r} but the "
+                             f"config has optimizer={self.config.optimizer!r}: the optimizer state cannot carry "
+                             f"over. Resume with optimizer={stored['optimizer']!r}, or start a fresh run in another "
+                             "run_dir")
         for name, r in ranks.items():
             if not 1 <= int(r) <= layers[name].rank:
                 raise ValueError(f"checkpoint {str(path)!r}: layer {name!r} has rank {r}, but the model's layer "
@@ -856,12 +932,12 @@ class DPRPTrainer:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             if self.scheduler is not None and ckpt.get("scheduler") is not None:
                 self.scheduler.load_state_dict(ckpt["scheduler"])
+                self._fit_schedule_to_epochs()
             if ckpt.get("scaler"):
                 self.scaler.load_state_dict(ckpt["scaler"])
             _set_rng_state(ckpt["rng"])
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
             raise ValueError(f"checkpoint {str(path)!r} does not fit this model/optimizer: {exc}") from exc
-        stored = ckpt.get("config", {})
         differ = sorted(k for k, v in self.config.to_dict().items() if k in stored and stored[k] != v)
         if differ:
             log.warning("resuming %s with changed config fields: %s", path, ", ".join(differ))
@@ -873,6 +949,18 @@ class DPRPTrainer:
             text = "".join(json.dumps(r) + "\n" for r in self.history)
             _atomic_write(self.run_dir / HISTORY_NAME, lambda f: f.write(text.encode()))
         log.info("resumed %s at epoch %d", path, self.start_epoch)
+
+    def _fit_schedule_to_epochs(self) -> None:
+        """After a resume with another `epochs`: the restored cosine follows the new length (T_max, current lr)."""
+        sch = self.scheduler
+        if not isinstance(sch, torch.optim.lr_scheduler.CosineAnnealingLR) or sch.T_max == self.config.epochs:
+            return
+        log.info("cosine schedule re-fitted from T_max=%d to the new epochs=%d", sch.T_max, self.config.epochs)
+        sch.T_max = self.config.epochs
+        phase = (1.0 + math.cos(math.pi * sch.last_epoch / sch.T_max)) / 2.0
+        for group, base in zip(self.optimizer.param_groups, sch.base_lrs):
+            group["lr"] = sch.eta_min + (base - sch.eta_min) * phase
+        sch._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _append_history(self, record: dict[str, Any]) -> None:
         with open(self.run_dir / HISTORY_NAME, "a") as f:
@@ -898,7 +986,8 @@ def compress(model: nn.Module, config: DPRPConfig | None = None, train_data: Any
         CompressionResult with the trained model, its history, its Summary and the run folder.
 
     Raises:
-        ValueError: No training data, or a teacher with ``config.distill == 0`` (it would be ignored).
+        ValueError: No training data, a teacher with ``config.distill == 0`` (it would be ignored), or any of
+            `DPRPTrainer`'s (e.g. a fresh run in a run_dir that already holds one: pass ``resume=True``).
     """
     config = config or DPRPConfig()
     if train_data is None:

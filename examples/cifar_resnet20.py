@@ -17,7 +17,8 @@ The steps are marked (1) to (5):
     writes it as a pickle-free artifact (manifest.json + model.safetensors) into the run directory;
 (5) `load` rebuilds the artifact and its outputs are checked against the trained model.
 
-The run directory (--out) also holds checkpoint.pt and history.jsonl of the training run.
+The run directory (--out) also holds checkpoint.pt and history.jsonl of the training run; a new run needs a
+new (or deleted) --out.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from dprp_surgery import DPRPConfig, compress, export, load, save, summarize
 from dprp_surgery.config import PRESETS
 from dprp_surgery.data import IMAGENET_MEAN, IMAGENET_STD, TensorLoader, open_data, subset
 from dprp_surgery.models import load_cifar_checkpoint, resnet20
+from dprp_surgery.trainer import CHECKPOINT_NAME, HISTORY_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -74,6 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
     console = Console(width=None if sys.stdout.isatty() else 140)  # wide tables when piped or captured
 
     # (1) the pretrained model and the data
+    if any((args.out / name).exists() for name in (CHECKPOINT_NAME, HISTORY_NAME)):
+        raise SystemExit(f"--out {args.out} already holds a training run: choose another --out or delete it")
     if not args.weights.is_file():
         raise SystemExit(f"pretrained weights {args.weights} not found: pass --weights PATH/cifar10_resnet20.th")
     if not re.match(r"^cifar100?:", args.data) and not Path(args.data).expanduser().exists():

@@ -82,3 +82,42 @@ def test_skipped_layers_are_listed():
     fact = factorize(model)
     rows = {r.name: r for r in summarize(fact, X).rows}
     assert rows["2"].status == "skipped" and "incompressible" in rows["2"].note
+
+
+@pytest.mark.parametrize("scheme", ["paper", "channel"])
+def test_exported_layers_count_against_their_dense_original(scheme):
+    from dprp_surgery import svd_layers
+    from dprp_surgery.export import export
+
+    fact = factorize(Small(), DPRPConfig(scheme=scheme, min_compressible=None))
+    for _, layer in svd_layers(fact):
+        layer.truncate_(2)
+    svd = summarize(fact, X)
+    exported = summarize(export(fact, "factorized"), X)
+    # one row per original layer (not one per inner conv/linear), against the same dense layer
+    assert [r.name for r in exported.rows] == [r.name for r in svd.rows] == ["conv", "fc"]
+    for e, s in zip(exported.rows, svd.rows):
+        assert e.status == "factorized" and (e.kind, e.scheme, e.matrix, e.rank) == (s.kind, s.scheme, s.matrix, 2)
+        assert (e.dense_params, e.dense_macs, e.macs) == (s.dense_params, s.dense_macs, s.macs)
+        assert e.params == s.params - 2  # the singular values are folded into U
+    assert exported.dense_params == svd.dense_params == 252 and exported.params == svd.params - 4
+    assert exported.dense_macs == svd.dense_macs == 13856 and exported.macs == svd.macs
+    dense = summarize(export(fact, "dense"), X)  # a dense export is as big as the original
+    assert dense.params == dense.dense_params == 252 and [r.status for r in dense.rows] == ["dense", "dense"]
+
+
+def test_exported_resnet20_reports_what_its_svd_form_removes():
+    from dprp_surgery import svd_layers
+    from dprp_surgery.export import export
+    from dprp_surgery.models import resnet20
+
+    torch.manual_seed(0)
+    fact = factorize(resnet20(), DPRPConfig(min_compressible=None)).eval()
+    for _, layer in svd_layers(fact):
+        layer.truncate_(max(1, layer.rank // 4))
+    x = torch.zeros(1, 3, 32, 32)
+    svd, exported = summarize(fact, x), summarize(export(fact, "factorized"), x)
+    assert len(exported.rows) == len(svd.rows) == 20
+    assert exported.dense_params == svd.dense_params and exported.dense_macs == svd.dense_macs
+    assert exported.params_removed == pytest.approx(svd.params_removed, abs=0.002) and svd.params_removed > 0.7
+    assert exported.macs_removed == pytest.approx(svd.macs_removed)

@@ -198,6 +198,25 @@ def test_resume_continues_the_run(run_dir, tmp_path):
     assert [r["epoch"] for r in records] == [0, 1]
 
 
+@pytest.mark.parametrize("command", ["compress", "demo"])
+def test_fresh_run_refuses_an_out_that_holds_a_history(command, run_dir, data_dir, tmp_path, monkeypatch):
+    from dprp_surgery.cli import commands
+
+    monkeypatch.setattr(commands, "_demo_archive", lambda: None)  # keep the demo small should it start
+    monkeypatch.setattr(commands, "DEMO_TRAIN", 40)
+    monkeypatch.setattr(commands, "DEMO_TEST", 20)
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    (copy / "checkpoint.pt").unlink()  # its history alone still makes it a run: a fresh one would append to it
+    history = (copy / "history.jsonl").read_bytes()
+    if command == "compress":
+        bad("compress", "cifar:resnet20", "--data", data_dir, "--out", copy, "--epochs", "1", "--batch-size", "8",
+            "--limit-train", "8", "-q", words=("--out", str(copy), "already holds a run", "history.jsonl", "--resume"))
+    else:
+        bad("demo", "--out", copy, "--epochs", "1", "-q", words=("--out", str(copy), "history.jsonl"))
+    assert (copy / "history.jsonl").read_bytes() == history
+
+
 def test_demo_synthetic_fallback(tmp_path, monkeypatch):
     pytest.importorskip("dprp_surgery.trainer")
     from dprp_surgery.cli import commands
@@ -340,3 +359,56 @@ def test_evaluate_counts_top1_and_top5(progress):
     assert evaluate(torch.nn.Identity(), loader, progress=progress) == (25.0, 75.0)
     with pytest.raises(ValueError, match="empty"):
         evaluate(torch.nn.Identity(), [], progress=progress)
+
+
+# ----------------------------------------------------------------------------- export: input checks
+def test_export_checks_input_size_and_out_before_writing(tmp_path):
+    out = tmp_path / "o1"
+    bad("export", "cifar:resnet20", "--out", out, "--input-size", "1,32,32",
+        words=("--input-size '1,32,32'", "does not fit", "3 channels"))
+    bad("export", "cifar:resnet20", "--out", tmp_path / "o.onnx", "--format", "onnx", "--input-size", "3,32",
+        words=("--input-size '3,32'", "2 numbers", "C,H,W"))
+    bad("inspect", "cifar:resnet20", "--input-size", "1,32,32", words=("--input-size '1,32,32'", "does not fit"))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for fmt, target in (("onnx", afile / "x.onnx"), ("safetensors", afile / "sub")):
+        bad("export", "cifar:resnet20", "--format", fmt, "--out", target,
+            words=("--out", str(target), str(afile), "is a file"))
+    web = tmp_path / "webapp"
+    web.mkdir()
+    (web / "manifest.json").write_text('{"name": "My PWA"}')
+    (web / "index.html").write_text("<html>precious</html>")
+    bad("export", "cifar:resnet20", "--out", web, words=("refusing to overwrite", str(web)))
+    assert sorted(p.name for p in web.iterdir()) == ["index.html", "manifest.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "webapp"] and afile.read_text() == "x"
+
+
+def test_corrupt_manifest_layer_entry_exits_2(tmp_path):
+    from dprp_surgery.export import save
+
+    art = save(resnet20(), tmp_path / "art")
+    manifest = json.loads((art / "manifest.json").read_text())
+    (art / "manifest.json").write_text(json.dumps({**manifest, "layers": {"layer1.0.conv1": "factorized"}}))
+    bad("inspect", art, words=("manifest.json", "'layer1.0.conv1'", "invalid entry"))
+
+
+def test_inspect_of_a_factorized_export_counts_its_original_layers(tmp_path):
+    from dprp_surgery import DPRPConfig, factorize, svd_layers
+    from dprp_surgery.export import export, save
+
+    torch.manual_seed(0)
+    fact = factorize(resnet20(), DPRPConfig(min_compressible=None)).eval()
+    for _, layer in svd_layers(fact):
+        layer.truncate_(max(1, layer.rank // 4))
+    reports = {}
+    for form, model in (("svd", fact), ("factorized", export(fact, "factorized"))):
+        result = invoke("inspect", save(model, tmp_path / form), "--json")
+        assert result.exit_code == 0, result.output
+        reports[form] = json.loads(result.stdout)
+    svd, exported = reports["svd"], reports["factorized"]
+    assert len(exported["summary"]["rows"]) == 20
+    assert {r["status"] for r in exported["summary"]["rows"]} == {"factorized"}
+    assert exported["summary"]["dense_params"] == svd["summary"]["dense_params"]
+    assert exported["summary"]["params_removed"] == pytest.approx(svd["summary"]["params_removed"], abs=0.002)
+    assert 0.75 < exported["summary"]["params_removed"] < 0.8
+    assert exported["rank1_compression"] == pytest.approx(svd["rank1_compression"])

@@ -370,3 +370,103 @@ def test_export_name_is_callable_whatever_the_import_order():
     for fn in (dprp_surgery.export, export_module, exported):
         out = fn(model, "dense")
         assert isinstance(out[0], nn.Linear)
+
+
+def _tree(root) -> dict[str, str]:
+    """Relative path -> text of every file under `root`."""
+    return {str(p.relative_to(root)): p.read_text(errors="replace") for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_save_never_deletes_a_directory_that_is_not_only_an_artifact(tmp_path):
+    model = resnet20()
+    web = tmp_path / "webapp"  # a manifest.json of another kind (a web app's) beside the user's files
+    (web / "src").mkdir(parents=True)
+    (web / "manifest.json").write_text(json.dumps({"name": "My PWA", "start_url": "/"}))
+    (web / "index.html").write_text("<html>precious</html>")
+    (web / "src" / "app.js").write_text("// lots of work")
+    before = _tree(web)
+    with pytest.raises(ValueError, match=r"refusing to overwrite '.*webapp'.*not a dprp artifact"):
+        save(model, web)
+    assert _tree(web) == before
+
+    art = save(model, tmp_path / "art")  # a real artifact the user added a file to
+    (art / "notes.txt").write_text("mine")
+    before = _tree(art)
+    with pytest.raises(ValueError, match=r"refusing to overwrite '.*art'.*notes\.txt"):
+        save(model, art)
+    assert _tree(art) == before
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match=r"refusing to overwrite '.*afile'.*not a directory"):
+        save(model, tmp_path / "afile")
+    with pytest.raises(ValueError, match=r"'.*afile' is a file"):  # a parent that is a file
+        save(model, tmp_path / "afile" / "sub")
+    with pytest.raises(ValueError, match=r"'.*afile' is a file"):
+        to_pt2(nn.Linear(3, 2), tmp_path / "afile" / "m.pt2", torch.randn(1, 3))
+    assert (tmp_path / "afile").read_text() == "x"
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_save_replaces_an_artifact_or_keeps_the_old_one(tmp_path, monkeypatch):
+    import os
+
+    x = torch.randn(2, 3, 32, 32)
+    first, second = resnet20().eval(), resnet20().eval()
+    art = save(first, tmp_path / "art")
+    stale = tmp_path / f".art.old-{os.getpid()}"  # left by an earlier save that died (pids are reused)
+    stale.mkdir()
+    (stale / "model.safetensors").write_text("stale")
+    save(second, art)
+    torch.testing.assert_close(load(art)(x), second(x))
+    assert not stale.exists()
+
+    rename = os.rename
+
+    def failing_rename(src, dst):
+        if ".tmp-" in str(src):  # moving the new artifact into place fails
+            raise OSError(28, "No space left on device")
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing_rename)  # export.save moves directories with os.rename
+    with pytest.raises(OSError, match="No space left"):
+        save(first, art)
+    monkeypatch.undo()
+    torch.testing.assert_close(load(art)(x), second(x))  # the previous artifact is back
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_load_rejects_malformed_manifest_entries(tmp_path):
+    art = save(resnet20(), tmp_path / "art")
+    manifest = json.loads((art / "manifest.json").read_text())
+    for key, value, words in (("layers", {"conv1": "factorized"}, r"manifest\.json.*layer 'conv1'.*invalid entry"),
+                              ("dtype", "nn", r"manifest\.json.*dtype 'nn'")):
+        (art / "manifest.json").write_text(json.dumps({**manifest, key: value}))
+        with pytest.raises(ValueError, match=words):
+            load(art)
+
+
+@pytest.mark.parametrize("conv, x", [
+    (nn.Conv2d(8, 16, 3, padding=1), torch.randn(8, 10, 10)),  # depthwise-first
+    (nn.Conv2d(32, 2, 3, padding=1, bias=False), torch.randn(32, 10, 10)),  # pointwise-first
+    (nn.Conv1d(8, 16, 3), torch.randn(8, 20)),
+])
+def test_paper_realisations_take_unbatched_input(conv, x):
+    f = factorize(nn.Sequential(conv), DPRPConfig(scheme="paper", min_compressible=None)).eval()
+    for _, layer in svd_layers(f):
+        layer.truncate_(1)  # cheap enough that auto picks the factorized form
+    ref = f(x)  # (C, *spatial) as nn.ConvNd and the SVD layer take it
+    for mode in ("factorized", "auto"):
+        e = export(f, mode)
+        assert {v["form"] for v in layer_forms(e).values()} == {"factorized"}
+        with torch.no_grad():
+            torch.testing.assert_close(e(x), ref, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(e(x[None]), ref[None], atol=1e-5, rtol=1e-4)
+
+
+def test_save_with_an_explicit_arch_that_does_not_rebuild_the_model_raises(tmp_path):
+    import timm
+
+    model = timm.create_model("resnet18", num_classes=10, global_pool="max")
+    with pytest.raises(ValueError, match=r"arch='timm:resnet18' does not rebuild this model: .*global_pool"):
+        save(model, tmp_path / "art", arch="timm:resnet18")
+    assert not (tmp_path / "art").exists()

@@ -324,6 +324,155 @@ def test_corrupt_and_foreign_checkpoints(tmp_path):
         DPRPTrainer(make_model(), cfg, make_data(), resume=tmp_path / "missing.pt", progress=False)
 
 
+# ----------------------------------------------------------------------------- run directories
+@pytest.mark.parametrize("keep, resume, match", [
+    (("checkpoint.pt", "history.jsonl"), None, r"holds a run \(checkpoint.pt, history.jsonl\); pass resume=True"),
+    (("checkpoint.pt", "history.jsonl"), False, r"already holds a run .*--resume.*another run_dir or delete"),
+    (("history.jsonl",), None, r"already holds a run \(history.jsonl\); pass resume=True"),
+    (("history.jsonl",), True, r"holds history.jsonl but no checkpoint.pt to resume from"),
+])
+def test_fresh_run_refuses_a_run_dir_that_holds_a_run(tmp_path, keep, resume, match):
+    cfg = DPRPConfig(epochs=1, **STRONG)
+    DPRPTrainer(make_model(), cfg, make_data(16), run_dir=tmp_path, progress=False).fit()
+    for name in {"checkpoint.pt", "history.jsonl"} - set(keep):
+        (tmp_path / name).unlink()
+    before = {name: (tmp_path / name).read_bytes() for name in keep}
+    with pytest.raises(ValueError, match=match) as err:
+        DPRPTrainer(make_model(), cfg.replace(epochs=3), make_data(16), run_dir=tmp_path, resume=resume,
+                    progress=False)
+    assert repr(str(tmp_path)) in str(err.value)
+    assert {name: (tmp_path / name).read_bytes() for name in keep} == before  # nothing appended or replaced
+    if "checkpoint.pt" in keep:  # the way the message points to continues the run
+        DPRPTrainer(make_model(), cfg.replace(epochs=2), make_data(16), run_dir=tmp_path, resume=True,
+                    progress=False).fit()
+        lines = (tmp_path / "history.jsonl").read_text().splitlines()
+        assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
+
+
+def test_fresh_runs_in_new_or_empty_run_dirs_start(tmp_path):
+    cfg = DPRPConfig(epochs=1, **STRONG)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("unrelated files do not make a run")
+    for run_dir, resume in ((tmp_path / "empty", None), (tmp_path / "new", True)):
+        DPRPTrainer(make_model(), cfg, make_data(16), run_dir=run_dir, resume=resume, progress=False).fit()
+        assert [json.loads(line)["epoch"] for line in (run_dir / "history.jsonl").open()] == [0]
+
+
+# ----------------------------------------------------------------------------- data without batches
+def _no_batches(kind: str):
+    if kind == "drop_last":  # 8 images, batch 16, drop_last: a loader of length 0
+        from dprp_surgery.data import TensorLoader
+
+        return TensorLoader(make_data(8), 16, drop_last=True)
+    return TensorDataset(torch.zeros(0, 3, 16, 16), torch.zeros(0, dtype=torch.long))
+
+
+@pytest.mark.parametrize("with_val", [False, True])
+def test_training_data_without_batches_raises(with_val, tmp_path):
+    cfg = DPRPConfig(epochs=2, lr_schedule="cosine", **STRONG)
+    trainer = DPRPTrainer(make_model(), cfg, _no_batches("drop_last"), make_data(16) if with_val else None,
+                          run_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="training data yielded no batches in epoch 0") as err:
+        trainer.fit()
+    assert "TensorLoader of 8 samples with batch_size=16, drop_last=True" in str(err.value)
+    assert trainer.history == [] and trainer.global_step == 0 and trainer.scheduler.last_epoch == 0
+    assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "history.jsonl").exists()
+
+
+@pytest.mark.parametrize("role", ["training", "validation"])
+def test_empty_dataset_is_refused(role):
+    empty = _no_batches("empty")
+    train, val = (empty, None) if role == "training" else (make_data(16), empty)
+    with pytest.raises(ValueError, match=f"{role} data is empty: the TensorDataset has 0 samples"):
+        DPRPTrainer(make_model(), DPRPConfig(epochs=1, **STRONG), train, val, progress=False)
+
+
+@pytest.mark.parametrize("role", ["training", "validation"])
+def test_summary_and_evaluate_without_any_batch_raise(role):
+    empty = _no_batches("drop_last")
+    train, val = (empty, None) if role == "training" else (make_data(16), empty)
+    trainer = DPRPTrainer(make_model(), DPRPConfig(epochs=1, **STRONG), train, val, progress=False)
+    with pytest.raises(ValueError, match=f"{role} data yielded no batches"):
+        trainer.summary()
+    if role == "validation":
+        with pytest.raises(ValueError, match="validation data yielded no batches"):
+            trainer.evaluate()
+
+
+# ----------------------------------------------------------------------------- schedules
+class _Batches:
+    """(x, y) batches of 16 without __len__, like a streaming source."""
+
+    def __init__(self, data: TensorImageDataset) -> None:
+        self.x, self.y = data.images.float() / 255, data.targets
+
+    def __iter__(self):
+        for i in range(0, len(self.y), 16):
+            yield self.x[i:i + 16], self.y[i:i + 16]
+
+
+@pytest.mark.parametrize("sized, factors", [
+    (True, [[1 / 6, 2 / 6, 3 / 6], [4 / 6, 5 / 6, 1.0], [1.0] * 3]),  # per step: (global step + 1) / 6
+    (False, [[0.25] * 3, [0.75] * 3, [1.0] * 3]),  # per epoch: the mean of the per-step ramp over that epoch
+])
+def test_warmup_lasts_warmup_epochs_with_and_without_len(sized, factors, monkeypatch):
+    cfg = DPRPConfig(epochs=3, warmup_epochs=2, lr_schedule="constant", batch_size=16, lr=0.01, device="cpu")
+    data = make_data(48)
+    trainer = DPRPTrainer(make_model(), cfg, data if sized else _Batches(data), progress=False)
+    seen = []
+    step = trainer._scaled_step
+    monkeypatch.setattr(trainer, "_scaled_step", lambda: (seen.append(trainer._warm), step()))
+    history = trainer.fit()
+    assert [seen[i:i + 3] for i in range(0, 9, 3)] == [pytest.approx(f) for f in factors]
+    assert [h["lr"] for h in history] == pytest.approx([0.01 * f[-1] for f in factors])
+
+
+@pytest.mark.parametrize("first, then", [(2, 5), (1, 4), (3, 4)])
+def test_resume_with_more_epochs_refits_the_cosine(first, then, tmp_path, caplog):
+    import math
+
+    cfg = DPRPConfig(epochs=first, lr_schedule="cosine", batch_size=16, lr=0.01, sigma_lr_scale=10.0, device="cpu")
+    DPRPTrainer(make_model(), cfg, make_data(16), run_dir=tmp_path, progress=False).fit()
+    with caplog.at_level("WARNING", logger="dprp_surgery.trainer"):
+        trainer = DPRPTrainer(make_model(), cfg.replace(epochs=then), make_data(16), run_dir=tmp_path,
+                              resume=True, progress=False)
+    assert "changed config fields: epochs" in caplog.text
+    assert trainer.scheduler.T_max == then
+    history = trainer.fit()
+    cosine = [0.01 * (1 + math.cos(math.pi * t / then)) / 2 for t in range(then)]  # a straight run of `then`
+    resumed = [h["lr"] for h in history[first:]]
+    assert resumed == pytest.approx(cosine[first:], abs=1e-12)
+    assert all(a >= b for a, b in zip(resumed, resumed[1:]))  # never rises again after the resume
+    assert history[-1]["lrs"]["sigma"] == pytest.approx(10 * cosine[-1])
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # the minimum at the new end
+
+
+def test_pruned_records_the_rank_at_the_start_and_the_end_of_the_epoch():
+    cfg = DPRPConfig(epochs=1, prune_unit="step", prune_every=1, **{**STRONG, "batch_size": 8})
+    trainer = DPRPTrainer(make_model(), cfg, make_data(), progress=False)
+    start = ranks(trainer.model)
+    passes = []
+    prune = trainer._prune
+    trainer._prune = lambda eps: passes.append(prune(eps)) or passes[-1]
+    record = trainer.fit()[0]
+    counts = {n: sum(n in p for p in passes) for n in start}
+    assert max(counts.values()) >= 2, passes  # some layer was pruned more than once in the epoch
+    assert record["pruned"] == {n: [start[n], record["ranks"][n]] for n, k in counts.items() if k}
+
+
+@pytest.mark.parametrize("before, after", [("sgd", "adamw"), ("adamw", "sgd")])
+def test_resume_with_another_optimizer_names_the_field(before, after, tmp_path):
+    cfg = DPRPConfig(epochs=1, optimizer=before, **STRONG)
+    DPRPTrainer(make_model(), cfg, make_data(16), run_dir=tmp_path, progress=False).fit()
+    model = make_model()
+    full = ranks(model)
+    with pytest.raises(ValueError, match=f"trained with optimizer='{before}' but the config has "
+                                         f"optimizer='{after}'.*Resume with optimizer='{before}'"):
+        DPRPTrainer(model, cfg.replace(epochs=2, optimizer=after), make_data(16), run_dir=tmp_path, resume=True,
+                    progress=False)
+    assert ranks(model) == full  # refused before the model was touched
+
+
 # ----------------------------------------------------------------------------- resume after SIGKILL
 RESUME_CFG = {**STRONG, "epochs": 3}
 

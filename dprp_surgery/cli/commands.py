@@ -161,6 +161,38 @@ def _input_size(model: nn.Module, recipe: DataRecipe, given: str | None) -> tupl
     return recipe.input_size()
 
 
+def _check_input_size(model: nn.Module, arch: str, size: tuple[int, ...], given: str | None) -> None:
+    """Raise a ValueError naming --input-size unless one no-grad forward on zeros(1, *size) runs."""
+    what = f"--input-size {given!r}" if given is not None else f"the input size {','.join(map(str, size))}"
+    fix = ("give the C,H,W of one input image (e.g. 3,32,32)" if given is not None
+           else "pass --input-size C,H,W (e.g. 3,224,224)")
+    if arch.split(":", 1)[0] in ARCH_KINDS and len(size) != 3:
+        raise ValueError(f"{what} has {len(size)} numbers but {arch} is an image model; {fix}.")
+    ref = next((p for p in model.parameters() if p.is_floating_point()), None)
+    x = torch.zeros(1, *size) if ref is None else torch.zeros(1, *size, dtype=ref.dtype, device=ref.device)
+    was = _set_training(model, False)
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception as exc:  # noqa: BLE001 - any failure means the shape does not fit
+        from ..io import _first_line
+
+        raise ValueError(f"{what} does not fit the model {arch}: a forward on a (1, {', '.join(map(str, size))}) "
+                         f"input fails ({type(exc).__name__}: {_first_line(exc)}); {fix}.") from None
+    finally:
+        _set_training(model, was)
+
+
+def _check_out_parent(out: Path) -> None:
+    """Raise a ValueError naming --out when the nearest existing parent of `out` is not a directory."""
+    for parent in out.expanduser().parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise ValueError(f"--out {str(out)!r} cannot be written: {str(parent)!r} is a file, not a "
+                                 "directory; choose another --out path.")
+            return
+
+
 def _is_factorized(model: nn.Module) -> bool:
     from ..export import layer_forms
 
@@ -335,11 +367,12 @@ def run_inspect(*, model: str, input_size: str | None, scheme: str | None, inclu
                 json_out: bool) -> None:
     """`dprp inspect`."""
     with cli_errors():
-        from ..surgery import factorize, svd_layers
+        from ..surgery import factorize
 
         net, net_arch = _load(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle)
         recipe = data_recipe(net_arch, net)
         size = _input_size(net, recipe, input_size)
+        _check_input_size(net, net_arch, size, input_size)
         fields: dict[str, Any] = {}
         if scheme is not None:
             fields["scheme"] = scheme
@@ -352,10 +385,12 @@ def run_inspect(*, model: str, input_size: str | None, scheme: str | None, inclu
             target = net if _is_factorized(net) else factorize(net, config)
             example = torch.zeros(1, *size)
             summary = summarize(target, example)
-        layers = dict(svd_layers(target))
-        rank1 = {n: layers[n].compression_rate(1) for n in layers}
-        best_params = summary.params - sum(m.factor_param_count() for m in layers.values()) + sum(
-            m.factor_param_count(1) for m in layers.values())
+        # SVD layers and layers an export realised in factorized form alike; at rank 1 a layer keeps h + w + 1
+        # parameters plus its bias (dense_params - h w)
+        layers = [r for r in summary.rows if r.status == "factorized"]
+        rank1 = {r.name: r.max_compression for r in layers}
+        best_params = summary.params - sum(r.params for r in layers) + sum(
+            r.matrix[0] + r.matrix[1] + 1 + r.dense_params - r.matrix[0] * r.matrix[1] for r in layers)
         if json_out:
             _emit_json({"model": model, "arch": net_arch, "input_size": list(size), "summary": summary.to_dict(),
                         "rank1_compression": rank1, "params_at_rank1": best_params})
@@ -426,6 +461,11 @@ def _trainer_compress():
     except ImportError as exc:  # pragma: no cover - the trainer ships with the package
         raise RuntimeError(f"the DPRP trainer (dprp_surgery.trainer) is not available: {exc}") from exc
     return compress
+
+
+def _run_files(out: Path) -> list[str]:
+    """The training files (checkpoint.pt, history.jsonl) already in run directory `out`."""
+    return [name for name in ("checkpoint.pt", "history.jsonl") if (out / name).exists()]
 
 
 def compress_pipeline(*, model: nn.Module, arch: str, model_spec: str, data_spec: str, train: TensorImageDataset,
@@ -509,9 +549,9 @@ def run_compress(*, model: str | None, data: str | None, out: Path | None, confi
             image_size = image_size or info.get("image_size")
             arch = arch or info.get("arch_flag")
             teacher = teacher or info.get("teacher")
-        elif out.exists() and (out / "checkpoint.pt").exists():
-            raise ValueError(f"--out {str(out)!r} already holds a run (checkpoint.pt); pass --resume to continue it "
-                             "or choose another directory.")
+        elif _run_files(out):
+            raise ValueError(f"--out {str(out)!r} already holds a run ({', '.join(_run_files(out))}); pass --resume "
+                             "to continue it, or choose another --out (or delete that directory) to start afresh.")
         if not model:
             raise ValueError("MODEL is required (e.g. cifar:resnet20@cifar10_resnet20.th); see `dprp compress --help`.")
         if not data:
@@ -567,12 +607,14 @@ def run_export(*, source: str, out: Path, mode: str, fmt: str, objective: str, i
         from ..export import export as export_model
         from ..export import layer_forms, save, to_onnx, to_pt2
 
+        _check_out_parent(out)
         net, net_arch = _load(source, arch=arch, num_classes=None, trust_pickle=trust_pickle)
         recipe = data_recipe(net_arch, net)
         size = _input_size(net, recipe, input_size)
         if input_size is None and Path(source).is_dir() and (Path(source) / "run.json").is_file():
             recorded = read_run_info(source).get("input_size")
             size = tuple(recorded) if recorded else size
+        _check_input_size(net, net_arch, size, input_size)
         example = torch.zeros(1, *size)
         with _busy(f"Exporting {source} ({mode}, {fmt}) ...", not json_out):
             exported = export_model(net, mode, objective=objective, example_inputs=example)
@@ -791,8 +833,9 @@ def run_demo(*, out: Path, epochs: int, quiet: bool, json_out: bool) -> None:
         from ..io import build_arch
         from ..report import make_report
 
-        if (out / "checkpoint.pt").exists():
-            raise ValueError(f"--out {str(out)!r} already holds a run; choose another directory or delete it.")
+        if _run_files(out):
+            raise ValueError(f"--out {str(out)!r} already holds a run ({', '.join(_run_files(out))}); choose "
+                             "another --out or delete that directory.")
         torch.manual_seed(0)
         source = _demo_archive()
         if source is not None:
