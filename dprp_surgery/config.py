@@ -88,7 +88,8 @@ class DPRPConfig:
             "cosine" (cosine annealing over `epochs`) or "constant".
         lr_factor: ReduceLROnPlateau factor (0.1).
         lr_patience: ReduceLROnPlateau patience in epochs (10).
-        warmup_epochs: Linear warm-up of the learning rate over this many epochs.
+        warmup_epochs: Linear warm-up of the learning rate over this many epochs (per step; one factor per
+            epoch for training data without ``len()``).
         lambda_str: lambda_str of eq. (8), weight of the structure loss (1).
         mu_orth: mu_orth, weight of L_orth (eq. (10)) inside L_str (1000).
         mu_sort: mu_sort, weight of L_sort (eq. (11)) inside L_str (1).
