@@ -540,7 +540,11 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
     root = Path(path).expanduser()
     manifest = _read_manifest(root)
     mpath = root / MANIFEST_FILE
-    wpath = root / str(manifest.get("weights", WEIGHTS_FILE))
+    wname = manifest.get("weights", WEIGHTS_FILE)
+    if not isinstance(wname, str) or Path(wname).name != wname or wname in ("", ".", ".."):
+        raise ValueError(f"{str(mpath)!r}: 'weights' must name a file inside the artifact, got {wname!r}; "
+                         "re-export the model.")
+    wpath = root / wname
     if not wpath.is_file():
         raise ValueError(f"{str(wpath)!r} is missing from the artifact {str(root)!r}; re-export the model.")
     expected = manifest.get("sha256")

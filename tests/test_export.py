@@ -439,7 +439,9 @@ def test_load_rejects_malformed_manifest_entries(tmp_path):
     art = save(resnet20(), tmp_path / "art")
     manifest = json.loads((art / "manifest.json").read_text())
     for key, value, words in (("layers", {"conv1": "factorized"}, r"manifest\.json.*layer 'conv1'.*invalid entry"),
-                              ("dtype", "nn", r"manifest\.json.*dtype 'nn'")):
+                              ("dtype", "nn", r"manifest\.json.*dtype 'nn'"),
+                              ("weights", "../elsewhere.safetensors", r"manifest\.json.*'weights' must name a file "
+                                                                      r"inside the artifact")):
         (art / "manifest.json").write_text(json.dumps({**manifest, key: value}))
         with pytest.raises(ValueError, match=words):
             load(art)
