@@ -224,7 +224,7 @@ def summarize(model: nn.Module, example_inputs: Any) -> Summary:
     realised = _realised(model)
     outer = {id(model.get_submodule(n)) for n in realised}
     inner = {id(m) for n in realised for m in model.get_submodule(n).modules()} - outer  # counted by the outer
-    measured: dict[str, tuple[int, tuple[int, ...]]] = {}
+    measured: dict[str, tuple[int, list[tuple[int, ...]]]] = {}  # name -> (flops, input shape of every call)
     counter = FlopCounterMode(display=False)
     handles = []
     names = {id(m): n for n, m in model.named_modules()}
@@ -235,10 +235,8 @@ def summarize(model: nn.Module, example_inputs: Any) -> Summary:
     def post(module, args, output):
         flops = counter.get_total_flops() - module.__dict__.pop("_dprp_flops0")
         name = names[id(module)]
-        if name not in measured:
-            measured[name] = (flops, tuple(args[0].shape))
-        else:  # a shared module called again: add its work, keep the first input shape
-            measured[name] = (measured[name][0] + flops, measured[name][1])
+        total, shapes = measured.get(name, (0, []))  # a module called again (shared): add this call
+        measured[name] = (total + flops, [*shapes, tuple(args[0].shape)])
 
     for m in model.modules():
         if (isinstance(m, layer_types) and id(m) not in inner) or id(m) in outer:
@@ -258,13 +256,13 @@ def summarize(model: nn.Module, example_inputs: Any) -> Summary:
     report = surgery_report(model)
     rows: list[LayerRow] = []
     layer_flops = 0
-    for name, (flops, shape) in measured.items():
+    for name, (flops, shapes) in measured.items():
         module = model.get_submodule(name)
         layer_flops += flops
         if name in realised:
-            rows.append(_realised_row(name, module, realised[name], flops, shape))
+            rows.append(_realised_row(name, module, realised[name], flops, shapes))
         else:
-            rows.append(_row(name, module, flops, shape, report))
+            rows.append(_row(name, module, flops, shapes, report))
     for name, reason in (report.skipped.items() if report else ()):
         if name not in measured and isinstance(model.get_submodule(name), layer_types):
             module = model.get_submodule(name)
@@ -285,15 +283,15 @@ def summarize(model: nn.Module, example_inputs: Any) -> Summary:
     )
 
 
-def _row(name: str, module: nn.Module, flops: int, shape: tuple[int, ...], report) -> LayerRow:
-    """The LayerRow of one measured layer."""
+def _row(name: str, module: nn.Module, flops: int, shapes: list[tuple[int, ...]], report) -> LayerRow:
+    """The LayerRow of one measured layer (`shapes`: the input shape of each of its calls)."""
     if not isinstance(module, SVDLayer):
         params = sum(p.numel() for p in module.parameters(recurse=False))
         note = report.skipped.get(name) if report else None
         return LayerRow(name=name, kind=type(module).__name__, status="skipped" if note else "dense",
                         dense_params=params, params=params, dense_macs=flops // 2, macs=flops // 2, note=note)
-    dense_macs = _meta_macs(_meta_layer(module, module.rank).to_dense(), shape)
-    unit_macs = _meta_macs(_meta_layer(module, 1).to_factorized(), shape)
+    dense_macs = _meta_macs(_meta_layer(module, module.rank).to_dense(), shapes)
+    unit_macs = _meta_macs(_meta_layer(module, 1).to_factorized(), shapes)
     return LayerRow(
         name=name, kind=module.dense_type.__name__, status="factorized", scheme=module.scheme,
         matrix=module.matrix_shape, rank=module.rank, full_rank=module.full_rank,
@@ -303,14 +301,14 @@ def _row(name: str, module: nn.Module, flops: int, shape: tuple[int, ...], repor
     )
 
 
-def _realised_row(name: str, module: nn.Module, spec: dict, flops: int, shape: tuple[int, ...]) -> LayerRow:
+def _realised_row(name: str, module: nn.Module, spec: dict, flops: int, shapes: list[tuple[int, ...]]) -> LayerRow:
     """The LayerRow of a layer realised in factorized form, against the dense layer of its spec."""
     layer = _spec_layer(spec)
     return LayerRow(
         name=name, kind=layer.dense_type.__name__, status="factorized", scheme=layer.scheme,
         matrix=layer.matrix_shape, rank=layer.rank, full_rank=layer.full_rank,
         dense_params=layer.dense_param_count(), params=count_params(module),
-        dense_macs=_meta_macs(layer.to_dense(), shape), macs=flops // 2, compression=layer.compression_rate(),
+        dense_macs=_meta_macs(layer.to_dense(), shapes), macs=flops // 2, compression=layer.compression_rate(),
         max_compression=layer.compression_rate(1), note="exported factorized",
     )
 
@@ -320,10 +318,11 @@ def _meta_layer(layer: SVDLayer, rank: int) -> SVDLayer:
     return layer_from_spec({**layer.spec(), "rank": rank}, device="meta", dtype=layer.U.dtype)
 
 
-def _meta_macs(module: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """MACs of one forward of `module` on a meta tensor of `input_shape` (realisations are linear in r)."""
+def _meta_macs(module: nn.Module, input_shapes: list[tuple[int, ...]]) -> int:
+    """MACs of `module`'s forwards on meta tensors, one per input shape (realisations are linear in r)."""
     counter = FlopCounterMode(display=False)
     with counter:
-        module(torch.empty(input_shape, device="meta"))
+        for shape in input_shapes:
+            module(torch.empty(shape, device="meta"))
     return counter.get_total_flops() // 2
 

@@ -52,10 +52,14 @@ LayersLike = nn.Module | Iterable[SVDLayer] | Iterable[tuple[str, SVDLayer]]
 
 # ----------------------------------------------------------------------------- helpers
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel / DataParallel (or the model itself)."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
+    """The module inside DistributedDataParallel / DataParallel / torch.compile (or the model itself)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
 
 
 def _as_layers(layers: LayersLike) -> list[SVDLayer]:

@@ -121,3 +121,40 @@ def test_exported_resnet20_reports_what_its_svd_form_removes():
     assert exported.dense_params == svd.dense_params and exported.dense_macs == svd.dense_macs
     assert exported.params_removed == pytest.approx(svd.params_removed, abs=0.002) and svd.params_removed > 0.7
     assert exported.macs_removed == pytest.approx(svd.macs_removed)
+
+
+class CalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        y = self.conv(self.conv(x))  # the same layer twice, as in weight-shared or recurrent blocks
+        return self.fc(y.flatten(1))
+
+
+def _true_macs(model: nn.Module, x: torch.Tensor) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x)
+    return counter.get_total_flops() // 2
+
+
+@pytest.mark.parametrize("scheme", ["paper", "channel"])
+def test_a_layer_called_twice_counts_every_call(scheme):
+    from dprp_surgery import export
+
+    torch.manual_seed(0)
+    dense = CalledTwice().eval()
+    x = torch.randn(1, 4, 8, 8)
+    fact = factorize(dense, DPRPConfig(scheme=scheme, min_compressible=None))
+    fact.conv.truncate_(2)
+    s = summarize(fact, x)
+    deployed = export(fact, "factorized")
+    assert s.dense_macs == _true_macs(dense, x)
+    assert s.macs == _true_macs(deployed, x)
+    exported = summarize(deployed, x)
+    assert (exported.dense_macs, exported.macs) == (s.dense_macs, s.macs)

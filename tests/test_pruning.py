@@ -187,3 +187,11 @@ def test_lbfgs_flat_state_raises_and_changes_nothing():
         RankPruner(epsilon=0.1).step(model, opt)
     assert model[0].rank == 6 and model[2].rank == 5
     opt.step(closure)  # still consistent
+
+
+def test_compiled_models_report_the_models_own_layer_names():
+    model = make_model()
+    compiled = torch.compile(model)  # compiles lazily: nothing here runs it
+    pruner = RankPruner(epsilon=0.1)
+    assert pruner.keep_counts(compiled) == {"0": 3, "2": 4}
+    assert pruner.step(compiled, torch.optim.SGD(model.parameters(), lr=0.1)) == {"0": (6, 3), "2": (5, 4)}
