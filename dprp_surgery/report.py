@@ -115,6 +115,13 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
+def _epoch_locator():
+    """Whole-epoch x ticks; min_n_ticks=1 keeps a 1-epoch run at the single tick 0 (not 0.00, 0.02, ...)."""
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True, min_n_ticks=1)
+
+
 # ----------------------------------------------------------------------------- plots
 def _plot_ranks(path: Path, names: list[str], initial: list[int], final: list[int], initial_label: str) -> None:
     import numpy as np
@@ -135,8 +142,6 @@ def _plot_ranks(path: Path, names: list[str], initial: list[int], final: list[in
 
 def _plot_params_macs(path: Path, epochs: list[float], params: list[float], macs: list[float],
                       dense: dict[str, float]) -> None:
-    from matplotlib.ticker import MaxNLocator
-
     fig = _figure(10, 4)
     axes = fig.subplots(1, 2)
     for ax, values, label, key in ((axes[0], params, "parameters", "params"), (axes[1], macs, "MACs", "macs")):
@@ -146,7 +151,7 @@ def _plot_params_macs(path: Path, epochs: list[float], params: list[float], macs
         if dense.get(key):
             ax.axhline(dense[key], color="grey", ls="--", label="dense")
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(_epoch_locator())
         ax.set_ylabel(label)
         ax.set_title(f"{label} over training (cf. paper Fig. 4)")
         ax.legend()
@@ -173,16 +178,14 @@ def _plot_singular_values(path: Path, epochs: list[float], records: list[dict[st
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("epoch")
         ax.set_ylabel("singular value index")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(_epoch_locator())
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         fig.colorbar(im, ax=ax, label="log10 sigma")
     fig.suptitle("Singular values over training (blank: pruned; cf. paper Fig. 6)")
     fig.savefig(path)
 
 
 def _plot_lines(path: Path, epochs: list[float], groups: list[tuple[str, dict[str, list[float]], bool]]) -> None:
-    from matplotlib.ticker import MaxNLocator
-
     fig = _figure(6 * len(groups), 4)
     axes = fig.subplots(1, len(groups), squeeze=False)[0]
     for ax, (title, series, logy) in zip(axes, groups):
@@ -193,7 +196,7 @@ def _plot_lines(path: Path, epochs: list[float], groups: list[tuple[str, dict[st
             ax.set_yscale("log")
         ax.set_title(title)
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(_epoch_locator())
         if series:
             ax.legend(fontsize=8)
     fig.savefig(path)
@@ -312,7 +315,8 @@ def make_report(run_dir: str | os.PathLike[str]) -> Path:
             origin = "dense" if dense.get(key) else f"epoch {epochs[0]:g}"
             lines.append(f"- {label}: {_si(ref)} ({origin}) -> {_si(now)} ({1 - now / ref:+.1%} removed)")
     if before.get("top1") is not None and after.get("top1") is not None:
-        lines.append(f"- top-1 of the exported model: {before['top1']:.2f}% before -> {after['top1']:.2f}% after")
+        lines.append(f"- top-1: {before['top1']:.2f}% (dense model, as given) -> {after['top1']:.2f}% (exported "
+                     "model)")
     lines.append("")
     for fname, caption in written:
         lines += [f"## {caption}", "", f"![{caption}]({fname})", ""]

@@ -435,7 +435,8 @@ class DPRPTrainer:
     With distillation ``app`` in the history is (1 - alpha) CE + alpha KD, and ``ce`` and ``kd`` hold the two parts.
 
     Raises:
-        ValueError: A corrupt or foreign checkpoint, a checkpoint of another optimizer, unusable data, a fresh
+        ValueError: A corrupt or foreign checkpoint, a checkpoint of another optimizer or with more finished
+            epochs than ``config.epochs``, unusable data, a fresh
             run in a run_dir that already holds one, or ``distill > 0`` without a teacher.
     """
 
@@ -896,7 +897,8 @@ class DPRPTrainer:
         """Restore a checkpoint written by `save_checkpoint`; training continues at the next epoch.
 
         Raises:
-            ValueError: The file is corrupt, not a dprp_surgery trainer checkpoint, or for another model.
+            ValueError: The file is corrupt, not a dprp_surgery trainer checkpoint, for another model, or has
+                finished more epochs than ``config.epochs``.
         """
         path = Path(path)
         try:
@@ -916,6 +918,11 @@ class DPRPTrainer:
             raise ValueError(f"checkpoint {str(path)!r} belongs to another model: its SVD layers differ "
                              f"(missing {missing or '-'}, unexpected {extra or '-'})")
         stored = ckpt["config"] if isinstance(ckpt.get("config"), dict) else {}
+        done = int(ckpt.get("epoch", -1)) + 1
+        if self.config.epochs < done:
+            raise ValueError(f"checkpoint {str(path)!r} has already finished {done} epochs but the config has "
+                             f"epochs={self.config.epochs}; resume with epochs >= {done} (CLI: --epochs {done} or "
+                             "more), or start a fresh run in another run_dir")
         if stored.get("optimizer", self.config.optimizer) != self.config.optimizer:
             raise ValueError(f"checkpoint {str(path)!r} was trained with optimizer={stored['optimizer']!r} but the "
                              f"config has optimizer={self.config.optimizer!r}: the optimizer state cannot carry "

@@ -412,3 +412,154 @@ def test_inspect_of_a_factorized_export_counts_its_original_layers(tmp_path):
     assert exported["summary"]["params_removed"] == pytest.approx(svd["summary"]["params_removed"], abs=0.002)
     assert 0.75 < exported["summary"]["params_removed"] < 0.8
     assert exported["rank1_compression"] == pytest.approx(svd["rank1_compression"])
+
+
+# ----------------------------------------------------------------------------- resume, --out, --device, --distill
+@pytest.fixture(scope="module")
+def rel_run(tmp_path_factory, data_dir) -> pathlib.Path:
+    """A 2-epoch run started from its parent folder with relative paths, --export-mode factorized, --objective macs."""
+    pytest.importorskip("dprp_surgery.trainer")
+    work = tmp_path_factory.mktemp("work")
+    shutil.copytree(data_dir, work / "tiny")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DPRP_CACHE", str(tmp_path_factory.getbasetemp() / "dprp-cache"))
+        mp.chdir(work)
+        result = invoke("compress", "cifar:resnet20", "--data", "tiny", "--out", "runs/r", "--epochs", "2",
+                        "--batch-size", "8", "--limit-train", "8", "--limit-val", "4", "--export-mode", "factorized",
+                        "--objective", "macs", "-q")
+    assert result.exit_code == 0, result.output
+    return work / "runs" / "r"
+
+
+def test_resume_keeps_export_mode_objective_and_works_from_another_directory(rel_run, tmp_path, monkeypatch):
+    info = json.loads((rel_run / "run.json").read_text())
+    assert pathlib.Path(info["data"]).resolve() == (rel_run.parent.parent / "tiny").resolve()
+    assert pathlib.Path(info["data"]).is_absolute() and info["model"] == "cifar:resnet20"
+    copy = tmp_path / "run"
+    shutil.copytree(rel_run, copy)
+    monkeypatch.chdir(tmp_path)  # run.json's data path must not depend on the directory the run started in
+    result = invoke("compress", "--out", copy, "--resume", "--epochs", "3", "-q")
+    assert result.exit_code == 0, result.output
+    info = json.loads((copy / "run.json").read_text())
+    assert (info["export_mode"], info["objective"], info["config"]["epochs"]) == ("factorized", "macs", 3)
+    result = invoke("compress", "--out", copy, "--resume", "--epochs", "3", "--export-mode", "dense", "-q")
+    assert result.exit_code == 0, result.output  # a flag given now still wins
+    info = json.loads((copy / "run.json").read_text())
+    assert (info["export_mode"], info["objective"]) == ("dense", "macs")
+    assert "with --resume the run's" in _flat(invoke("compress", "--help").output)
+
+
+def test_absolute_specs_keep_their_prefix(tmp_path, monkeypatch):
+    from dprp_surgery.cli.commands import _absolute_spec
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.th").write_bytes(b"x")
+    (tmp_path / "tiny").mkdir()
+    here = pathlib.Path.cwd()
+    assert _absolute_spec("cifar:resnet20@w.th") == f"cifar:resnet20@{here / 'w.th'}"
+    assert _absolute_spec("timm:resnet18@./w.th") == f"timm:resnet18@{here / 'w.th'}"
+    assert _absolute_spec("cifar10:data") == f"cifar10:{here / 'data'}"
+    assert _absolute_spec("tiny") == str(here / "tiny")
+    assert _absolute_spec("timm:resnet18") == "timm:resnet18" and _absolute_spec(None) is None
+
+
+def test_a_failing_value_from_run_json_names_it(rel_run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(rel_run, copy)
+    info = json.loads((copy / "run.json").read_text())
+    info["data"] = "gone-data"
+    (copy / "run.json").write_text(json.dumps(info))
+    bad("compress", "--out", copy, "--resume", "--epochs", "2", "-q",
+        words=("gone-data", str(copy / "run.json"), "pass --data to override it"))
+
+
+def test_resume_with_fewer_epochs_than_finished(rel_run, tmp_path):
+    from dprp_surgery.config import DPRPConfig
+    from dprp_surgery.surgery import factorize
+    from dprp_surgery.trainer import DPRPTrainer
+
+    copy = tmp_path / "run"
+    shutil.copytree(rel_run, copy)
+    before = {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()}
+    bad("compress", "--out", copy, "--resume", "--epochs", "1", "-q",
+        words=("--epochs 1", "2 epochs", "--epochs 2 or more"))
+    assert {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()} == before
+    # the library refuses too
+    config = DPRPConfig(epochs=1, device="cpu")
+    batch = [(torch.zeros(2, 3, 32, 32), torch.zeros(2, dtype=torch.long))]
+    with pytest.raises(ValueError, match="finished 2 epochs.*epochs=1"):
+        DPRPTrainer(factorize(resnet20(num_classes=2), config), config, batch, resume=copy / "checkpoint.pt",
+                    progress=False)
+
+
+def test_device_cuda_without_cuda_fails_before_the_data(data_dir, tmp_path, monkeypatch):
+    from dprp_surgery.cli import commands
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(commands, "open_data", lambda *a, **k: pytest.fail("the data was loaded"))
+    out = tmp_path / "r"
+    bad("compress", "cifar:resnet20", "--data", data_dir, "--out", out, "--device", "cuda", "--epochs", "1",
+        words=("--device 'cuda'", "torch.cuda.is_available() is false", "--device cpu"))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["compress", "demo"])
+def test_out_that_is_a_file(command, data_dir, tmp_path, monkeypatch):
+    from dprp_surgery.cli import commands
+
+    monkeypatch.setattr(commands, "open_data", lambda *a, **k: pytest.fail("the data was loaded"))
+    monkeypatch.setattr(commands, "_demo_archive", lambda: pytest.fail("the demo data was looked up"))
+    f = tmp_path / "f"
+    f.write_text("keep me")
+    args = ("compress", "cifar:resnet20", "--data", data_dir) if command == "compress" else ("demo",)
+    bad(*args, "--out", f, "--epochs", "1", "-q", words=("--out", str(f), "not a directory"))
+    bad(*args, "--out", f / "x", "--epochs", "1", "-q", words=("--out", str(f / "x"), "is a file"))
+    assert f.read_text() == "keep me"
+
+
+def test_distill_without_teacher_refuses_a_new_head(data_dir, tmp_path):
+    weights = tmp_path / "w.th"
+    torch.save(resnet20().state_dict(), weights)  # 10 classes; the data has 2
+    out = tmp_path / "r"
+    bad("compress", f"cifar:resnet20@{weights}", "--data", data_dir, "--out", out, "--epochs", "1",
+        "--distill", "0.5", "-q", words=("--distill 0.5", "10-way", "--teacher MODEL", "--distill 0"))
+    assert not out.exists()
+
+
+def test_report_of_a_one_epoch_run_has_integer_epoch_ticks(run_dir, monkeypatch):
+    from dprp_surgery import report
+
+    figures = []
+    figure = report._figure
+    monkeypatch.setattr(report, "_figure", lambda w, h: figures.append(figure(w, h)) or figures[-1])
+    report.make_report(run_dir)
+    axes = [ax for fig in figures for ax in fig.axes if ax.get_xlabel() == "epoch"]
+    assert len(axes) >= 3
+    for ax in axes:
+        lo, hi = sorted(ax.get_xlim())
+        shown = [float(t) for t in ax.get_xticks() if lo <= t <= hi]
+        assert shown == [0.0], (ax.get_title(), shown)
+    text = (run_dir / "report.md").read_text()
+    assert "(dense model, as given) ->" in text and "(exported model)" in text
+    assert "top-1 of the exported model" not in text
+
+
+def test_demo_json_lists_the_report(tmp_path, monkeypatch):
+    pytest.importorskip("dprp_surgery.trainer")
+    from dprp_surgery.cli import commands
+
+    monkeypatch.setattr(commands, "_demo_archive", lambda: None)
+    monkeypatch.setattr(commands, "DEMO_TRAIN", 40)
+    monkeypatch.setattr(commands, "DEMO_TEST", 20)
+    out = tmp_path / "demo"
+    result = invoke("demo", "--out", out, "--epochs", "1", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["report"] == str(out / "report.md") and data["synthetic"] is True
+    assert str(out / "ranks.png") in data["plots"] and data["run_dir"] == str(out)
+
+
+def test_eval_of_an_onnx_file_lists_the_model_forms(tmp_path, data_dir):
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"\x08\x07onnx")
+    bad("eval", onnx, "--data", data_dir, words=("ONNX file", "not a MODEL", "cifar:NAME[@WEIGHTS]", "run directory"))

@@ -222,8 +222,9 @@ def compress_cmd(
     preset: Annotated[str | None, typer.Option(
         "--preset", help=f"Named DPRPConfig preset: {', '.join(_preset_names())}.")] = None,
     resume: Annotated[bool, typer.Option(
-        "--resume", help="Continue the run in --out from its checkpoint.pt (model, data and config from run.json; "
-        "flags given now override the config).")] = False,
+        "--resume", help="Continue the run in --out from its checkpoint.pt (model, data, teacher, config, "
+        "--export-mode and --objective from run.json; flags given now override them). --epochs must be at least "
+        "the epochs already finished.")] = False,
     limit_train: Annotated[int | None, typer.Option(
         "--limit-train", min=1, help="Use a class-balanced subset of this many training images (quick runs).")] = None,
     limit_val: Annotated[int | None, typer.Option(
@@ -231,10 +232,14 @@ def compress_cmd(
     teacher: Annotated[str | None, typer.Option(
         "--teacher", help=f"Distillation teacher for --distill ({MODEL_FORMS}; same classes and preprocessing as "
         "MODEL), e.g. the dense model fine-tuned on DATA. Default: MODEL as given.", show_default=False)] = None,
-    export_mode: Annotated[ExportMode, typer.Option(
-        "--export-mode", help="Form of the exported model written to RUN_DIR/model (see `dprp export --help`).",
-        case_sensitive=False)] = ExportMode.auto,
-    objective: ObjectiveOpt = Objective.params,
+    export_mode: Annotated[ExportMode | None, typer.Option(
+        "--export-mode", help="Form of the exported model written to RUN_DIR/model (see `dprp export --help`). "
+        "Default: auto; with --resume the run's (from run.json), which a flag given now overrides.",
+        case_sensitive=False, show_default=False)] = None,
+    objective: Annotated[Objective | None, typer.Option(
+        "--objective", help="What --export-mode auto minimises per layer: params, macs or measured latency. "
+        "Default: params; with --resume the run's (from run.json), which a flag given now overrides.",
+        case_sensitive=False, show_default=False)] = None,
     image_size: ImageSizeOpt = None,
     arch: ArchOpt = None,
     num_classes: NumClassesOpt = None,
@@ -254,9 +259,11 @@ def compress_cmd(
     from .commands import run_compress
 
     run_compress(model=model, data=data, out=out, config_file=config_file, preset=preset, resume=resume,
-                 limit_train=limit_train, limit_val=limit_val, export_mode=export_mode.value,
-                 objective=objective.value, image_size=image_size, arch=arch, num_classes=num_classes,
-                 trust_pickle=trust_pickle, quiet=quiet, json_out=json_out,
+                 limit_train=limit_train, limit_val=limit_val,
+                 export_mode=export_mode.value if export_mode is not None else None,
+                 objective=objective.value if objective is not None else None,
+                 image_size=image_size, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, quiet=quiet,
+                 json_out=json_out,
                  overrides={k[len(CONFIG_FLAG_PREFIX):]: v for k, v in config_overrides.items() if v is not None},
                  teacher=teacher)
 

@@ -95,7 +95,7 @@ def cli_errors() -> Iterator[None]:
         yield
     except typer.Exit:
         raise
-    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError) as exc:
         if os.environ.get("DPRP_DEBUG"):
             raise
         _fail(str(exc).strip() or type(exc).__name__, 2)
@@ -143,6 +143,12 @@ def parse_input_size(text: str | None, flag: str = "--input-size") -> tuple[int,
 
 
 def _load(spec: str, *, arch: str | None, num_classes: int | None, trust_pickle: bool) -> tuple[nn.Module, str]:
+    if str(spec).lower().endswith(".onnx") and Path(spec).expanduser().is_file():
+        from .app import MODEL_FORMS
+
+        raise ValueError(f"{str(spec)!r} is an ONNX file, which dprp cannot load back into PyTorch, so it is not a "
+                         f"MODEL here; give the model it was exported from instead: {MODEL_FORMS}. (Evaluate ONNX "
+                         "files with onnxruntime.)")
     model, model_arch = load_model(spec, num_classes=num_classes, trust_pickle=trust_pickle, arch=arch)
     if arch and model_arch.split(":", 1)[0] not in ARCH_KINDS:
         model_arch = arch  # a pickled/pt2 model whose architecture the user names
@@ -191,6 +197,79 @@ def _check_out_parent(out: Path) -> None:
                 raise ValueError(f"--out {str(out)!r} cannot be written: {str(parent)!r} is a file, not a "
                                  "directory; choose another --out path.")
             return
+
+
+def _check_out_dir(out: Path) -> None:
+    """Raise a ValueError naming --out unless `out` is (or can be made) a directory."""
+    _check_out_parent(out)
+    path = out.expanduser()
+    if (path.exists() or path.is_symlink()) and not path.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file, not a directory; choose another --out path (the run "
+                         "directory to write).")
+
+
+_SPEC_PREFIX = re.compile(r"^([A-Za-z][A-Za-z0-9_-]+):(.*)$")
+
+
+def _abs_path(text: str) -> str:
+    return os.path.abspath(os.path.expanduser(text))
+
+
+def _absolute_spec(spec: str | None) -> str | None:
+    """A model/data spec with its local path made absolute, so that run.json works from any directory.
+
+    Prefixes stay as they are (cifar10:DIR, cifar:NAME@FILE, timm:NAME@FILE); specs without a local path
+    (timm:resnet18) are returned unchanged.
+    """
+    if not spec:
+        return spec
+    text = str(spec).strip()
+    if Path(text).expanduser().exists():
+        return _abs_path(text)
+    m = _SPEC_PREFIX.match(text)
+    if not m:
+        return _abs_path(text) if ("/" in text or os.sep in text) else text
+    prefix, rest = m.groups()
+    if prefix.lower() in ("cifar10", "cifar100"):
+        return f"{prefix}:{_abs_path(rest)}" if rest.strip() else text
+    name, at, weights = rest.partition("@")
+    if at and weights.strip():
+        return f"{prefix}:{name}@{_abs_path(weights.strip())}"
+    return text
+
+
+@contextlib.contextmanager
+def _recorded(what: str, value: str | None, source: Path | None, flag: str) -> Iterator[None]:
+    """Add to a ValueError that `value` came from `source` (RUN_DIR/run.json) and which flag overrides it."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
+        if source is None:
+            raise
+        raise ValueError(f"{str(exc).strip()} ({what} {value!r} was taken from {str(source)!r}; pass {flag} to "
+                         "override it.)") from None
+
+
+def _check_device(config: DPRPConfig) -> None:
+    """Raise a ValueError naming --device when it asks for CUDA that this machine does not have."""
+    device = str(config.device)
+    if not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r} needs CUDA, but torch.cuda.is_available() is false on this machine; "
+                         "use --device cpu (or --device auto: CUDA when available).")
+    index = torch.device(device).index
+    if index is not None and index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                         f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}); choose one of them, or --device auto.")
+
+
+def _finished_epochs(run_dir: Path) -> int:
+    """Epochs recorded in RUN_DIR/history.jsonl (the trainer keeps it in step with checkpoint.pt)."""
+    path = run_dir / "history.jsonl"
+    if not path.is_file():
+        return 0
+    return sum(1 for line in path.read_text().splitlines() if line.strip())
 
 
 def _is_factorized(model: nn.Module) -> bool:
@@ -471,8 +550,13 @@ def _run_files(out: Path) -> list[str]:
 def compress_pipeline(*, model: nn.Module, arch: str, model_spec: str, data_spec: str, train: TensorImageDataset,
                       val: TensorImageDataset, recipe: DataRecipe, config: DPRPConfig, out: Path, export_mode: str,
                       objective: str, resume: Path | None, progress: bool, json_out: bool,
-                      extra: dict[str, Any] | None = None, teacher: nn.Module | None = None) -> dict[str, Any]:
-    """Train with DPRP, export, save RUN_DIR/model and run.json, print the before/after table."""
+                      extra: dict[str, Any] | None = None, teacher: nn.Module | None = None,
+                      emit_json: bool = True) -> dict[str, Any]:
+    """Train with DPRP, export, save RUN_DIR/model and run.json, print the before/after table.
+
+    With `json_out`, the result is printed as JSON unless `emit_json` is False (the caller prints it, from
+    ``info["json"]``, with more fields).
+    """
     from ..export import export, save
     from ..surgery import svd_layers
 
@@ -514,33 +598,42 @@ def compress_pipeline(*, model: nn.Module, arch: str, model_spec: str, data_spec
                 full_ranks={n: m.full_rank for n, m in layers}, ranks={n: m.rank for n, m in layers},
                 results={"before": before, "after": after})
     _write_json_atomic(run_json, info)
+    payload = {"run_dir": str(out), "artifact": str(artifact), "before": before, "after": after,
+               "ranks": info["ranks"], "wall_s": wall}
     if json_out:
-        _emit_json({"run_dir": str(out), "artifact": str(artifact), "before": before, "after": after,
-                    "ranks": info["ranks"], "wall_s": wall})
+        if emit_json:
+            _emit_json(payload)
     else:
         console = _out()
         console.print(_before_after_table(f"{model_spec}: DPRP ({config.epochs} epochs, {len(train)} train / "
                                           f"{len(val)} val images, export {export_mode})", before, after))
         console.print(f"Run directory: {out}  (exported model: {artifact}; plots: dprp report {out})")
-    return info
+    return {**info, "json": payload}
 
 
 def run_compress(*, model: str | None, data: str | None, out: Path | None, config_file: Path | None,
-                 preset: str | None, resume: bool, limit_train: int | None, limit_val: int | None, export_mode: str,
-                 objective: str, image_size: int | None, arch: str | None, num_classes: int | None,
-                 trust_pickle: bool, quiet: bool, json_out: bool, overrides: dict[str, Any],
+                 preset: str | None, resume: bool, limit_train: int | None, limit_val: int | None,
+                 export_mode: str | None, objective: str | None, image_size: int | None, arch: str | None,
+                 num_classes: int | None, trust_pickle: bool, quiet: bool, json_out: bool, overrides: dict[str, Any],
                  teacher: str | None = None) -> None:
-    """`dprp compress`."""
+    """`dprp compress`.
+
+    `export_mode`/`objective` None: the run's (RUN_DIR/run.json) with --resume, else auto/params.
+    """
     with cli_errors():
         if out is None:
             raise ValueError("--out RUN_DIR is required: the run directory to write (or to resume with --resume).")
+        _check_out_dir(out)
         base: dict[str, Any] | None = None
         resume_path = None
+        recorded: dict[str, Any] = {}  # settings taken from RUN_DIR/run.json (not given now)
+        run_json = out / "run.json"
         if resume:
             resume_path = out / "checkpoint.pt"
             if not resume_path.is_file():
                 raise ValueError(f"--resume: {str(resume_path)!r} does not exist; start the run without --resume.")
             info = read_run_info(out)
+            given = {"model": model, "data": data, "teacher": teacher}
             model = model or info.get("model")
             data = data or info.get("data")
             base = info.get("config") if isinstance(info.get("config"), dict) else None
@@ -549,20 +642,45 @@ def run_compress(*, model: str | None, data: str | None, out: Path | None, confi
             image_size = image_size or info.get("image_size")
             arch = arch or info.get("arch_flag")
             teacher = teacher or info.get("teacher")
+            recorded = {k: v for k, v in (("model", model), ("data", data), ("teacher", teacher)) if v and not given[k]}
+            for name, flag, choices in (("export_mode", "--export-mode", ("dense", "factorized", "auto")),
+                                        ("objective", "--objective", ("params", "macs", "latency"))):
+                if (export_mode if name == "export_mode" else objective) is not None:
+                    continue
+                value = info.get(name)
+                if value is not None and value not in choices:
+                    raise ValueError(f"{name} {value!r} in {str(run_json)!r} is not one of {', '.join(choices)}; "
+                                     f"pass {flag} to override it.")
+                if name == "export_mode":
+                    export_mode = value
+                else:
+                    objective = value
         elif _run_files(out):
             raise ValueError(f"--out {str(out)!r} already holds a run ({', '.join(_run_files(out))}); pass --resume "
                              "to continue it, or choose another --out (or delete that directory) to start afresh.")
+        export_mode = export_mode or "auto"
+        objective = objective or "params"
         if not model:
             raise ValueError("MODEL is required (e.g. cifar:resnet20@cifar10_resnet20.th); see `dprp compress --help`.")
         if not data:
             raise ValueError("--data is required: a directory with train/ and val/ or test/, a .tar.gz, or "
                              "cifar10:DIR.")
         config = build_config(base=base, preset=preset, config_file=config_file, overrides=overrides)
+        _check_device(config)
+        if resume:
+            done = _finished_epochs(out)
+            if config.epochs < done:
+                raise ValueError(f"--epochs {config.epochs} is lower than the {done} epochs the run in {str(out)!r} "
+                                 f"has already finished; pass --epochs {done} or more to continue it (--epochs {done} "
+                                 "only re-exports it), or start a new run in another --out.")
         if teacher and config.distill == 0:
             raise ValueError(f"--teacher {teacher!r} needs distillation: add --distill 0.5 (the weight of the "
                              "teacher's soft targets), or drop --teacher.")
-        teacher_net = _load_teacher(teacher, trust_pickle) if teacher else None  # bad input fails before the data
-        net, net_arch = _load(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle)
+        source = run_json if resume else None
+        with _recorded("the teacher", teacher, source if "teacher" in recorded else None, "--teacher"):
+            teacher_net = _load_teacher(teacher, trust_pickle) if teacher else None  # bad input fails before data
+        with _recorded("MODEL", model, source if "model" in recorded else None, "MODEL"):
+            net, net_arch = _load(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle)
         if net_arch.split(":", 1)[0] not in ARCH_KINDS:
             raise ValueError(f"cannot tell the architecture of {model!r}, so the compressed model could not be saved "
                              "without pickle; pass --arch timm:NAME, torchvision:NAME or cifar:NAME.")
@@ -572,23 +690,32 @@ def run_compress(*, model: str | None, data: str | None, out: Path | None, confi
         recipe = data_recipe(net_arch, net)
         if image_size is not None:
             recipe = DataRecipe(recipe.mean, recipe.std, image_size, recipe.augment, "--image-size")
-        train, val = open_data(data, image_size=recipe.image_size, progress=not quiet and not json_out)
+        with _recorded("--data", data, source if "data" in recorded else None, "--data"):
+            train, val = open_data(data, image_size=recipe.image_size, progress=not quiet and not json_out)
         if limit_train is not None:
             train = subset(train, min(limit_train, len(train)), seed=config.seed)
         if limit_val is not None:
             val = subset(val, min(limit_val, len(val)), seed=config.seed)
         pretrained = "@" in model or not model.startswith(ARCH_KINDS)
+        outputs = infer_num_classes(net)
+        if (config.distill > 0 and teacher_net is None and pretrained and outputs is not None
+                and outputs != train.num_classes):
+            raise ValueError(f"--distill {config.distill:g} without --teacher would distil from MODEL itself, but "
+                             f"MODEL's {outputs}-way classifier gets replaced by a new (random) "
+                             f"{train.num_classes}-way head for the {train.num_classes} classes of the data; "
+                             "pass --teacher MODEL, the dense model fine-tuned on DATA, or --distill 0.")
         net = _match_classes(net, train.num_classes, pretrained and num_classes is None)
         teacher_outputs = infer_num_classes(teacher_net) if teacher_net is not None else None
         if teacher_outputs is not None and teacher_outputs != train.num_classes:
             raise ValueError(f"--teacher {teacher!r} has {teacher_outputs} outputs but the data has "
                              f"{train.num_classes} classes; use a teacher trained on these classes (e.g. the dense "
                              "model fine-tuned on this data).")
-        compress_pipeline(model=net, arch=net_arch, model_spec=model, data_spec=data, train=train, val=val,
+        compress_pipeline(model=net, arch=net_arch, model_spec=_absolute_spec(model),
+                          data_spec=_absolute_spec(data), train=train, val=val,
                           recipe=recipe, config=config, out=out, export_mode=export_mode, objective=objective,
                           resume=resume_path, progress=not quiet and not json_out, json_out=json_out,
                           extra={"limit_train": limit_train, "limit_val": limit_val, "image_size": image_size,
-                                 "arch_flag": arch, "teacher": teacher}, teacher=teacher_net)
+                                 "arch_flag": arch, "teacher": _absolute_spec(teacher)}, teacher=teacher_net)
 
 
 def _load_teacher(spec: str, trust_pickle: bool) -> nn.Module:
@@ -833,6 +960,7 @@ def run_demo(*, out: Path, epochs: int, quiet: bool, json_out: bool) -> None:
         from ..io import build_arch
         from ..report import make_report
 
+        _check_out_dir(out)
         if _run_files(out):
             raise ValueError(f"--out {str(out)!r} already holds a run ({', '.join(_run_files(out))}); choose "
                              "another --out or delete that directory.")
@@ -860,10 +988,15 @@ def run_demo(*, out: Path, epochs: int, quiet: bool, json_out: bool) -> None:
         # further than a dense step), singular values at 10x, L_comp strong enough to act within minutes
         config = DPRPConfig.preset("tuned", **DEMO_CONFIG, epochs=epochs)
         recipe = data_recipe(net_arch, net)
-        compress_pipeline(model=net, arch=net_arch, model_spec=model_spec, data_spec=data_spec, train=train,
+        info = compress_pipeline(model=net, arch=net_arch, model_spec=model_spec, data_spec=data_spec, train=train,
                                  val=val, recipe=recipe, config=config, out=out, export_mode="auto",
                                  objective="params", resume=None, progress=not quiet and not json_out,
-                                 json_out=json_out, extra={"demo": True, "synthetic": source is None})
+                                 json_out=json_out, extra={"demo": True, "synthetic": source is None},
+                                 emit_json=False)
         report = make_report(out)
-        if not json_out:
-            _out().print(f"Report: {report} (plots: {', '.join(sorted(p.name for p in out.glob('*.png')))})")
+        plots = sorted(p.name for p in out.glob("*.png"))
+        if json_out:
+            _emit_json({**info["json"], "report": str(report), "plots": [str(out / p) for p in plots],
+                        "synthetic": source is None})
+        else:
+            _out().print(f"Report: {report} (plots: {', '.join(plots)})")
