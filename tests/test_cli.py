@@ -121,6 +121,7 @@ def test_inspect_json():
     rows = data["summary"]["rows"]
     assert len(rows) == 20 and all(r["status"] == "factorized" for r in rows)
     assert data["input_size"] == [3, 32, 32] and 0.5 < min(data["rank1_compression"].values()) < 1
+    assert data["summarized"] == "factorized at full rank"
     table = invoke("inspect", "cifar:resnet20", "--scheme", "channel", "--input-size", "3,16,16")
     assert table.exit_code == 0 and "channel" in table.output and "R(1)" in table.output
 
@@ -412,6 +413,15 @@ def test_inspect_of_a_factorized_export_counts_its_original_layers(tmp_path):
     assert exported["summary"]["params_removed"] == pytest.approx(svd["summary"]["params_removed"], abs=0.002)
     assert 0.75 < exported["summary"]["params_removed"] < 0.8
     assert exported["rank1_compression"] == pytest.approx(svd["rank1_compression"])
+    assert exported["summarized"] == svd["summarized"] == "as loaded"
+
+
+def test_inspect_of_a_run_dir_says_it_summarises_the_checkpoint(run_dir):
+    result = invoke("inspect", run_dir, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["summarized"].startswith("training checkpoint (SVD form; the exported model is")
+    table = invoke("inspect", run_dir)
+    assert table.exit_code == 0 and "training checkpoint" in _flat(table.output)
 
 
 # ----------------------------------------------------------------------------- resume, --out, --device, --distill

@@ -460,8 +460,9 @@ def run_inspect(*, model: str, input_size: str | None, scheme: str | None, inclu
         if exclude:
             fields["exclude"] = tuple(exclude)
         config = build_config(overrides=fields) if fields else DPRPConfig()
-        with _busy(f"Factorizing {model} and counting its MACs ...", not json_out):
-            target = net if _is_factorized(net) else factorize(net, config)
+        as_loaded = _is_factorized(net)
+        with _busy(f"{'Loading' if as_loaded else 'Factorizing'} {model} and counting its MACs ...", not json_out):
+            target = net if as_loaded else factorize(net, config)
             example = torch.zeros(1, *size)
             summary = summarize(target, example)
         # SVD layers and layers an export realised in factorized form alike; at rank 1 a layer keeps h + w + 1
@@ -470,12 +471,17 @@ def run_inspect(*, model: str, input_size: str | None, scheme: str | None, inclu
         rank1 = {r.name: r.max_compression for r in layers}
         best_params = summary.params - sum(r.params for r in layers) + sum(
             r.matrix[0] + r.matrix[1] + 1 + r.dense_params - r.matrix[0] * r.matrix[1] for r in layers)
+        run_dir = Path(model).expanduser()
+        if run_dir.is_dir() and (run_dir / "run.json").is_file():
+            what = f"training checkpoint (SVD form; the exported model is {str(run_dir / 'model')!r})"
+        else:
+            what = "as loaded" if as_loaded else "factorized at full rank"
         if json_out:
-            _emit_json({"model": model, "arch": net_arch, "input_size": list(size), "summary": summary.to_dict(),
-                        "rank1_compression": rank1, "params_at_rank1": best_params})
+            _emit_json({"model": model, "arch": net_arch, "input_size": list(size), "summarized": what,
+                        "summary": summary.to_dict(), "rank1_compression": rank1, "params_at_rank1": best_params})
             return
         console = _out()
-        console.print(summary.to_table(title=f"{model} ({net_arch}) at full rank, input {tuple(size)}"))
+        console.print(summary.to_table(title=f"{model} ({net_arch}), {what}, input {tuple(size)}"))
         if layers and summary.dense_params:
             console.print(
                 f"R(1): {len(layers)} factorized layers; at rank 1 everywhere the model would keep "
