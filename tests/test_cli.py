@@ -363,6 +363,14 @@ def test_evaluate_counts_top1_and_top5(progress):
 
 
 # ----------------------------------------------------------------------------- export: input checks
+@pytest.mark.parametrize("mode, noted", [("factorized", True), ("auto", True), ("dense", False)])
+def test_export_of_an_uncompressed_model_says_so(tmp_path, mode, noted):
+    result = invoke("export", "cifar:resnet20", "--mode", mode, "--out", tmp_path / "art", "--json")
+    assert result.exit_code == 0, result.output
+    assert ("has no factorized layers" in _flat(result.output)) == noted
+    assert json.loads(result.stdout)["mode"] == mode  # the note goes to stderr: --json output stays parseable
+
+
 def test_export_checks_input_size_and_out_before_writing(tmp_path):
     out = tmp_path / "o1"
     bad("export", "cifar:resnet20", "--out", out, "--input-size", "1,32,32",

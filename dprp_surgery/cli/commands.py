@@ -749,6 +749,9 @@ def run_export(*, source: str, out: Path, mode: str, fmt: str, objective: str, i
             size = tuple(recorded) if recorded else size
         _check_input_size(net, net_arch, size, input_size)
         example = torch.zeros(1, *size)
+        if mode != "dense" and not _is_factorized(net):
+            _note(f"{source} has no factorized layers (it was not compressed), so --mode {mode} writes it "
+                  "unchanged; compress it first (dprp compress) to get a smaller model.")
         with _busy(f"Exporting {source} ({mode}, {fmt}) ...", not json_out):
             exported = export_model(net, mode, objective=objective, example_inputs=example)
             if fmt == "safetensors":
