@@ -62,7 +62,8 @@ def paired_stats(base_right: torch.Tensor, model_right: torch.Tensor, band: floa
     se = 100.0 * math.sqrt(max(b + c - (b - c) ** 2 / n, 0.0)) / n
     lo, hi = diff - 1.96 * se, diff + 1.96 * se
     k = min(b, c)
-    p = min(1.0, 2.0 * sum(math.comb(b + c, i) for i in range(k + 1)) / 2 ** (b + c)) if b + c else 1.0
+    # integer / integer: exact, rounded once (a float factor would overflow converting 2 ** 1024 and up)
+    p = min(1.0, 2 * sum(math.comb(b + c, i) for i in range(k + 1)) / 2 ** (b + c)) if b + c else 1.0
     out = {"n": n, "base_top1": 100.0 * float(base_right.float().mean()),
            "model_top1": 100.0 * float(model_right.float().mean()), "diff": diff, "b": b, "c": c, "se": se,
            "ci95": [lo, hi], "p_mcnemar": p}

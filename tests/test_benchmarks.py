@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import runpy
 from pathlib import Path
@@ -225,6 +226,24 @@ def test_paired_stats_outside_and_identical():
     assert "band" not in stats(base, model)
     with pytest.raises(ValueError, match="equal, non-empty"):
         stats(base, model[:10])
+
+
+@pytest.mark.parametrize("b, c, want", [(512, 512, 1.0), (600, 500, None), (0, 1025, 2 / 2 ** 1025)])
+def test_paired_stats_exact_p_for_many_disagreements(b, c, want):
+    from fractions import Fraction
+
+    stats = _paired_stats()
+    n = 10_000
+    base = torch.zeros(n, dtype=torch.bool)
+    model = torch.zeros(n, dtype=torch.bool)
+    base[:b] = True  # only the baseline right
+    model[b:b + c] = True  # only the model right
+    r = stats(base, model)
+    assert (r["b"], r["c"]) == (b, c)
+    exact = min(Fraction(1), Fraction(2 * sum(math.comb(b + c, i) for i in range(min(b, c) + 1)), 2 ** (b + c)))
+    assert r["p_mcnemar"] == pytest.approx(float(exact), rel=1e-12)
+    if want is not None:
+        assert r["p_mcnemar"] == pytest.approx(want, rel=1e-12)
 
 
 def test_paired_smoke(shared_dir, cifar10_dir, tmp_path, capsys):
