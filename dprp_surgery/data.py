@@ -525,10 +525,14 @@ def _split_root(dest: Path, archive: Path) -> Path:
     candidates = sorted(p for p in dest.iterdir() if p.is_dir() and (p / "train").is_dir())
     if len(candidates) == 1:
         return candidates[0]
+    if candidates:
+        raise ValueError(
+            f"Archive {str(archive)!r} extracted into {str(dest)!r} holds several datasets (train/ one level down "
+            f"in {', '.join(repr(p.name) for p in candidates)}); expected one: train/<class>/*.jpg and val/ or test/."
+        )
     raise ValueError(
         f"Archive {str(archive)!r} extracted into {str(dest)!r} has no train/ folder at its top "
-        f"level or one level down{' (several candidates)' if candidates else ''}; expected "
-        "train/<class>/*.jpg and val/ or test/."
+        "level or one level down; expected train/<class>/*.jpg and val/ or test/."
     )
 
 
@@ -540,7 +544,8 @@ def extract_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str
     filter as well). File modes and times are not restored: extracted files are plain, readable
     data files stamped with the extraction time.
     A stamp file records the archive's path, size and mtime: calling again with the same archive
-    and destination skips extraction.
+    and destination skips extraction; a changed archive replaces the earlier extraction as a whole
+    (extracted beside it, then moved into place).
 
     Args:
         archive: Path of the archive.
@@ -567,20 +572,34 @@ def extract_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str
                 return _split_root(dest_path, archive_path)
         except (OSError, ValueError):
             pass
+    if dest_path.exists() and not stamp.is_file() and (not dest_path.is_dir() or any(dest_path.iterdir())):
+        raise ValueError(f"Refusing to extract archive {str(archive_path)!r} into {str(dest_path)!r}: it already "
+                         "holds files that are not an extraction by dprp_surgery; choose another destination or "
+                         "delete it.")
     t0 = time.perf_counter()
+    # A fresh folder beside dest, moved into place when complete: a changed archive never leaves files of its
+    # earlier version behind, and an interrupted extraction never looks finished.
+    partial = dest_path.parent / f".{dest_path.name}.partial-{os.getpid()}"
     try:
+        shutil.rmtree(partial, ignore_errors=True)
         with tarfile.open(archive_path, "r:*") as tar:
             members = tar.getmembers()
             for m in members:
                 _check_member(m, archive_path)
-            dest_path.mkdir(parents=True, exist_ok=True)
-            _extract_members(tar, members, dest_path)
+            partial.mkdir(parents=True)
+            _extract_members(tar, members, partial)
+        (partial / stamp.name).write_text(json.dumps(stamp_data))
+        if dest_path.exists():  # an earlier extraction (stamped) or an empty folder
+            stale = dest_path.parent / f".{dest_path.name}.stale-{os.getpid()}"
+            os.replace(dest_path, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        os.replace(partial, dest_path)
     except (tarfile.TarError, EOFError, OSError) as exc:
+        shutil.rmtree(partial, ignore_errors=True)
         raise ValueError(
             f"Cannot extract archive {str(archive_path)!r} into {str(dest_path)!r}: "
             f"{type(exc).__name__}: {exc}. Is it a valid .tar.gz and is there disk space?"
         ) from exc
-    stamp.write_text(json.dumps(stamp_data))
     logger.info("Extracted %d members of %s in %.1fs", len(members), archive_path, time.perf_counter() - t0)
     return _split_root(dest_path, archive_path)
 

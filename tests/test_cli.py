@@ -581,3 +581,22 @@ def test_eval_of_an_onnx_file_lists_the_model_forms(tmp_path, data_dir):
     onnx = tmp_path / "m.onnx"
     onnx.write_bytes(b"\x08\x07onnx")
     bad("eval", onnx, "--data", data_dir, words=("ONNX file", "not a MODEL", "cifar:NAME[@WEIGHTS]", "run directory"))
+
+
+@pytest.mark.parametrize("command", ["compress", "eval"])
+@pytest.mark.parametrize("flag", [[], ["--download"]])
+def test_download_flag_reaches_torchvision_cifar(command, flag, tmp_path, monkeypatch):
+    import dprp_surgery.data as data_module
+
+    seen = []
+
+    def fake_cifar(kind, root, download, image_size):
+        seen.append((kind, download))
+        raise ValueError(f"{kind} not found in {root!r} (test stub)")
+
+    monkeypatch.setattr(data_module, "_open_torchvision_cifar", fake_cifar)
+    args = [command, "cifar:resnet20", "--data", f"cifar10:{tmp_path / 'c10'}", *flag]
+    args += ["--out", tmp_path / "run"] if command == "compress" else ["--no-latency"]
+    bad(*args, words=("cifar10 not found",))
+    assert seen == [("cifar10", bool(flag))]
+    assert "--download" in _flat(invoke(command, "--help").output)

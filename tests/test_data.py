@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -549,3 +550,33 @@ def test_cifar10_jpeg_layout(cifar10_dir: Path) -> None:
     classes = sorted(p.name for p in train_dir.iterdir())
     assert classes == "airplane automobile bird cat deer dog frog horse ship truck".split()
     assert len(list((train_dir / "cat").iterdir())) == 5000
+
+
+def test_changed_archive_replaces_the_earlier_extraction(tmp_path: Path) -> None:
+    archive = tmp_path / "ds.tar.gz"
+    dest = tmp_path / "out"
+    _tar(archive, {f"{s}/{c}/0.png": _png() for s in ("train", "test") for c in ("bird", "cat", "dog")})
+    root = extract_archive(archive, dest)
+    assert sorted(p.name for p in (root / "train").iterdir()) == ["bird", "cat", "dog"]
+    _tar(archive, {f"{s}/{c}/0.png": _png() for s in ("train", "test") for c in ("cat", "dog")})
+    os.utime(archive, ns=(1, 1))  # a different mtime, as a rebuilt archive has
+    root = extract_archive(archive, dest)
+    assert sorted(p.name for p in (root / "train").iterdir()) == ["cat", "dog"]  # no stale class left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds.tar.gz", "out"]  # no partial or stale folders
+
+
+def test_extract_archive_refuses_a_foreign_destination(tmp_path: Path) -> None:
+    archive = _tar(tmp_path / "ds.tar.gz", {"train/a/0.png": _png(), "test/a/0.png": _png()})
+    dest = tmp_path / "mine"
+    dest.mkdir()
+    (dest / "notes.txt").write_text("precious")
+    with pytest.raises(ValueError, match="Refusing to extract .* not an extraction by dprp_surgery"):
+        extract_archive(archive, dest)
+    assert sorted(p.name for p in dest.iterdir()) == ["notes.txt"]
+
+
+def test_archive_with_two_datasets_names_them(tmp_path: Path) -> None:
+    archive = _tar(tmp_path / "two.tar.gz", {f"{d}/{s}/a/0.png": _png() for d in ("ds1", "ds2")
+                                             for s in ("train", "test")})
+    with pytest.raises(ValueError, match=r"several datasets \(train/ one level down in 'ds1', 'ds2'\)"):
+        extract_archive(archive, tmp_path / "out")

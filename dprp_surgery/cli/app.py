@@ -75,6 +75,9 @@ InputSizeOpt = Annotated[str | None, typer.Option(
     "model's recipe (CIFAR 32, timm pretrained_cfg, torchvision 224).")]
 ImageSizeOpt = Annotated[int | None, typer.Option(
     "--image-size", min=1, help="Resize images to this square size at decode time (default: the model's recipe).")]
+DownloadOpt = Annotated[bool, typer.Option(
+    "--download", help="Let torchvision download CIFAR into DIR when --data cifar10:DIR / cifar100:DIR is missing "
+    "(needs the network; without it nothing is ever downloaded).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout instead of tables.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 ModeOpt = Annotated[ExportMode, typer.Option(
@@ -244,6 +247,7 @@ def compress_cmd(
     arch: ArchOpt = None,
     num_classes: NumClassesOpt = None,
     trust_pickle: TrustPickleOpt = False,
+    download: DownloadOpt = False,
     quiet: QuietOpt = False,
     json_out: JsonOpt = False,
     **config_overrides: Any,
@@ -263,7 +267,7 @@ def compress_cmd(
                  export_mode=export_mode.value if export_mode is not None else None,
                  objective=objective.value if objective is not None else None,
                  image_size=image_size, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, quiet=quiet,
-                 json_out=json_out,
+                 json_out=json_out, download=download,
                  overrides={k[len(CONFIG_FLAG_PREFIX):]: v for k, v in config_overrides.items() if v is not None},
                  teacher=teacher)
 
@@ -336,6 +340,7 @@ def eval_cmd(
     arch: ArchOpt = None,
     num_classes: NumClassesOpt = None,
     trust_pickle: TrustPickleOpt = False,
+    download: DownloadOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Top-1/top-5 on the evaluation split of DATA, parameters, MACs and latency at batch 1 and 64."""
@@ -343,7 +348,7 @@ def eval_cmd(
 
     run_eval(model=model, data=data, limit=limit, batch_size=batch_size, latency=latency,
              latency_runs=latency_runs, image_size=image_size,
-             arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, json_out=json_out)
+             arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, json_out=json_out, download=download)
 
 
 @app.command("report", epilog="Example:\n\n    dprp report runs/r20")
@@ -375,9 +380,10 @@ def demo_cmd(
     exists, a clearly labelled SYNTHETIC 10-class dataset (procedural 32x32 patterns) is generated instead,
     and its accuracy figures mean nothing about CIFAR-10. Model: the pretrained
     `../shared/models/cifar10_resnet20.th` when present, else a randomly initialised ResNet-20.
-    Runs factorize -> DPRP fine-tune ("finetune" preset with lr 3e-4, epsilon 0.5, lambda_comp 0.5, batch
-    128) -> export (auto) -> report, prints the before/after table and writes the run directory with plots
-    (ranks.png, params_macs.png, singular_values.png, losses.png, report.md). About 2 minutes on 2 CPU cores.
+    Runs factorize -> DPRP fine-tune ("tuned" preset with pruning every 5 steps, epsilon 0.5, lambda_comp
+    20, no cool-down epoch, batch 128) -> export (auto) -> report, prints the before/after table and writes
+    the run directory with plots (ranks.png, params_macs.png, singular_values.png, losses.png, report.md).
+    About 2 minutes on 2 CPU cores.
     """
     from .commands import run_demo
 

@@ -621,7 +621,7 @@ def run_compress(*, model: str | None, data: str | None, out: Path | None, confi
                  preset: str | None, resume: bool, limit_train: int | None, limit_val: int | None,
                  export_mode: str | None, objective: str | None, image_size: int | None, arch: str | None,
                  num_classes: int | None, trust_pickle: bool, quiet: bool, json_out: bool, overrides: dict[str, Any],
-                 teacher: str | None = None) -> None:
+                 teacher: str | None = None, download: bool = False) -> None:
     """`dprp compress`.
 
     `export_mode`/`objective` None: the run's (RUN_DIR/run.json) with --resume, else auto/params.
@@ -697,7 +697,8 @@ def run_compress(*, model: str | None, data: str | None, out: Path | None, confi
         if image_size is not None:
             recipe = DataRecipe(recipe.mean, recipe.std, image_size, recipe.augment, "--image-size")
         with _recorded("--data", data, source if "data" in recorded else None, "--data"):
-            train, val = open_data(data, image_size=recipe.image_size, progress=not quiet and not json_out)
+            train, val = open_data(data, image_size=recipe.image_size, progress=not quiet and not json_out,
+                                   download=download)
         if limit_train is not None:
             train = subset(train, min(limit_train, len(train)), seed=config.seed)
         if limit_val is not None:
@@ -779,7 +780,8 @@ def run_export(*, source: str, out: Path, mode: str, fmt: str, objective: str, i
 # ----------------------------------------------------------------------------- eval
 def run_eval(*, model: str, data: str, limit: int | None, batch_size: int, latency: bool, latency_runs: int = 5,
              image_size: int | None,
-             arch: str | None, num_classes: int | None, trust_pickle: bool, json_out: bool) -> None:
+             arch: str | None, num_classes: int | None, trust_pickle: bool, json_out: bool,
+             download: bool = False) -> None:
     """`dprp eval`."""
     with cli_errors():
         spec = model
@@ -792,7 +794,7 @@ def run_eval(*, model: str, data: str, limit: int | None, batch_size: int, laten
         size = image_size or recipe.image_size
         if size is None and getattr(net, "_dprp_input_size", None):
             size = int(net._dprp_input_size[-1])
-        _, val = open_data(data, image_size=size, progress=not json_out)
+        _, val = open_data(data, image_size=size, progress=not json_out, download=download)
         if limit is not None:
             val = subset(val, min(limit, len(val)))
         outputs = infer_num_classes(net)
