@@ -93,9 +93,17 @@ def _pick(keys: list[str], must: tuple[str, ...], prefer: tuple[str, ...]) -> st
     return None
 
 
-def _percent(values: list[float]) -> list[float]:
-    """Accuracies as percentages (fractions in [0, 1] are scaled)."""
-    return [v * 100 for v in values] if values and max(values) <= 1.0 else values
+_PERCENT_KEYS = ("train_top1", "train_top5", "val_top1", "val_top5")  # the trainer writes these in percent
+
+
+def _is_fraction(key: str, values: list[float]) -> bool:
+    """True for accuracies of another tool's history given as fractions in [0, 1] (the trainer's are percent)."""
+    return key not in _PERCENT_KEYS and bool(values) and max(values) <= 1.0
+
+
+def _percent(key: str, values: list[float]) -> list[float]:
+    """Accuracies as percentages."""
+    return [v * 100 for v in values] if _is_fraction(key, values) else values
 
 
 def _epochs(records: list[dict[str, Any]]) -> list[float]:
@@ -284,7 +292,7 @@ def make_report(run_dir: str | os.PathLike[str]) -> Path:
         for k in acc_keys:
             raw = _series(flat, k)
             known = [v for v in raw if v is not None]
-            scale = 100.0 if known and max(known) <= 1.0 else 1.0
+            scale = 100.0 if _is_fraction(k, known) else 1.0
             series[k] = [None if v is None else v * scale for v in raw]
         _plot_lines(root / "accuracy.png", epochs, [("accuracy (%)", series, False)])
         written.append(("accuracy.png", "Top-1/top-5 accuracy over the epochs"))
@@ -304,9 +312,9 @@ def make_report(run_dir: str | os.PathLike[str]) -> Path:
                                                   if k in cfg))
     lines.append(f"- epochs recorded: {len(records)} (last epoch {epochs[-1]:g})")
     if val_key and last.get(val_key) is not None:
-        lines.append(f"- final val top-1: {_percent([last[val_key]])[0]:.2f}%")
+        lines.append(f"- final val top-1: {_percent(val_key, [last[val_key]])[0]:.2f}%")
     if train_key and last.get(train_key) is not None:
-        lines.append(f"- final train top-1: {_percent([last[train_key]])[0]:.2f}%")
+        lines.append(f"- final train top-1: {_percent(train_key, [last[train_key]])[0]:.2f}%")
     after = (info.get("results") or {}).get("after") or {}
     for key, label in (("params", "parameters"), ("macs", "MACs")):
         ref = dense.get(key) or flat[0].get(key)

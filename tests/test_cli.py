@@ -600,3 +600,38 @@ def test_download_flag_reaches_torchvision_cifar(command, flag, tmp_path, monkey
     bad(*args, words=("cifar10 not found",))
     assert seen == [("cifar10", bool(flag))]
     assert "--download" in _flat(invoke(command, "--help").output)
+
+
+def test_report_keeps_the_trainers_percentages_below_one(tmp_path):
+    from dprp_surgery.report import make_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"epoch": e, "loss": 4.8 - e, "train_top1": 0.5 + e, "val_top1": 0.83, "params": 100, "macs": 1000}
+               for e in range(2)]  # 120 classes early in training: top-1 under 1%
+    (run / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = make_report(run).read_text()
+    assert "final val top-1: 0.83%" in text and "final train top-1: 1.50%" in text
+
+
+def test_eval_uses_the_input_size_an_artifact_was_compressed_at(tmp_path, data_dir):
+    from dprp_surgery import DPRPConfig, factorize, save, summarize
+
+    model = factorize(resnet20(), DPRPConfig(min_compressible=None))
+    art = save(model, tmp_path / "art", input_size=[3, 16, 16])
+    result = invoke("eval", art, "--data", data_dir, "--no-latency", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["macs"] == summarize(model, torch.zeros(1, 3, 16, 16)).macs
+
+
+def test_image_size_a_fixed_size_model_cannot_take_exits_2_before_the_data(tmp_path, monkeypatch):
+    import timm
+
+    import dprp_surgery.cli.commands as commands
+
+    weights = tmp_path / "vit.pth"
+    torch.save(timm.create_model("vit_tiny_patch16_224", num_classes=2).state_dict(), weights)
+    monkeypatch.setattr(commands, "open_data", lambda *a, **k: pytest.fail("data decoded before the check"))
+    bad("compress", f"timm:vit_tiny_patch16_224@{weights}", "--data", tmp_path, "--out", tmp_path / "run",
+        "--image-size", "64", words=("--image-size '64'", "does not fit", "leave --image-size out"))
+    assert not (tmp_path / "run").exists()

@@ -167,11 +167,16 @@ def _input_size(model: nn.Module, recipe: DataRecipe, given: str | None) -> tupl
     return recipe.input_size()
 
 
-def _check_input_size(model: nn.Module, arch: str, size: tuple[int, ...], given: str | None) -> None:
-    """Raise a ValueError naming --input-size unless one no-grad forward on zeros(1, *size) runs."""
-    what = f"--input-size {given!r}" if given is not None else f"the input size {','.join(map(str, size))}"
-    fix = ("give the C,H,W of one input image (e.g. 3,32,32)" if given is not None
-           else "pass --input-size C,H,W (e.g. 3,224,224)")
+def _check_input_size(model: nn.Module, arch: str, size: tuple[int, ...], given: str | None,
+                      flag: str = "--input-size") -> None:
+    """Raise a ValueError naming `flag` unless one no-grad forward on zeros(1, *size) runs."""
+    what = f"{flag} {given!r}" if given is not None else f"the input size {','.join(map(str, size))}"
+    if flag == "--image-size":
+        fix = "choose an image size this model takes, or leave --image-size out to use the model's own"
+    elif given is not None:
+        fix = "give the C,H,W of one input image (e.g. 3,32,32)"
+    else:
+        fix = "pass --input-size C,H,W (e.g. 3,224,224)"
     if arch.split(":", 1)[0] in ARCH_KINDS and len(size) != 3:
         raise ValueError(f"{what} has {len(size)} numbers but {arch} is an image model; {fix}.")
     ref = next((p for p in model.parameters() if p.is_floating_point()), None)
@@ -695,6 +700,7 @@ def run_compress(*, model: str | None, data: str | None, out: Path | None, confi
                              "with --resume.")
         recipe = data_recipe(net_arch, net)
         if image_size is not None:
+            _check_input_size(net, net_arch, (3, image_size, image_size), str(image_size), flag="--image-size")
             recipe = DataRecipe(recipe.mean, recipe.std, image_size, recipe.augment, "--image-size")
         with _recorded("--data", data, source if "data" in recorded else None, "--data"):
             train, val = open_data(data, image_size=recipe.image_size, progress=not quiet and not json_out,
@@ -791,9 +797,8 @@ def run_eval(*, model: str, data: str, limit: int | None, batch_size: int, laten
         net, net_arch = _load(spec, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle)
         _set_training(net, False)
         recipe = data_recipe(net_arch, net)
-        size = image_size or recipe.image_size
-        if size is None and getattr(net, "_dprp_input_size", None):
-            size = int(net._dprp_input_size[-1])
+        trained = getattr(net, "_dprp_input_size", None)  # the size an artifact was compressed at
+        size = image_size or (int(trained[-1]) if trained else recipe.image_size)
         _, val = open_data(data, image_size=size, progress=not json_out, download=download)
         if limit is not None:
             val = subset(val, min(limit, len(val)))
