@@ -40,7 +40,7 @@ from dprp_surgery.config import COMP_WEIGHTINGS, FACTOR_STEPS, SCHEMES
 from dprp_surgery.data import IMAGENET_MEAN, IMAGENET_STD, TensorLoader, open_data, subset
 from dprp_surgery.models import CIFAR_MODELS, load_cifar_checkpoint
 from dprp_surgery.surgery import svd_layers
-from dprp_surgery.trainer import CHECKPOINT_NAME, HISTORY_NAME, DPRPTrainer
+from dprp_surgery.trainer import CHECKPOINT_NAME, DPRPTrainer, run_files
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         args.lr = 0.1  # the paper's from-scratch learning rate
     if not args.resume:  # the trainer refuses a fresh row in a used run directory: say so before any row trains
         taken = [f"{m}/{row}" for m in args.models for row in args.rows or DEFAULT_ROWS[m]
-                 if any((args.out / m / row / name).exists() for name in (CHECKPOINT_NAME, HISTORY_NAME))]
+                 if run_files(args.out / m / row)]
         if taken:
             parser.error(f"--out {args.out} already holds the rows {', '.join(taken)}: pass --resume to continue "
                          "them, or choose another --out (or delete those row directories) to train them afresh")

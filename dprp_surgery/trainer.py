@@ -60,6 +60,7 @@ except ImportError:  # pragma: no cover
 __all__ = [
     "CHECKPOINT_NAME",
     "HISTORY_NAME",
+    "run_files",
     "CompressionResult",
     "DPRPTrainer",
     "History",
@@ -76,6 +77,14 @@ log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.pt"
 HISTORY_NAME = "history.jsonl"
 _CHECKPOINT_FORMAT = "dprp_surgery.trainer.checkpoint"
+
+
+def run_files(run_dir: str | os.PathLike[str]) -> list[str]:
+    """Names of the training files (checkpoint.pt, history.jsonl) already in `run_dir`.
+
+    A fresh `DPRPTrainer` refuses a run_dir where this is not empty (resume it, or use another folder).
+    """
+    return [name for name in (CHECKPOINT_NAME, HISTORY_NAME) if (Path(run_dir) / name).exists()]
 _CHECKPOINT_VERSION = 1
 _LOSS_TERMS = ("app", "kd", "orth", "sort", "comp", "reg")
 
@@ -854,7 +863,7 @@ class DPRPTrainer:
         """Refuse a fresh start in a run_dir that already holds a run (its checkpoint or history)."""
         if self.run_dir is None:
             return
-        found = [name for name in (CHECKPOINT_NAME, HISTORY_NAME) if (self.run_dir / name).exists()]
+        found = run_files(self.run_dir)
         if not found:
             return
         where = str(self.run_dir)

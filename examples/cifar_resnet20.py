@@ -35,7 +35,7 @@ from dprp_surgery import DPRPConfig, compress, export, load, save, summarize
 from dprp_surgery.config import PRESETS
 from dprp_surgery.data import IMAGENET_MEAN, IMAGENET_STD, TensorLoader, open_data, subset
 from dprp_surgery.models import load_cifar_checkpoint, resnet20
-from dprp_surgery.trainer import CHECKPOINT_NAME, HISTORY_NAME
+from dprp_surgery.trainer import run_files
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     console = Console(width=None if sys.stdout.isatty() else 140)  # wide tables when piped or captured
 
     # (1) the pretrained model and the data
-    if any((args.out / name).exists() for name in (CHECKPOINT_NAME, HISTORY_NAME)):
+    if run_files(args.out):
         raise SystemExit(f"--out {args.out} already holds a training run: choose another --out or delete it")
     if not args.weights.is_file():
         raise SystemExit(f"pretrained weights {args.weights} not found: pass --weights PATH/cifar10_resnet20.th")

@@ -555,7 +555,9 @@ def _trainer_compress():
 
 def _run_files(out: Path) -> list[str]:
     """The training files (checkpoint.pt, history.jsonl) already in run directory `out`."""
-    return [name for name in ("checkpoint.pt", "history.jsonl") if (out / name).exists()]
+    from ..trainer import run_files
+
+    return run_files(out)
 
 
 def compress_pipeline(*, model: nn.Module, arch: str, model_spec: str, data_spec: str, train: TensorImageDataset,
