@@ -244,10 +244,17 @@ def summarize(model: nn.Module, example_inputs: Any) -> Summary:
             handles.append(m.register_forward_hook(post))
     was_training = model.training
     model.eval()
+    # torch's module tracker (inside FlopCounterMode) fails on a module whose input is a view of a parameter
+    # (a ViT's attention pool feeds `latent.expand(B, ...)` to a Linear): such views require grad even in no_grad
+    grads = [p for p in model.parameters() if p.requires_grad]
     try:
+        for p in grads:
+            p.requires_grad_(False)
         with torch.no_grad(), counter:
             model(*inputs)
     finally:
+        for p in grads:
+            p.requires_grad_(True)
         model.train(was_training)
         for h in handles:
             h.remove()

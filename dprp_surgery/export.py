@@ -604,6 +604,7 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
             recorded[name] = {"form": form, "spec": spec}
     if dtype != torch.float32:
         model.to(dtype)
+    _match_dtypes(model, state)
     from .io import _describe_misfit, _fit_report
 
     missing, unexpected, bad = _fit_report(model, state)
@@ -618,6 +619,17 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
     if manifest.get("input_size"):
         object.__setattr__(model, "_dprp_input_size", list(manifest["input_size"]))
     return model.eval()
+
+
+def _match_dtypes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give each floating parameter/buffer the dtype of its saved tensor (mixed-precision models load as saved)."""
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for table in (module._parameters, module._buffers):
+            for name, tensor in table.items():
+                saved = state.get(f"{prefix}.{name}" if prefix else name)
+                if (tensor is not None and saved is not None and tensor.is_floating_point()
+                        and saved.is_floating_point() and tensor.dtype != saved.dtype):
+                    tensor.data = tensor.data.to(saved.dtype)
 
 
 # ----------------------------------------------------------------------------- graph formats

@@ -40,7 +40,8 @@ from dprp_surgery.losses import DPRPRegularizer
 from dprp_surgery.pruning import RankPruner
 
 # (normal, --smoke) defaults of the flags left unset
-DEFAULTS = {"epochs": (3, 2), "batch_size": (16, 8), "image_size": (None, 64)}
+DEFAULTS = {"epochs": (3, 2), "batch_size": (16, 8)}
+SMOKE_SIZE = 64  # --smoke's image size, for models that take any size (a ViT keeps its own)
 
 
 def write_local_weights(name: str, folder: Path) -> Path:
@@ -59,6 +60,17 @@ def random_images(n: int, num_classes: int, size: int, seed: int) -> TensorImage
     images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, num_classes, (n,), generator=g)
     return TensorImageDataset(images, labels, [f"class{i}" for i in range(num_classes)])
+
+
+def takes_size(model: torch.nn.Module, size: int) -> bool:
+    """Whether `model` runs on a `size` x `size` image (a ViT built for 224 px does not run on 64)."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size))
+    except (AssertionError, RuntimeError, ValueError):
+        return False
+    return True
 
 
 def image_folder(path: Path, size: int) -> tuple[TensorImageDataset, TensorImageDataset]:
@@ -91,7 +103,8 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
                         help="ImageFolder DIR (or DIR with train/ and val/); default: random images")
     parser.add_argument("--num-classes", type=int, default=None, help="default: the folder's classes, or 10")
     parser.add_argument("--image-size", type=int, default=None,
-                        help="square input size (default: timm's input size for the model; 64 with --smoke)")
+                        help="square input size (default: timm's input size for the model; with --smoke 64 where "
+                        "the model takes it)")
     parser.add_argument("--epochs", type=int, default=None, help="default 3 (2 with --smoke)")
     parser.add_argument("--batches", type=int, default=None,
                         help="batches per epoch (default: all of --data; 4 of random images; 2 with --smoke)")
@@ -101,7 +114,8 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     parser.add_argument("--epsilon", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="write the dense export's weights to this .safetensors")
-    parser.add_argument("--smoke", action="store_true", help="a tiny run: 64 px, 2 epochs of 2 batches of 8")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny run: 64 px (or the model's fixed size), 2 epochs of 2 batches of 8")
     args = parser.parse_args(argv)
     for key, (normal, smoke) in DEFAULTS.items():
         if getattr(args, key) is None:
@@ -119,7 +133,13 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     print(f"model: {arch} with weights {weights if args.weights else 'of a random-init model (temporary file)'}")
 
     config_dc = resolve_data_config({}, model=model)  # timm's input size, mean and std for this model
-    size = args.image_size or int(config_dc["input_size"][-1])
+    native = int(config_dc["input_size"][-1])
+    size = args.image_size or (SMOKE_SIZE if args.smoke else native)
+    if size != native and not takes_size(model, size):
+        if args.image_size is not None:
+            raise SystemExit(f"--image-size {size}: {args.model} does not take {size} px inputs (it is built for "
+                             f"{native} px); leave --image-size out to use {native}.")
+        size = native  # --smoke on a model with a fixed input size (e.g. a ViT's position embeddings)
     if args.data is not None:
         if not args.data.is_dir():
             raise SystemExit(f"--data {args.data} is not a directory (an ImageFolder: DIR/<class>/<image>)")

@@ -158,3 +158,27 @@ def test_a_layer_called_twice_counts_every_call(scheme):
     assert s.macs == _true_macs(deployed, x)
     exported = summarize(deployed, x)
     assert (exported.dense_macs, exported.macs) == (s.dense_macs, s.macs)
+
+
+class LatentQuery(nn.Module):
+    """A learnt query expanded over the batch and fed to a Linear, as in a ViT's attention pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.latent = nn.Parameter(torch.randn(1, 2, 8))
+        self.q = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.q(self.latent.expand(x.shape[0], -1, -1)).mean(1) + x)
+
+
+@pytest.mark.parametrize("factorized", [False, True])
+def test_a_parameter_view_as_layer_input_is_counted(factorized):
+    model = LatentQuery()
+    if factorized:
+        model = factorize(model, DPRPConfig(min_compressible=None))
+    s = summarize(model, torch.zeros(1, 8))
+    assert s.dense_macs == 2 * 8 * 8 + 8 * 3  # two latent tokens through q, one vector through fc
+    assert s.dense_params == 1 * 2 * 8 + (8 * 8 + 8) + (8 * 3 + 3)
+    assert all(p.requires_grad for p in model.parameters())  # left trainable as it was

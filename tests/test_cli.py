@@ -467,6 +467,22 @@ def test_resume_keeps_export_mode_objective_and_works_from_another_directory(rel
     assert "with --resume the run's" in _flat(invoke("compress", "--help").output)
 
 
+def test_resume_keeps_num_classes(data_dir, tmp_path, monkeypatch):
+    from dprp_surgery.cli import commands
+
+    out = tmp_path / "run"
+    result = invoke("compress", "cifar:resnet20", "--num-classes", "2", "--data", data_dir, "--out", out,
+                    "--epochs", "1", "--batch-size", "8", "--limit-train", "8", "--limit-val", "4", "-q")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "run.json").read_text())["num_classes_flag"] == 2
+    seen = []
+    load = commands._load
+    monkeypatch.setattr(commands, "_load", lambda spec, **kw: seen.append(kw["num_classes"]) or load(spec, **kw))
+    result = invoke("compress", "--out", out, "--resume", "--epochs", "2", "-q")
+    assert result.exit_code == 0, result.output
+    assert seen == [2]
+
+
 def test_absolute_specs_keep_their_prefix(tmp_path, monkeypatch):
     from dprp_surgery.cli.commands import _absolute_spec
 

@@ -83,6 +83,15 @@ def test_timm_model_smoke(monkeypatch, capsys):
     assert out.rstrip().endswith(": OK")
 
 
+def test_timm_model_smoke_keeps_a_fixed_input_size(monkeypatch, capsys):
+    """A ViT built for 160 px (timm's test_vit3) runs the smoke at its own size; --image-size 64 is refused."""
+    run_example("timm_model.py", ["--smoke", "--model", "test_vit3"], monkeypatch)
+    out = capsys.readouterr().out
+    assert "10 classes, 160 px" in out and out.rstrip().endswith(": OK"), out
+    with pytest.raises(SystemExit, match="--image-size 64: test_vit3 does not take 64 px inputs .* use 160"):
+        run_example("timm_model.py", ["--smoke", "--model", "test_vit3", "--image-size", "64"], monkeypatch)
+
+
 def test_timm_model_image_folder_and_weights(tmp_path, monkeypatch, capsys):
     """A local .pth with an ImageNet-sized head, a 3-class ImageFolder, and the dense export written back."""
     import timm

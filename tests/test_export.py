@@ -128,6 +128,21 @@ def test_artifact_round_trip(r20, mode, tmp_path):
     torch.testing.assert_close(export(loaded, "dense")(x), r20(x), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["dense", "factorized"])
+def test_artifact_keeps_mixed_dtypes(r20, mode, tmp_path):
+    """A half-precision model with float32 BatchNorm comes back with every tensor in its saved dtype."""
+    e = export(r20, mode).half()
+    for m in e.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.float()
+    loaded = load(save(e, tmp_path / "art"))
+    want = {k: v.dtype for k, v in e.state_dict().items()}
+    assert {k: v.dtype for k, v in loaded.state_dict().items()} == want
+    assert torch.float32 in want.values() and torch.float16 in want.values()
+    for k, v in e.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+
 def test_svd_form_artifact_and_overwrite(r20, tmp_path):
     x = torch.randn(2, 3, 32, 32)
     path = save(r20, tmp_path / "art")

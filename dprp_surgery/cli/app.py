@@ -226,7 +226,8 @@ def compress_cmd(
         "--preset", help=f"Named DPRPConfig preset: {', '.join(_preset_names())}.")] = None,
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the run in --out from its checkpoint.pt (model, data, teacher, config, "
-        "--export-mode and --objective from run.json; flags given now override them). --epochs must be at least "
+        "--limit-train/--limit-val, --image-size, --arch, --num-classes, --export-mode and --objective from "
+        "run.json; flags given now override them; --trust-pickle must be given again). --epochs must be at least "
         "the epochs already finished.")] = False,
     limit_train: Annotated[int | None, typer.Option(
         "--limit-train", min=1, help="Use a class-balanced subset of this many training images (quick runs).")] = None,

@@ -654,6 +654,7 @@ def run_compress(*, model: str | None, data: str | None, out: Path | None, confi
             limit_val = limit_val or info.get("limit_val")
             image_size = image_size or info.get("image_size")
             arch = arch or info.get("arch_flag")
+            num_classes = num_classes or info.get("num_classes_flag")
             teacher = teacher or info.get("teacher")
             recorded = {k: v for k, v in (("model", model), ("data", data), ("teacher", teacher)) if v and not given[k]}
             for name, flag, choices in (("export_mode", "--export-mode", ("dense", "factorized", "auto")),
@@ -730,7 +731,8 @@ def run_compress(*, model: str | None, data: str | None, out: Path | None, confi
                           recipe=recipe, config=config, out=out, export_mode=export_mode, objective=objective,
                           resume=resume_path, progress=not quiet and not json_out, json_out=json_out,
                           extra={"limit_train": limit_train, "limit_val": limit_val, "image_size": image_size,
-                                 "arch_flag": arch, "teacher": _absolute_spec(teacher)}, teacher=teacher_net)
+                                 "arch_flag": arch, "num_classes_flag": num_classes,
+                                 "teacher": _absolute_spec(teacher)}, teacher=teacher_net)
 
 
 def _load_teacher(spec: str, trust_pickle: bool) -> nn.Module:
