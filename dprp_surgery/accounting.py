@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .layers import TWINS, SVDLayer, layer_from_spec
-from .surgery import surgery_report
+from .surgery import UNSUPPORTED, surgery_report
 
 __all__ = ["LayerRow", "Summary", "summarize", "count_params"]
 
@@ -220,7 +220,7 @@ def summarize(model: nn.Module, example_inputs: Any) -> Summary:
         The Summary (``.to_table()`` for rich, ``.to_json()`` for machines).
     """
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    layer_types = tuple(TWINS) + (SVDLayer,)
+    layer_types = (*TWINS, SVDLayer, *UNSUPPORTED)  # Conv3d and transposed convs get dense (or skipped) rows
     realised = _realised(model)
     outer = {id(model.get_submodule(n)) for n in realised}
     inner = {id(m) for n in realised for m in model.get_submodule(n).modules()} - outer  # counted by the outer

@@ -4,7 +4,9 @@ After training, every SVD layer can be deployed in one of two standard-layer for
 
 * ``"dense"``: ``layer.to_dense()``, the original nn layer. The state dict then loads with
   ``strict=True`` into a fresh instance of the original architecture.
-* ``"factorized"``: ``layer.to_factorized()``, an ``nn.Sequential`` of two standard layers.
+* ``"factorized"``: ``layer.to_factorized()``, a
+  :class:`~dprp_surgery.layers.FactorizedSequential` (an ``nn.Sequential``) of two standard layers,
+  which also answers the dense layer's hyper-parameters and a read-only ``weight`` and ``bias``.
 
 ``export(model, "auto")`` picks, per layer, whichever of the two is cheaper for an objective
 (parameters, MACs or measured latency), so the result is never worse than the dense model for
@@ -23,7 +25,6 @@ import copy
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import statistics
@@ -31,6 +32,7 @@ import sys
 import tempfile
 import time
 import types
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .layers import MATRICIZATIONS, TWINS, SVDLayer, layer_from_spec
+from .layers import MATRICIZATIONS, TWINS, SVDLayer, _realised_factors, layer_from_spec
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +124,8 @@ def _as_svd(module: nn.Module, entry: dict[str, Any]) -> SVDLayer:
     layer = layer_from_spec(spec, device="meta", dtype=ref.dtype).to_empty(device=ref.device)
     u, v, bias = _factors_of(module, layer)
     with torch.no_grad():
-        matrix = u.to(torch.float32) @ v.to(torch.float32).T
+        dtype = torch.promote_types(ref.dtype, torch.float32)  # half -> float32, float64 stays float64
+        matrix = u.to(dtype) @ v.to(dtype).T
         weight = MATRICIZATIONS[layer.scheme].to_weight(matrix, layer.weight_shape)
         layer._set_from_weight(weight)  # the SVD of a rank-r matrix at rank r is exact
         if layer.bias is not None:
@@ -132,27 +135,9 @@ def _as_svd(module: nn.Module, entry: dict[str, Any]) -> SVDLayer:
 
 
 def _factors_of(seq: nn.Module, layer: SVDLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(U', V', bias) with U' V'^T = M from a ``to_factorized`` realisation (inverse of its weight maps)."""
-    parts = [m for m in seq if isinstance(m, _REALISED)] if isinstance(seq, nn.Sequential) else []
-    if len(parts) != 2:
-        raise ValueError(f"expected a two-layer factorized realisation for {layer.spec()['type']}, got {seq}")
-    first, second = parts
-    w1, w2 = first.weight.detach(), second.weight.detach()
-    r = layer.rank
-    if isinstance(layer, TWINS[nn.Linear]):
-        return w2, w1.T, second.bias
-    s, c, g = layer.out_channels, layer.in_channels, layer.groups
-    k = math.prod(layer.kernel_size)
-    if layer.scheme == "channel":
-        return w2.reshape(s, r), w1.reshape(r, -1).T, second.bias
-    if layer.scheme == "spatial":
-        kh = layer.kernel_size[0]
-        u = w2.reshape(s, r, kh).permute(0, 2, 1).reshape(s * kh, r)
-        return u, w1.reshape(r, -1).T, second.bias
-    if layer._paper_order() == "depthwise_first":  # the r basis filters, shared by every input channel
-        return w2.reshape(s * (c // g), r), w1.reshape(r, k).T, second.bias
-    u = w1.reshape(s, r, c // g).permute(0, 2, 1).reshape(s * (c // g), r)
-    return u, w2.reshape(r, k).T, second.bias  # V diag(s), shared by every output channel
+    """(U', V', bias) with U' V'^T = M from a ``to_factorized`` realisation (inverse of its weight maps), detached."""
+    u, v, bias = _realised_factors(seq, layer.spec())
+    return u.detach(), v.detach(), None if bias is None else bias.detach()
 
 
 # ----------------------------------------------------------------------------- costs
@@ -375,7 +360,8 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, arch: str | None = N
 
     The directory holds ``model.safetensors`` (the state dict) and ``manifest.json`` (format
     version, dprp_surgery version, `arch`, num_classes, every replaced layer's form and spec, the
-    DPRP config, the input size when known, and the weights' sha256).
+    DPRP config, the input size when known, the weights' sha256, and the modules' state-dict versions
+    (``state_dict()._metadata``, which e.g. torchvision's MNASNet checks on load)).
 
     Args:
         model: A factorized or exported model.
@@ -431,12 +417,14 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, arch: str | None = N
         "config": config,
         "weights": WEIGHTS_FILE,
     }
+    state_dict = model.state_dict()
+    manifest["module_versions"] = _module_versions(state_dict)
     from safetensors.torch import save_file
 
     _make_parent(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "arch": arch})
         manifest["sha256"] = _sha256(tmp / WEIGHTS_FILE)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -460,6 +448,26 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, arch: str | None = N
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _module_versions(state_dict: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Module prefix -> ``_version`` from a state dict's ``_metadata`` (what ``_load_from_state_dict`` gets)."""
+    metadata = getattr(state_dict, "_metadata", None) or {}
+    return {prefix: meta["version"] for prefix, meta in metadata.items()
+            if isinstance(meta, dict) and isinstance(meta.get("version"), int)}
+
+
+def _with_versions(state: dict[str, torch.Tensor], versions: Any, mpath: Path) -> dict[str, torch.Tensor]:
+    """`state` with the ``_metadata`` of the saved module versions (unchanged for manifests without them)."""
+    if versions is None:  # written before dprp_surgery recorded them
+        return state
+    if not isinstance(versions, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in versions.items()):
+        raise ValueError(f"{str(mpath)!r} is corrupt: 'module_versions' must map module names to integer versions, "
+                         f"got {str(versions)[:80]}; re-export the model.")
+    out = OrderedDict(state)
+    out._metadata = OrderedDict((prefix, {"version": v}) for prefix, v in versions.items())  # type: ignore[attr-defined]
+    return out
 
 
 def _make_parent(path: Path) -> None:
@@ -529,7 +537,8 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
 
     The architecture is rebuilt from the manifest's ``arch`` spec, each listed layer is replaced
     by its SVD layer or factorized realisation (built on the meta device, then materialised),
-    and the safetensors weights are loaded with ``strict=True``.
+    and the safetensors weights are loaded with ``strict=True``, with the module versions the
+    manifest recorded (artifacts written before they were recorded load without them).
 
     Raises:
         ValueError: Missing or corrupt manifest/weights (naming the file and what to do), or
@@ -612,7 +621,7 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
     if missing or unexpected or bad:
         raise ValueError(f"{str(wpath)!r} does not fit the model described by {MANIFEST_FILE} ({arch}): "
                          f"{_describe_misfit(missing, unexpected, bad)}. The artifact is inconsistent; re-export it.")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(_with_versions(state, manifest.get("module_versions"), mpath), strict=True)
     object.__setattr__(model, _LAYERS_ATTR, recorded)
     object.__setattr__(model, _ARCH_ATTR, arch)
     object.__setattr__(model, _CONFIG_ATTR, manifest.get("config"))

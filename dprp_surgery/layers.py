@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from typing import ClassVar
 
 import torch
@@ -30,6 +31,7 @@ __all__ = [
     "SVDLinear",
     "SVDConv1d",
     "SVDConv2d",
+    "FactorizedSequential",
     "Scheme",
     "MATRICIZATIONS",
     "TWINS",
@@ -380,7 +382,7 @@ class SVDLinear(SVDLayer):
             second.weight.copy_(self.U * self.s)
             if self.bias is not None:
                 second.bias.copy_(self.bias)
-        return nn.Sequential(first, second)
+        return FactorizedSequential(first, second, spec=self.spec())
 
 
 # ----------------------------------------------------------------------------- Conv
@@ -497,13 +499,8 @@ class _SVDConvNd(SVDLayer):
         A layer with a bias always takes "depthwise_first": its last conv is the 1x1 mix, which can hold
         a bias per output channel, while the last conv of "pointwise_first" is shared by all of them.
         """
-        c, s, g = self.in_channels, self.out_channels, self.groups
-        k = math.prod(self.kernel_size)
-        depthwise_first = c * k + s * (c // g)
-        pointwise_first = s * (c // g) * math.prod(self.stride) + s * k
-        if self.bias is not None or depthwise_first <= pointwise_first:
-            return "depthwise_first"
-        return "pointwise_first"
+        return _paper_order_of(self.in_channels, self.out_channels, self.groups, self.kernel_size, self.stride,
+                               self.bias is not None)
 
     def to_factorized(self) -> nn.Sequential:
         conv_t = self._conv_type()
@@ -555,9 +552,9 @@ class _SVDConvNd(SVDLayer):
             if has_bias:
                 conv2.bias.copy_(self.bias)
         modules = (*layers, *_items(first), *_items(second))
-        if self.scheme == "paper":  # its folds into the batch dimension need a batch
-            return _BatchedSequential(*modules, sample_dim=self._ndim + 1)
-        return nn.Sequential(*modules)
+        # the paper realisation's folds into the batch dimension need a batch
+        return FactorizedSequential(*modules, spec=self.spec(),
+                                    sample_dim=self._ndim + 1 if self.scheme == "paper" else None)
 
 
 class _BatchedSequential(nn.Sequential):
@@ -571,6 +568,122 @@ class _BatchedSequential(nn.Sequential):
         if self.sample_dim is not None and x.dim() == self.sample_dim:
             return super().forward(x.unsqueeze(0)).squeeze(0)
         return super().forward(x)
+
+
+_DENSE_HPARAMS: dict[str, tuple[str, ...]] = {
+    "SVDLinear": ("in_features", "out_features"),
+    "SVDConv1d": ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                  "padding_mode"),
+}
+_DENSE_HPARAMS["SVDConv2d"] = _DENSE_HPARAMS["SVDConv1d"]
+
+
+class FactorizedSequential(_BatchedSequential):
+    """The standard-layer realisation of an SVD layer (`SVDLayer.to_factorized`), posing as the dense layer.
+
+    An nn.Sequential of standard torch.nn layers (Sigma folded into the U side), so its state dict, ONNX and
+    torch.export graphs are those of the layers it holds. Like the SVD layer it came from, it also answers
+    what the dense layer answered, for code that reads a layer's attributes instead of calling it (timm's
+    ``PositionalEncodingFourier`` reads ``token_projection.weight.device``, DaViT's ``Downsample`` reads
+    ``conv.kernel_size``, ``nn.TransformerEncoderLayer``'s inference fast path passes ``linear1.weight`` to
+    a fused kernel): the dense layer's hyper-parameters (``in_features``/``out_features``, or
+    ``in_channels``, ``out_channels``, ``kernel_size``, ``stride``, ``padding``, ``dilation``, ``groups``,
+    ``padding_mode``) as attributes, and read-only ``weight`` and ``bias`` properties.
+
+    Attributes:
+        scheme: Name of the matricization.
+        rank: Number of components r.
+        dense_type: The dense layer type it computes (nn.Linear, nn.Conv1d or nn.Conv2d).
+        weight_shape: Shape of the dense weight.
+        transposed: False, and ``output_padding`` zeros (convolutions only, as nn.ConvNd has them).
+    """
+
+    def __init__(self, *modules: nn.Module, spec: dict, sample_dim: int | None = None) -> None:
+        super().__init__(*modules, sample_dim=sample_dim)
+        kind = spec.get("type")
+        if kind not in _DENSE_HPARAMS:
+            raise ValueError(f"unknown layer type {kind!r} in spec; expected one of {', '.join(_DENSE_HPARAMS)}")
+        self._spec = dict(spec)
+        self.scheme, self.rank = spec.get("scheme", "channel"), int(spec["rank"])
+        self.dense_type = {t.__name__: d for d, t in TWINS.items()}[kind]
+        for key in _DENSE_HPARAMS[kind]:
+            value = spec[key]
+            setattr(self, key, tuple(value) if isinstance(value, list) else value)
+        if kind == "SVDLinear":
+            self.weight_shape = (self.out_features, self.in_features)
+        else:  # as nn.ConvNd has them
+            self.transposed, self.output_padding = False, (0,) * len(self.kernel_size)
+            self.weight_shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+
+    def __getitem__(self, idx):
+        if isinstance(idx, slice):  # a part of the realisation is no longer the dense layer: a plain Sequential
+            return nn.Sequential(OrderedDict(list(self._modules.items())[idx]))
+        return super().__getitem__(idx)
+
+    def spec(self) -> dict:
+        """The SVD layer's `SVDLayer.spec()` (type, hyper-parameters, scheme, rank) it was realised from."""
+        return dict(self._spec)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(U', V', bias) with U' V'^T = M, read off the two realised layers (U' holds Sigma; not detached)."""
+        return _realised_factors(self, self._spec)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Read-only dense weight reshape(U' V'^T) in the layers' dtype and device, for code that reads it.
+
+        Like `SVDLayer.weight` it is recomputed at every access and carries gradients to the realised layers'
+        weights; assign to those (``layer[i].weight``) to change the layer.
+        """
+        u, v, _ = self.factors()
+        return MATRICIZATIONS[self.scheme].to_weight(u @ v.T, self.weight_shape)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The dense layer's bias (the last realised layer's bias Parameter), None without one."""
+        return self.factors()[2]
+
+    def extra_repr(self) -> str:
+        h, w = MATRICIZATIONS[self.scheme].matrix_shape(self.weight_shape)
+        dense = f"{self.dense_type.__name__}({self.dense_type.extra_repr(self)})"  # as the dense layer prints
+        return f"{dense}, scheme={self.scheme}, rank={self.rank}/{min(h, w)}, M={h}x{w}"
+
+
+def _paper_order_of(in_channels: int, out_channels: int, groups: int, kernel_size, stride, bias: bool) -> str:
+    """The paper-scheme realisation of a conv with these hyper-parameters (see `_SVDConvNd._paper_order`)."""
+    c, s, g = in_channels, out_channels, groups
+    k = math.prod(kernel_size)
+    depthwise_first = c * k + s * (c // g)
+    pointwise_first = s * (c // g) * math.prod(stride) + s * k
+    if bias or depthwise_first <= pointwise_first:
+        return "depthwise_first"
+    return "pointwise_first"
+
+
+def _realised_factors(seq: nn.Module, spec: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(U', V', bias) with U' V'^T = M of a ``to_factorized`` realisation of `spec` (inverse of its weight maps)."""
+    parts = [m for m in seq if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d)] if isinstance(
+        seq, nn.Sequential) else []
+    if len(parts) != 2:
+        raise ValueError(f"expected a two-layer factorized realisation for {spec.get('type')}, got {seq}")
+    first, second = parts
+    w1, w2 = first.weight, second.weight
+    r = int(spec["rank"])
+    if spec["type"] == "SVDLinear":
+        return w2, w1.T, second.bias
+    s, c, g = spec["out_channels"], spec["in_channels"], spec["groups"]
+    k = math.prod(spec["kernel_size"])
+    if spec["scheme"] == "channel":
+        return w2.reshape(s, r), w1.reshape(r, -1).T, second.bias
+    if spec["scheme"] == "spatial":
+        kh = spec["kernel_size"][0]
+        u = w2.reshape(s, r, kh).permute(0, 2, 1).reshape(s * kh, r)
+        return u, w1.reshape(r, -1).T, second.bias
+    order = _paper_order_of(c, s, g, spec["kernel_size"], spec["stride"], spec.get("bias", True))
+    if order == "depthwise_first":  # the r basis filters, shared by every input channel
+        return w2.reshape(s * (c // g), r), w1.reshape(r, k).T, second.bias
+    u = w1.reshape(s, r, c // g).permute(0, 2, 1).reshape(s * (c // g), r)
+    return u, w2.reshape(r, k).T, second.bias  # V diag(s), shared by every output channel
 
 
 def _items(module: nn.Module) -> list[nn.Module]:

@@ -1,7 +1,8 @@
 """Model surgery: find every Conv/Linear that a model calls and swap in its SVD-factorized twin.
 
 torch.fx finds the modules the forward really calls (shared modules once, weights read elsewhere
-flagged); when a model cannot be traced, a walk over ``named_modules`` takes over. The returned
+flagged), tracing a throw-away copy of the model; when a model cannot be traced, a walk over
+``named_modules`` takes over. The returned
 model is a deep copy of the input, of the same class, with only the selected layers replaced, so
 its state dict keeps the original names apart from ``weight -> U, s, V``.
 """
@@ -10,10 +11,12 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import inspect
 import logging
 import warnings
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx
 from torch import nn
 
@@ -53,10 +56,12 @@ def factorize(model: nn.Module, config: DPRPConfig | None = None) -> nn.Module:
 
     Each twin starts at full rank theta = min(h, w) from the SVD of its reshaped weight, so the
     copy computes the same function (Sec. III-C), and is frozen where the dense layer was
-    (``requires_grad``). The input model is not modified. A layer stays dense, with its reason in
-    the report's ``skipped``, when the forward never calls it, reads its weight outside its own
-    forward, ties its weight to another module, carries module hooks, subclasses Conv/Linear with
-    its own forward, or is incompressible under ``min_compressible``.
+    (``requires_grad``). The input model is not modified: torch.fx traces a throw-away copy, with the
+    defaults of the forward's optional parameters (``forward(x, mask=None)`` is traced as ``model(x)``).
+    A layer stays dense, with its reason in the report's ``skipped``, when the forward never calls it,
+    reads its weight outside its own forward, ties its weight to another module, carries module hooks,
+    subclasses Conv/Linear with its own forward, or is incompressible under ``min_compressible``;
+    Conv3d and transposed convolutions have no twin and are listed there as not supported.
 
     Args:
         model: Any nn.Module (timm, torchvision or your own).
@@ -107,13 +112,52 @@ class _Tracer(torch.fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
+def _tracing_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` to trace, its parameters and buffers on the meta device (no memory, no data).
+
+    Tracing runs the forward with fx Proxies, and modules that cache in forward (timm LeViT's
+    ``attention_bias_cache``) keep them; the copy is thrown away afterwards, so the user's model never
+    holds one. Falls back to a plain deep copy when a tensor cannot be mirrored on meta (lazy modules).
+    """
+    try:
+        memo: dict[int, torch.Tensor] = {}
+        for p in model.parameters():
+            memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+        for b in model.buffers():
+            memo[id(b)] = torch.empty_like(b, device="meta")
+    except Exception:  # noqa: BLE001 - e.g. UninitializedParameter
+        memo = {}
+    return copy.deepcopy(model, memo)
+
+
+def _concrete_args(model: nn.Module) -> dict[str, object] | None:
+    """The defaults of `model.forward`'s optional parameters (the first one excepted), to trace them as given.
+
+    Traced as Proxies, ``mask=None`` would take the wrong branch of ``if mask is None``; with its default
+    the trace follows the call ``model(x)``. *args and **kwargs stay symbolic.
+    """
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):  # no signature (a builtin forward)
+        return None
+    named = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+             inspect.Parameter.KEYWORD_ONLY)
+    out = {p.name: p.default for p in params[1:] if p.kind in named and p.default is not inspect.Parameter.empty}
+    return out or None
+
+
 def _called_modules(model: nn.Module) -> tuple[dict[str, str | None], bool]:
     """Modules the forward calls, name -> None, or name -> reason they must stay dense.
 
-    Falls back to every named module (with one warning) when torch.fx cannot trace the model.
+    The forward is traced on a throw-away meta copy of `model` (`_tracing_copy`), with the defaults of
+    its optional parameters (`_concrete_args`); the graph is only read for module calls and parameter
+    reads. Falls back to every named module (with one warning) when torch.fx cannot trace the model.
     """
+    traced = _tracing_copy(model)
     try:
-        graph = _Tracer().trace(model)
+        with warnings.catch_warnings():  # fx cannot guard non-scalar defaults; the trace is only analysed
+            warnings.filterwarnings("ignore", message="Was not able to add assertion")
+            graph = _Tracer().trace(traced, concrete_args=_concrete_args(traced))
     except Exception as exc:  # noqa: BLE001 - any tracing failure means "use the walk"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         warnings.warn(
@@ -127,20 +171,28 @@ def _called_modules(model: nn.Module) -> tuple[dict[str, str | None], bool]:
     for node in graph.nodes:
         if node.op == "call_module":
             called.setdefault(node.target, None)
-            sub = model.get_submodule(node.target)
+            sub = traced.get_submodule(node.target)
             if type(sub) not in TWINS:  # an opaque leaf: its inner layers are called inside it
                 for inner, _ in sub.named_modules(prefix=node.target):
                     called.setdefault(inner, None)
         elif node.op == "get_attr":
             read_attrs.add(node.target)
-    for attr in read_attrs:
+    reads: dict[str, list[str]] = {}
+    for attr in sorted(read_attrs, key=lambda a: (not a.endswith(".weight"), a)):  # weight first
         owner = attr.rsplit(".", 1)[0] if "." in attr else ""
-        if owner in called:
-            called[owner] = f"its parameter {attr!r} is read outside its forward"
+        if owner:  # the root's forward is the one traced
+            reads.setdefault(owner, []).append(repr(attr))
+    for owner, attrs in reads.items():  # called or not (F.linear(x, self.qkv.weight)): used without calling it
+        what = f"parameter {attrs[0]} is" if len(attrs) == 1 else f"parameters {' and '.join(attrs)} are"
+        called[owner] = f"its {what} read outside its forward"
     return called, True
 
 
 # ----------------------------------------------------------------------------- planning
+UNSUPPORTED: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd,)
+"""Layer types that have no twin (Conv3d, ConvTranspose1d/2d/3d): listed in the report's skipped, left dense."""
+
+
 def _plan(model: nn.Module, called: dict[str, str | None], config: DPRPConfig):
     """Decide layer by layer: (name -> scheme) to replace, and the report with skip reasons."""
     report = SurgeryReport()
@@ -148,6 +200,12 @@ def _plan(model: nn.Module, called: dict[str, str | None], config: DPRPConfig):
     names = {n for n, _ in model.named_modules()}
     candidates = []
     for name, module in model.named_modules():
+        if isinstance(module, UNSUPPORTED) and not isinstance(module, tuple(TWINS)):
+            if _selected(name, config):
+                kinds = [t.__name__ for t in TWINS]
+                report.skipped[name] = (f"{type(module).__name__} is not supported; dprp_surgery factorizes "
+                                        f"{', '.join(kinds[:-1])} and {kinds[-1]}")
+            continue
         if not isinstance(module, tuple(TWINS)):
             continue
         if type(module) not in TWINS:

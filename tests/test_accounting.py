@@ -182,3 +182,26 @@ def test_a_parameter_view_as_layer_input_is_counted(factorized):
     assert s.dense_macs == 2 * 8 * 8 + 8 * 3  # two latent tokens through q, one vector through fc
     assert s.dense_params == 1 * 2 * 8 + (8 * 8 + 8) + (8 * 3 + 3)
     assert all(p.requires_grad for p in model.parameters())  # left trainable as it was
+
+
+@pytest.mark.parametrize(("layer", "shape", "params", "macs"), [
+    (nn.Conv3d(3, 8, 3, padding=1), (1, 3, 4, 6, 6), 8 * 3 * 27 + 8, 8 * 3 * 27 * (4 * 6 * 6)),
+    (nn.ConvTranspose2d(3, 8, 3, stride=2), (1, 3, 6, 6), 3 * 8 * 9 + 8, 3 * 8 * 9 * (6 * 6)),  # per input pixel
+], ids=["Conv3d", "ConvTranspose2d"])
+@pytest.mark.parametrize("factorized", [False, True])
+def test_unsupported_convolutions_get_rows(layer, shape, params, macs, factorized):
+    """Conv3d and transposed convs are not factorized, but their parameters and MACs are listed, not lost."""
+    model = nn.Sequential(layer, nn.Flatten(2), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(8, 4))
+    if factorized:
+        model = factorize(model, DPRPConfig(min_compressible=None))
+    s = summarize(model, torch.randn(shape))
+    rows = {r.name: r for r in s.rows}
+    assert set(rows) == {"0", "4"}
+    row = rows["0"]
+    assert row.kind == type(layer).__name__
+    assert (row.dense_params, row.params, row.dense_macs, row.macs) == (params, params, macs, macs)
+    if factorized:
+        assert row.status == "skipped" and "is not supported" in row.note
+    else:
+        assert row.status == "dense" and row.note is None
+    assert s.dense_params == params + 8 * 4 + 4

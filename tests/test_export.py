@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -487,3 +488,109 @@ def test_save_with_an_explicit_arch_that_does_not_rebuild_the_model_raises(tmp_p
     with pytest.raises(ValueError, match=r"arch='timm:resnet18' does not rebuild this model: .*global_pool"):
         save(model, tmp_path / "art", arch="timm:resnet18")
     assert not (tmp_path / "art").exists()
+
+
+class _EncoderFastPath(nn.Module):
+    """nn.TransformerEncoderLayer's inference fast path passes linear1.weight etc. to a fused kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True, dropout=0.0)
+
+    def forward(self, x):
+        return self.enc(x)
+
+
+class _ReadsHyperParameters(nn.Module):
+    """Reads a conv's kernel_size/stride and a layer's weight device/dtype, as timm DaViT and EdgeNeXt do."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 3, stride=2)
+        self.fc = nn.Linear(8, 6)
+
+    def forward(self, x):
+        pad = self.conv.kernel_size[0] - self.conv.stride[0]  # DaViT's Downsample
+        y = self.conv(nn.functional.pad(x, (pad, 0, pad, 0))).mean((2, 3))
+        return self.fc(y) + torch.ones(1, device=self.fc.weight.device, dtype=self.fc.weight.dtype)
+
+
+class _UsesWeightUntraceable(nn.Module):
+    """A forward that torch.fx cannot trace (module walk) and that calls F.linear with a layer's weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8, 6)
+
+    def forward(self, x):
+        x = self.conv(x)
+        if x.sum() > 0:  # data-dependent control flow
+            x = x * 2
+        return nn.functional.linear(x.mean((2, 3)), self.fc.weight, self.fc.bias)
+
+
+@pytest.mark.parametrize("mode", ["factorized", "auto"])
+@pytest.mark.parametrize(("make", "shape"), [(_EncoderFastPath, (2, 5, 16)), (_ReadsHyperParameters, (2, 4, 9, 9)),
+                                             (_UsesWeightUntraceable, (2, 3, 8, 8))],
+                         ids=["encoder-fast-path", "reads-hyper-parameters", "uses-weight-untraceable"])
+def test_factorized_export_serves_code_that_reads_layer_attributes(make, shape, mode):
+    torch.manual_seed(0)
+    model = make().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the untraceable model's fallback warning
+        f = factorize(model, DPRPConfig(min_compressible=None)).eval()
+    for _, layer in svd_layers(f):
+        layer.truncate_(1)  # cheap enough that auto picks the factorized form
+    e = export(f, mode)
+    assert {v["form"] for v in layer_forms(e).values()} == {"factorized"}
+    x = torch.randn(shape)
+    with torch.no_grad():  # the encoder's fast path runs in eval mode without gradients
+        torch.testing.assert_close(e(x), f(x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(export(e, "dense")(x), f(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("scheme", ["paper", "channel", "spatial"])
+def test_float64_factorized_form_reexports_in_float64(scheme):
+    """Converting a factorized-form layer back (to dense or SVD) keeps float64 precision."""
+    torch.manual_seed(0)
+    f = _compressed(SmallCNN().double(), scheme)
+    fact = export(f, "factorized")
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    want = f(x)
+    for back in (export(fact, "dense"), export(export(fact, "dense"), "factorized")):
+        torch.testing.assert_close(back(x), want, rtol=1e-10, atol=1e-10)
+    dense = export(fact, "dense")
+    for name, layer in svd_layers(f):
+        torch.testing.assert_close(dense.get_submodule(name).weight, layer.dense_weight().detach(), rtol=1e-10,
+                                   atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["svd", "dense", "factorized"])
+def test_artifact_keeps_module_versions(mode, tmp_path):
+    """torchvision's MNASNet refuses a state dict without its module version (state_dict()._metadata)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.mnasnet0_5(weights=None).eval()
+    f = factorize(model, DPRPConfig(include=("layers.0", "layers.3", "classifier.1"))).eval()
+    e = f if mode == "svd" else export(f, mode)
+    path = save(e, tmp_path / "art", arch="torchvision:mnasnet0_5")
+    loaded = load(path)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), e(x))
+    assert {n: v["form"] for n, v in layer_forms(loaded).items()} == {n: v["form"] for n, v in layer_forms(e).items()}
+    assert json.loads((path / "manifest.json").read_text())["module_versions"][""] == 2  # MNASNet._version
+
+
+def test_artifact_without_module_versions_still_loads_and_bad_ones_are_refused(r20, tmp_path):
+    x = torch.randn(2, 3, 32, 32)
+    path = save(export(r20, "factorized"), tmp_path / "art")
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["module_versions"]  # written before dprp_surgery recorded them
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    torch.testing.assert_close(load(path)(x), r20(x), atol=1e-5, rtol=1e-4)
+    manifest["module_versions"] = {"layer1": "two"}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"manifest\.json.*'module_versions' must map module names to integer"):
+        load(path)

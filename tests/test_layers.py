@@ -104,6 +104,7 @@ def test_full_rank_twin_computes_the_dense_function(layer, scheme, data):
     assert twin.compression_rate() == pytest.approx(1 - k * (h + w + 1) / (h * w))
     # the standard-layer realisation still computes the truncated layer
     torch.testing.assert_close(twin.to_factorized()(x), twin(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(twin.to_factorized().weight, twin.dense_weight(), rtol=1e-4, atol=1e-5)
     if used != "paper":  # Sigma folded into U: r(h + w) weights
         fact = twin.to_factorized()
         assert sum(p.numel() for p in fact.parameters()) == k * (h + w) + bias
@@ -281,3 +282,61 @@ def test_conversions_carry_frozen_flags(frozen):
     back = twin.to_dense()
     assert (back.weight.requires_grad, back.bias.requires_grad) == (conv.weight.requires_grad,
                                                                     conv.bias.requires_grad)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize(
+    "dense",
+    [
+        nn.Linear(12, 7),
+        nn.Linear(12, 7, bias=False),
+        nn.Conv2d(6, 8, (3, 5), stride=(2, 1), padding=(1, 2), dilation=(1, 2), bias=False),
+        nn.Conv2d(6, 8, 3, padding="same", padding_mode="reflect"),
+        nn.Conv2d(64, 4, 3, padding=1, bias=False),  # paper scheme: pointwise-first realisation
+        nn.Conv2d(4, 64, 3, padding=1),  # paper scheme: depthwise-first realisation
+        nn.Conv2d(8, 8, 3, groups=8, padding=1),
+        nn.Conv1d(6, 8, 5, stride=2, padding=2, groups=2),
+    ],
+    ids=["linear", "linear-nobias", "nonsquare-stride", "same-reflect", "wide-in", "wide-out", "depthwise", "conv1d"],
+)
+def test_factorized_realisation_answers_like_the_dense_layer(dense, scheme):
+    """Code around a layer reads its hyper-parameters, weight and bias; `to_factorized()` must answer them too."""
+    torch.manual_seed(0)
+    twin, used = _twin(dense, scheme)
+    twin.truncate_(max(1, twin.rank // 2))
+    fact = twin.to_factorized()
+    hparams = ("in_features", "out_features") if isinstance(dense, nn.Linear) else (
+        "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
+    for attr in hparams:
+        assert getattr(fact, attr) == getattr(dense, attr), attr
+    # weight: the dense product of the realised factors (the truncated layer's), with gradient to them
+    torch.testing.assert_close(fact.weight, twin.dense_weight().detach(), rtol=1e-5, atol=1e-6)
+    assert fact.weight.shape == dense.weight.shape and fact.weight.dtype == dense.weight.dtype
+    fact.weight.square().sum().backward()
+    assert all(p.grad is not None for n, p in fact.named_parameters() if n.endswith("weight"))
+    if dense.bias is None:
+        assert fact.bias is None
+    else:
+        torch.testing.assert_close(fact.bias, twin.bias.detach())
+        assert any(fact.bias is p for p in fact.parameters())  # the realised layer's own Parameter
+    # the state dict is that of the plain layers it holds (artifacts, load, ONNX and pt2 see no change)
+    assert list(fact.state_dict()) == list(nn.Sequential(*fact).state_dict())
+    assert "weight" not in dict(fact.named_parameters()) and "bias" not in dict(fact.named_parameters())
+    with pytest.raises(AttributeError):
+        fact.weight = dense.weight.detach()  # read-only, as on the SVD layer
+    text = repr(fact)
+    assert repr(dense) in text and f"scheme={used}" in text and f"rank={twin.rank}/{twin.full_rank}" in text
+    whole = fact[:]  # a slice is a plain Sequential of the same layers
+    assert type(whole) is nn.Sequential and list(whole) == list(fact)
+    x = torch.randn(2, *dense.weight.shape[1:2]) if isinstance(dense, nn.Linear) else torch.randn(
+        2, dense.in_channels, *(11,) * (dense.weight.dim() - 2))
+    torch.testing.assert_close(whole(x), twin(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_float64_factorized_realisation_weight_is_float64(scheme):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 8, 3, padding=1).double()
+    fact = SVDConv2d.from_dense(conv, scheme=scheme).to_factorized()
+    assert fact.weight.dtype == torch.float64
+    torch.testing.assert_close(fact.weight, conv.weight.detach(), rtol=1e-12, atol=1e-12)

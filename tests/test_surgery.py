@@ -252,3 +252,141 @@ def test_frozen_layers_stay_frozen():
     fact = factorize(model, DPRPConfig(min_compressible=None))
     assert [p.requires_grad for p in fact[0].parameters()] == [False] * 4
     assert all(p.requires_grad for p in fact[3].parameters())
+
+
+class CachesInForward(nn.Module):
+    """Caches a tensor derived from a parameter in eval mode (timm LeViT's attention_bias_cache) and keeps the
+    last input, as modules that cache state during forward do."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.table = nn.Parameter(torch.randn(8))
+        self.cache: dict[str, torch.Tensor] = {}
+        self.last_input = None
+
+    def forward(self, x):
+        self.last_input = x
+        if self.training:
+            return self.fc(x) + self.table
+        if "bias" not in self.cache:
+            self.cache["bias"] = self.table * 2
+        return self.fc(x) + self.cache["bias"]
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_factorize_leaves_a_model_that_caches_in_forward_untouched(training):
+    torch.manual_seed(0)
+    model = CachesInForward().train(training)
+    params = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
+    fact = factorize(model, DPRPConfig(min_compressible=None))
+    assert model.cache == {} and model.last_input is None  # no fx Proxy left in the user's model
+    assert all(p is model.get_parameter(n) and torch.equal(p, v) for n, (p, v) in params.items())
+    assert fact.cache == {} and fact.last_input is None  # nor in the copy returned
+    again = factorize(model, DPRPConfig(scheme="channel", min_compressible=None))  # and it can be done twice
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        want = model(x)
+        for f in (fact, again):
+            torch.testing.assert_close(f(x), want, rtol=1e-5, atol=1e-6)
+    assert set(surgery_report(fact).factorized) == {"fc"}
+
+
+class OptionalArgs(nn.Module):
+    def __init__(self, signature: str):
+        super().__init__()
+        self.signature = signature
+        self.body = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+        self.aux = nn.Linear(8, 3)
+
+    def forward(self, x, mask=None, *, features_only: bool = False, scale: float = 1.0):
+        x = self.body(x)
+        if mask is not None:
+            x = x * mask
+        if features_only:
+            return x
+        return self.head(x) * scale if self.signature != "swap" else self.aux(x)
+
+
+class VarArgs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x, *args, **kwargs):
+        return self.head(self.body(x))
+
+
+@pytest.mark.parametrize(("make", "factorized", "never"), [
+    (lambda: OptionalArgs("plain"), {"body", "head"}, {"aux"}),
+    (lambda: OptionalArgs("swap"), {"body", "aux"}, {"head"}),
+    (VarArgs, {"body", "head"}, set()),
+], ids=["defaults", "defaults-other-branch", "varargs"])
+def test_optional_forward_arguments_are_traced_with_their_defaults(make, factorized, never):
+    """forward(x, mask=None, *, features_only=False): the layers that model(x) calls are the ones factorized."""
+    torch.manual_seed(0)
+    model = make().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # traced, no fallback warning
+        fact = factorize(model, DPRPConfig(min_compressible=None))
+    report = surgery_report(fact)
+    assert report.traced
+    assert set(report.factorized) == factorized
+    assert {n for n, r in report.skipped.items() if r == "never called by the model's forward"} == never
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(fact(x), model(x), rtol=1e-5, atol=1e-6)
+    if isinstance(model, OptionalArgs):  # the other call paths still compute the same function
+        mask = torch.rand(2, 8)
+        torch.testing.assert_close(fact(x, mask, scale=2.0), model(x, mask, scale=2.0), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fact(x, features_only=True), model(x, features_only=True), rtol=1e-5,
+                                   atol=1e-6)
+
+
+class FunctionalWeights(nn.Module):
+    """Uses layers' weights functionally instead of calling them (timm EVA-02, torchvision swin_t)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 8)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = nn.functional.conv2d(x, self.conv.weight, padding=1).mean((2, 3))
+        return self.out(nn.functional.linear(y, self.qkv.weight, self.qkv.bias))
+
+
+@pytest.mark.parametrize(("name", "reason"), [
+    ("qkv", "its parameters 'qkv.weight' and 'qkv.bias' are read outside its forward"),
+    ("conv", "its parameter 'conv.weight' is read outside its forward"),
+], ids=["linear-weight-and-bias", "conv-weight"])
+def test_layers_whose_weights_are_used_functionally_say_so(name, reason):
+    torch.manual_seed(0)
+    model = FunctionalWeights()
+    fact = factorize(model, DPRPConfig(min_compressible=None))
+    report = surgery_report(fact)
+    assert report.skipped[name] == reason
+    assert set(report.factorized) == {"out"}
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(fact(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("layer", "shape"), [
+    (nn.Conv3d(3, 8, 3, padding=1), (2, 3, 4, 6, 6)),
+    (nn.ConvTranspose1d(3, 8, 3, stride=2), (2, 3, 6)),
+    (nn.ConvTranspose2d(3, 8, 3, stride=2), (2, 3, 6, 6)),
+    (nn.ConvTranspose3d(3, 8, 3), (2, 3, 4, 6, 6)),
+], ids=["Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"])
+def test_unsupported_convolutions_are_reported_as_skipped(layer, shape):
+    torch.manual_seed(0)
+    model = nn.Sequential(layer, nn.Flatten(2), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(8, 4))
+    fact = factorize(model, DPRPConfig(min_compressible=None))
+    report = surgery_report(fact)
+    assert report.skipped == {"0": f"{type(layer).__name__} is not supported; dprp_surgery factorizes Linear, "
+                                   "Conv1d and Conv2d"}
+    assert set(report.factorized) == {"4"} and type(fact[0]) is type(layer)
+    x = torch.randn(shape)
+    torch.testing.assert_close(fact(x), model(x), rtol=1e-5, atol=1e-6)
+    excluded = surgery_report(factorize(model, DPRPConfig(exclude=("0",), min_compressible=None)))
+    assert excluded.skipped == {}  # excluded layers are not listed
