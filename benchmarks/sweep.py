@@ -16,6 +16,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -25,6 +26,41 @@ from dprp_surgery.models import CIFAR_MODELS, load_cifar_checkpoint
 from dprp_surgery.trainer import DPRPTrainer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+FIXED = ("seed", "device")  # set by --seed and the CPU, the same for every run
+
+
+def _fail(parser: argparse.ArgumentParser, message: object) -> NoReturn:
+    """Exit 2 with a one-line `PROG: error: MESSAGE` (bad input, no traceback)."""
+    parser.exit(2, f"{parser.prog}: error: {' '.join(str(message).split())}\n")
+
+
+def read_sweep(parser: argparse.ArgumentParser, path: Path, seed: int) -> list[tuple[str, bool, DPRPConfig]]:
+    """(name, dense?, config) of every run in the sweep file; a bad file or entry exits 2 naming it."""
+    try:
+        runs = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        _fail(parser, f"cannot read sweep file {path}: {exc}")
+    if not isinstance(runs, dict) or not runs:
+        _fail(parser, f"sweep file {path} must hold a non-empty JSON object {{run name: {{DPRPConfig overrides}}}}.")
+    out = []
+    for name, overrides in runs.items():
+        where = f"sweep file {path}, run {name!r}"
+        if not isinstance(overrides, dict):
+            _fail(parser, f"{where}: expected an object of DPRPConfig overrides, got {json.dumps(overrides)}.")
+        overrides = dict(overrides)
+        dense_run = overrides.pop("dense", False)
+        if not isinstance(dense_run, bool):
+            _fail(parser, f"{where}: \"dense\" must be true or false, got {json.dumps(dense_run)}.")
+        fixed = [k for k in FIXED if k in overrides]
+        if fixed:
+            _fail(parser, f"{where}: {', '.join(fixed)} cannot be set per run (--seed and the CPU apply to all); "
+                          "remove it.")
+        try:
+            config = DPRPConfig.preset("finetune").replace(device="cpu", seed=seed, **overrides)
+        except (TypeError, ValueError) as exc:
+            _fail(parser, f"{where}: {exc}")
+        out.append((name, dense_run, config))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,33 +69,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=str(SHARED / "datasets" / "cifar10-jpeg.tar.gz"))
     parser.add_argument("--model", default="resnet20", choices=sorted(CIFAR_MODELS))
     parser.add_argument("--weights", type=Path, default=None, help="default ../shared/models/cifar10_MODEL.th")
-    parser.add_argument("--train-limit", type=int, default=10000)
-    parser.add_argument("--test-limit", type=int, default=2000)
+    parser.add_argument("--train-limit", type=int, default=10000,
+                        help="class-balanced training images (at most the dataset's)")
+    parser.add_argument("--test-limit", type=int, default=2000,
+                        help="class-balanced test images (at most the dataset's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = parser.parse_args(argv)
+    for flag, value in (("--train-limit", args.train_limit), ("--test-limit", args.test_limit)):
+        if value < 1:
+            _fail(parser, f"{flag} {value}: give at least 1 image.")
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        runs = json.loads(args.sweep.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SystemExit(f"cannot read sweep file {args.sweep}: {exc}") from exc
+    runs = read_sweep(parser, args.sweep, args.seed)  # every entry is checked before anything trains
     weights = args.weights or SHARED / "models" / f"cifar10_{args.model}.th"
-    train_ds, test_ds = open_data(args.data, progress=False)
-    train_ds = subset(train_ds, args.train_limit, seed=args.seed)
-    test_ds = subset(test_ds, args.test_limit, seed=args.seed)
+    try:
+        pretrained = load_cifar_checkpoint(CIFAR_MODELS[args.model](), weights)
+    except (OSError, ValueError) as exc:
+        _fail(parser, f"--weights: {exc}")
+    for name, dense_run, config in runs:  # e.g. an include/exclude that leaves nothing to factorize
+        if not dense_run:
+            try:
+                factorize(pretrained, config)
+            except ValueError as exc:
+                _fail(parser, f"sweep file {args.sweep}, run {name!r}: {exc}")
+    try:
+        train_ds, test_ds = open_data(args.data, progress=False)
+    except (OSError, ValueError) as exc:
+        _fail(parser, f"--data {args.data}: {exc}")
+    train_ds = subset(train_ds, min(args.train_limit, len(train_ds)), seed=args.seed)
+    test_ds = subset(test_ds, min(args.test_limit, len(test_ds)), seed=args.seed)
     example = torch.zeros(1, 3, 32, 32)
-    for name, overrides in runs.items():
-        overrides = dict(overrides)
-        dense_run = overrides.pop("dense", False)
-        config = DPRPConfig.preset("finetune").replace(device="cpu", seed=args.seed, **overrides)
+    for name, dense_run, config in runs:
         torch.manual_seed(args.seed)
         model = load_cifar_checkpoint(CIFAR_MODELS[args.model](), weights)
         dense = summarize(model, example)
         if not dense_run:
             model = factorize(model, config)
         train = TensorLoader(train_ds, config.batch_size, shuffle=True, augment="cifar", mean=IMAGENET_MEAN,
-                             std=IMAGENET_STD, seed=args.seed, drop_last=True)
+                             std=IMAGENET_STD, seed=args.seed, drop_last=len(train_ds) > config.batch_size)
         test = TensorLoader(test_ds, 500, mean=IMAGENET_MEAN, std=IMAGENET_STD)
         t0 = time.perf_counter()
         trainer = DPRPTrainer(model, config, train, test, progress=False)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from typing import NoReturn
 
 import torch
 
@@ -84,6 +85,11 @@ def truncated(model: torch.nn.Module, scheme: str, keep: float) -> torch.nn.Modu
     return factorized
 
 
+def _fail(parser: argparse.ArgumentParser, message: object) -> NoReturn:
+    """Exit 2 with a one-line `PROG: error: MESSAGE` (bad input, no traceback)."""
+    parser.exit(2, f"{parser.prog}: error: {' '.join(str(message).split())}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model spec, e.g. cifar:resnet56@FILE or timm:resnet18")
@@ -91,15 +97,24 @@ def main(argv: list[str] | None = None) -> int:
                         help="fractions of each layer's dense weights the factors may hold")
     parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
     parser.add_argument("--data", default=None, help="ImageFolder dir or .tar.gz: also measure top-1 (no training)")
-    parser.add_argument("--test-limit", type=int, default=2000, help="class-balanced test images for --data")
+    parser.add_argument("--test-limit", type=int, default=2000,
+                        help="class-balanced test images for --data (at most the split's; 0: all)")
     args = parser.parse_args(argv)
     if any(not 0 < k <= 1 for k in args.keep):
         parser.error("--keep values must lie in (0, 1]")
-    model = load_model(args.model)[0].eval()
+    if args.test_limit < 0:
+        _fail(parser, f"--test-limit {args.test_limit}: give 0 (all test images) or more.")
+    try:
+        model = load_model(args.model)[0].eval()
+    except (OSError, ValueError) as exc:
+        _fail(parser, f"--model {args.model}: {exc}")
     loader = None
     if args.data:
-        _, test_ds = open_data(args.data, progress=False)
-        test_ds = subset(test_ds, args.test_limit, seed=0) if args.test_limit else test_ds
+        try:
+            _, test_ds = open_data(args.data, progress=False)
+        except (OSError, ValueError) as exc:
+            _fail(parser, f"--data {args.data}: {exc}")
+        test_ds = subset(test_ds, min(args.test_limit, len(test_ds)), seed=0) if args.test_limit else test_ds
         loader = TensorLoader(test_ds, 500, mean=IMAGENET_MEAN, std=IMAGENET_STD)  # as benchmarks/cifar10.py
         print(f"dense top-1 on {len(test_ds)} test images: {top1(model, loader):.2f}")
     print(f"{args.model}: relative squared Frobenius error of the best truncation at each size")

@@ -9,8 +9,10 @@
 * ``losses.png``: the loss terms and the learning rate over the epochs;
 * ``accuracy.png``: train/val top-1 (and top-5) over the epochs;
 
-and writes ``report.md`` (final top-1, parameters and MACs removed, a per-layer rank table)
-linking them. The history is read tolerantly: loss and accuracy keys are recognised by name
+and writes ``report.md`` (final top-1, parameters and MACs removed, a per-layer rank table, a line when
+the run is unfinished) linking them. The initial ranks are ``run.json``'s ``full_ranks`` when present, else
+the ranks at the start of the first recorded epoch (its ``ranks`` with its ``pruned`` layers put back at
+their start ranks). The history is read tolerantly: loss and accuracy keys are recognised by name
 (``*loss*``, ``L_*``, ``*top1*``, ...) and nested dicts are flattened with ``/``.
 """
 
@@ -19,10 +21,11 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["make_report", "read_history"]
+__all__ = ["Report", "make_report", "read_history"]
 
 _SPECIAL = ("ranks", "singular_values")
 
@@ -108,6 +111,38 @@ def _percent(key: str, values: list[float]) -> list[float]:
 
 def _epochs(records: list[dict[str, Any]]) -> list[float]:
     return [float(r.get("epoch", i)) for i, r in enumerate(records)]
+
+
+def _start_ranks(records: list[dict[str, Any]]) -> tuple[dict[str, int], float | None]:
+    """Ranks at the start of the first record with ranks (its `pruned` starts put back), and that record's epoch."""
+    for i, rec in enumerate(records):
+        ranks = rec.get("ranks")
+        if not isinstance(ranks, dict) or not ranks:
+            continue
+        start = {n: int(v) for n, v in ranks.items() if isinstance(v, (int, float))}
+        pruned = rec.get("pruned")
+        for name, change in (pruned.items() if isinstance(pruned, dict) else ()):
+            if isinstance(change, (list, tuple)) and change and isinstance(change[0], (int, float)):
+                start[name] = int(change[0])
+        return start, float(rec.get("epoch", i))
+    return {}, None
+
+
+def _unfinished(root: Path, info: dict[str, Any], records: list[dict[str, Any]]) -> str | None:
+    """A report.md line saying the run is unfinished (run.json status "training", or fewer epochs than its config)."""
+    cfg = info.get("config") if isinstance(info.get("config"), dict) else {}
+    planned = cfg.get("epochs")
+    planned = int(planned) if isinstance(planned, (int, float)) and not isinstance(planned, bool) else None
+    how = (f"`dprp compress --out {root} --resume`" if info else
+           f"`compress(..., run_dir=..., resume='{root / 'checkpoint.pt'}')` (Python API)")
+    if planned is not None and len(records) < planned:
+        return (f"- **unfinished run**: {len(records)} of {planned} epochs recorded (stopped early, or still "
+                f"training); continue it with {how}")
+    if info.get("status") == "training":
+        return (f"- **unfinished run**: {len(records)} epochs recorded but the model was not exported (run.json "
+                "status \"training\": stopped, or still running); finish it with "
+                f"{how}")
+    return None
 
 
 def _si(n: float) -> str:
@@ -215,11 +250,28 @@ def _series(flat: list[dict[str, float]], key: str) -> list[float | None]:
     return [f.get(key) for f in flat]
 
 
-def make_report(run_dir: str | os.PathLike[str]) -> Path:
-    """Write the PNG plots and ``report.md`` of a run directory; return the report's path.
+@dataclass(frozen=True)
+class Report:
+    """The files one `make_report` call wrote.
 
-    Reads ``history.jsonl`` and, when present, ``run.json`` (model, data, dense figures before
-    compression and the layers' full ranks, written by ``dprp compress``).
+    Attributes:
+        path: ``RUN_DIR/report.md``.
+        plots: The PNG plots written this time, in the report's order (other PNGs in the folder are not listed).
+    """
+
+    path: Path
+    plots: list[Path] = field(default_factory=list)
+
+
+def make_report(run_dir: str | os.PathLike[str]) -> Report:
+    """Write the PNG plots and ``report.md`` of a run directory; return the files written.
+
+    Reads ``history.jsonl`` and, when present, ``run.json`` (model, data, config, status, dense
+    figures before compression and the layers' full ranks, written by ``dprp compress``). Without
+    ``full_ranks`` the initial ranks are those at the start of the first recorded epoch.
+
+    Returns:
+        A `Report` with the path of ``report.md`` and the plots written this time.
 
     Raises:
         ValueError: No or corrupt history (the message names the file).
@@ -241,12 +293,13 @@ def make_report(run_dir: str | os.PathLike[str]) -> Path:
     written: list[tuple[str, str]] = []
 
     # ranks (Fig. 5)
-    first_ranks = next((r["ranks"] for r in records if isinstance(r.get("ranks"), dict) and r["ranks"]), {})
+    start_ranks, start_epoch = _start_ranks(records)
     final_ranks = next((r["ranks"] for r in reversed(records) if isinstance(r.get("ranks"), dict) and r["ranks"]), {})
     full = info.get("full_ranks") if isinstance(info.get("full_ranks"), dict) else {}
-    names = list(final_ranks) or list(first_ranks)
-    initial_label = "initial (full rank)" if full else f"first record (epoch {epochs[0]:g})"
-    initial = [int(full.get(n, first_ranks.get(n, final_ranks.get(n, 0)))) for n in names]
+    names = list(final_ranks) or list(start_ranks)
+    initial_label = "initial (full rank)" if full else f"initial (start of epoch {start_epoch or 0:g})"
+    initial = [int(full.get(n, start_ranks.get(n, final_ranks.get(n, 0)))) for n in names]
+    initial_by_name = {**start_ranks, **{n: int(v) for n, v in full.items() if isinstance(v, (int, float))}}
     final = [int(final_ranks.get(n, 0)) for n in names]
     if names:
         _plot_ranks(root / "ranks.png", names, initial, final, initial_label)
@@ -270,7 +323,7 @@ def make_report(run_dir: str | os.PathLike[str]) -> Path:
                 sv_layers.append(n)
     if sv_layers:
         chosen = sv_layers if len(sv_layers) <= 3 else [sv_layers[0], sv_layers[len(sv_layers) // 2], sv_layers[-1]]
-        _plot_singular_values(root / "singular_values.png", epochs, records, chosen, full)
+        _plot_singular_values(root / "singular_values.png", epochs, records, chosen, initial_by_name)
         written.append(("singular_values.png", f"Singular values over training: {', '.join(chosen)} (paper Fig. 6)"))
 
     # losses and learning rate
@@ -301,7 +354,10 @@ def make_report(run_dir: str | os.PathLike[str]) -> Path:
     val_key = _pick(keys, ("val", "top1"), ("val_top1", "val/top1", "val_acc1", "val_acc"))
     train_key = _pick(keys, ("train", "top1"), ("train_top1", "train/top1", "train_acc1"))
     last = flat[-1]
-    lines = [f"# DPRP compression report: {root.name}", ""]
+    lines = [f"# DPRP compression report: {root.resolve().name or root.resolve()}", ""]
+    unfinished = _unfinished(root, info, records)
+    if unfinished:
+        lines += [unfinished]
     if info:
         lines += [f"- model: `{info.get('model', '?')}` (arch `{info.get('arch', '?')}`)",
                   f"- data: `{info.get('data', '?')}`"]
@@ -335,4 +391,4 @@ def make_report(run_dir: str | os.PathLike[str]) -> Path:
         lines.append("")
     out = root / "report.md"
     out.write_text("\n".join(lines))
-    return out
+    return Report(out, [root / fname for fname, _ in written])

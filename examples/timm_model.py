@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     parser.add_argument("--smoke", action="store_true",
                         help="a tiny run: 64 px (or the model's fixed size), 2 epochs of 2 batches of 8")
     args = parser.parse_args(argv)
+    if args.num_classes is not None and args.num_classes < 1:
+        raise SystemExit(f"--num-classes {args.num_classes}: give at least 1 (or leave it out).")
     for key, (normal, smoke) in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, smoke if args.smoke else normal)
@@ -147,6 +149,10 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
             train_ds, eval_ds = image_folder(args.data, size)
         except ValueError as exc:
             raise SystemExit(f"cannot read --data: {exc}") from None
+        found = max(len(train_ds.classes), len(eval_ds.classes))
+        if args.num_classes is not None and args.num_classes < found:
+            raise SystemExit(f"--num-classes {args.num_classes} is fewer than the {found} classes of --data "
+                             f"{args.data}; leave --num-classes out to use {found}.")
         num_classes = args.num_classes or len(train_ds.classes)
     else:
         num_classes = args.num_classes or 10

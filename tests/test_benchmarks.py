@@ -8,6 +8,7 @@ import re
 import runpy
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -160,9 +161,107 @@ def test_sweep_runs_each_entry(shared_dir, tmp_path, capsys):
     assert all(len(r["val"]) == 1 and 0 <= r["val"][0] <= 100 for r in lines)
 
 
-def test_sweep_reports_unreadable_file(tmp_path):
-    with pytest.raises(SystemExit, match="cannot read sweep file"):
-        run_main("sweep.py", [str(tmp_path / "missing.json")])
+def exits_2(name: str, argv: list[str], capsys, *words: str) -> str:
+    """Run benchmarks/NAME with bad input: exit 2 and a one-line message holding `words`, no traceback."""
+    with pytest.raises(SystemExit) as exc:
+        run_main(name, argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert all(w in err for w in words), (words, err)
+    return err
+
+
+def image_folder(root: Path, classes: int = 2, per_class: int = 3) -> Path:
+    """A tiny train/ + val/ ImageFolder of 32x32 PNGs, far below the scripts' default limits."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / f"c{c}" / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def weights(tmp_path) -> Path:
+    """A random-init CIFAR ResNet-20 state dict, standing in for the pretrained file."""
+    from dprp_surgery.models import resnet20
+
+    path = tmp_path / "r20.th"
+    torch.save(resnet20().state_dict(), path)
+    return path
+
+
+def test_sweep_reports_unreadable_file(tmp_path, capsys):
+    exits_2("sweep.py", [str(tmp_path / "missing.json")], capsys, "cannot read sweep file", "missing.json")
+
+
+@pytest.mark.parametrize(("entries", "words"), [
+    ({"x": {"epochz": 1}}, ("run 'x'", "unknown DPRPConfig field 'epochz'", "epochs")),
+    ({"x": {"epochs": 0}}, ("run 'x'", "epochs")),
+    ({"x": {"seed": 3}}, ("run 'x'", "seed", "--seed")),
+    ({"x": [1]}, ("run 'x'", "DPRPConfig overrides")),
+    ({"x": {"exclude": ["*"]}}, ("run 'x'", "exclude")),
+    ([], ("non-empty JSON object",)),
+], ids=["unknown-field", "bad-value", "fixed-field", "not-an-object", "nothing-to-factorize", "not-a-dict"])
+def test_sweep_bad_file_exits_2_before_training(entries, words, tmp_path, weights, capsys, monkeypatch):
+    from dprp_surgery.trainer import DPRPTrainer
+
+    monkeypatch.setattr(DPRPTrainer, "fit", lambda self: pytest.fail("a run trained"))
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps(entries))
+    exits_2("sweep.py", [str(sweep), "--weights", str(weights), "--data", str(image_folder(tmp_path / "d"))],
+            capsys, str(sweep), *words)
+
+
+def test_sweep_bad_data_and_weights_exit_2(tmp_path, weights, capsys):
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps({"x": {"epochs": 1}}))
+    exits_2("sweep.py", [str(sweep), "--weights", str(weights), "--data", str(tmp_path / "nodata")], capsys,
+            "--data", "nodata", "does not exist")
+    exits_2("sweep.py", [str(sweep), "--weights", str(tmp_path / "nope.th"), "--data", str(tmp_path)], capsys,
+            "--weights", "nope.th", "does not exist")
+
+
+def test_sweep_default_limits_clamp_to_a_small_dataset(tmp_path, weights, capsys):
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps({"dense": {"dense": True, "epochs": 1, "batch_size": 8}}))
+    data = image_folder(tmp_path / "d")  # 6 train / 6 val images: below --train-limit 10000 / --test-limit 2000
+    assert run_main("sweep.py", [str(sweep), "--weights", str(weights), "--data", str(data)]) == 0
+    (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert line["name"] == "dense" and len(line["val"]) == 1
+
+
+def test_truncation_error_bad_input_exits_2(tmp_path, capsys):
+    exits_2("truncation_error.py", ["--model", f"cifar:resnet20@{tmp_path / 'nope.th'}"], capsys,
+            "--model", "nope.th", "does not exist")
+    exits_2("truncation_error.py", ["--model", "timm:no_such_net"], capsys, "--model", "unknown timm model")
+    exits_2("truncation_error.py", ["--model", "cifar:resnet20", "--data", str(tmp_path / "nodata")], capsys,
+            "--data", "nodata")
+
+
+def test_truncation_error_default_test_limit_clamps_to_a_small_dataset(tmp_path, capsys):
+    data = image_folder(tmp_path / "d")  # 6 test images, below --test-limit 2000
+    args = ["--model", "cifar:resnet20", "--keep", "0.5", "--schemes", "paper", "--data", str(data)]
+    assert run_main("truncation_error.py", args) == 0
+    out = capsys.readouterr().out
+    assert "dense top-1 on 6 test images" in out and re.search(r"^\| paper \| 0.5 \| [\d.]+ \| .* \| [\d.]+ \|$", out,
+                                                                 flags=re.M), out
+
+
+def test_factorize_time_smoke(capsys):
+    assert run_main("factorize_time.py", ["--models", "test_vit3", "--schemes", "channel", "--repeats", "1"]) == 0
+    assert re.search(r"^\| test_vit3 \| channel \| [\d.]+ \| [\d.]+ \| \d+x \|$", capsys.readouterr().out, flags=re.M)
+
+
+def test_factorize_time_bad_input_exits_2(capsys):
+    exits_2("factorize_time.py", ["--models", "resnet5", "--repeats", "1"], capsys,
+            "--models", "unknown timm model 'resnet5'", "resnet50")
+    exits_2("factorize_time.py", ["--models", "resnet18", "--repeats", "0"], capsys, "--repeats")
 
 
 def test_cifar10_resume_continues_an_interrupted_row(shared_dir, tmp_path, monkeypatch):

@@ -189,6 +189,79 @@ def test_report(run_dir):
     assert "final val top-1" in text and "| layer1.0.conv1 |" in text
 
 
+def test_report_lists_only_the_plots_it_wrote(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for stale in ("ranks.png", "photo.png"):  # a plot of an earlier report, any other picture
+        (run / stale).write_bytes(b"")
+    (run / "history.jsonl").write_text(json.dumps({"epoch": 0, "loss": 1.0, "val_top1": 50.0}) + "\n")
+    result = invoke("report", run, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["plots"] == [str(run / "losses.png"), str(run / "accuracy.png")]
+    result = invoke("report", run)
+    assert result.exit_code == 0, result.output
+    assert "2 plots: losses.png, accuracy.png" in _flat(result.output) and "ranks.png" not in result.output
+
+
+def test_report_of_a_file_says_it_is_not_a_run_directory(tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("hi")
+    bad("report", f, words=(str(f), "is a file, not a run directory", "--out"))
+
+
+def test_a_stopped_run_records_its_full_ranks_and_reports_as_unfinished(data_dir, tmp_path, monkeypatch):
+    """run.json has full_ranks from the start: a run stopped after epoch 0 reports its true initial ranks."""
+    from dprp_surgery import DPRPConfig, factorize
+    from dprp_surgery.surgery import svd_layers
+    from dprp_surgery.trainer import DPRPTrainer
+
+    run_epoch = DPRPTrainer._run_epoch
+
+    def stopped(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt  # the process is stopped during the second epoch
+        return run_epoch(self, epoch)
+
+    monkeypatch.setattr(DPRPTrainer, "_run_epoch", stopped)
+    out = tmp_path / "run"
+    result = invoke("compress", "cifar:resnet20", "--data", data_dir, "--out", out, "--epochs", "2", "--batch-size",
+                    "8", "--limit-train", "8", "--lambda-comp", "20", "--epsilon", "0.9", "-q")
+    assert result.exit_code == 130, result.output
+    info = json.loads((out / "run.json").read_text())
+    full = {n: m.full_rank for n, m in svd_layers(factorize(resnet20(num_classes=2), DPRPConfig()))}
+    assert info["status"] == "training" and info["full_ranks"] == full
+    assert invoke("report", out).exit_code == 0
+    text = (out / "report.md").read_text()
+    assert "unfinished run" in text and "1 of 2 epochs recorded" in text
+    cells = [[c.strip() for c in line.strip("| ").split("|")] for line in text.splitlines() if line.startswith("| ")]
+    assert {c[0]: int(c[1]) for c in cells if c[0] in full} == full  # the table's initial column
+
+
+def test_a_failed_start_leaves_no_run_behind(data_dir, tmp_path, monkeypatch):
+    """A compress that fails before its first epoch leaves no run.json: the same --out simply works again."""
+    from dprp_surgery.trainer import DPRPTrainer
+
+    out = tmp_path / "run"
+    args = ("compress", "cifar:resnet20", "--data", data_dir, "--out", out, "--epochs", "1", "--batch-size", "8",
+            "--limit-train", "8", "-q")
+    bad(*args, "--exclude", "*", words=("exclude",))  # nothing to factorize
+    assert not out.exists()
+
+    def broken(self, epoch):
+        raise RuntimeError("disk on fire")
+
+    out.mkdir()
+    run_epoch = DPRPTrainer._run_epoch
+    monkeypatch.setattr(DPRPTrainer, "_run_epoch", broken)
+    result = invoke(*args)
+    assert result.exit_code == 1 and "disk on fire" in result.output, result.output
+    assert list(out.iterdir()) == []  # no run.json saying "training" with no history
+    monkeypatch.setattr(DPRPTrainer, "_run_epoch", run_epoch)
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "run.json").read_text())["status"] == "done"
+
+
 def test_resume_continues_the_run(run_dir, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
@@ -586,11 +659,14 @@ def test_demo_json_lists_the_report(tmp_path, monkeypatch):
     monkeypatch.setattr(commands, "DEMO_TRAIN", 40)
     monkeypatch.setattr(commands, "DEMO_TEST", 20)
     out = tmp_path / "demo"
+    out.mkdir()
+    (out / "photo.png").write_bytes(b"")  # a PNG the demo did not write is not one of its plots
     result = invoke("demo", "--out", out, "--epochs", "1", "--json")
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["report"] == str(out / "report.md") and data["synthetic"] is True
     assert str(out / "ranks.png") in data["plots"] and data["run_dir"] == str(out)
+    assert str(out / "photo.png") not in data["plots"] and all(pathlib.Path(p).stat().st_size for p in data["plots"])
 
 
 def test_eval_of_an_onnx_file_lists_the_model_forms(tmp_path, data_dir):
@@ -626,7 +702,7 @@ def test_report_keeps_the_trainers_percentages_below_one(tmp_path):
     records = [{"epoch": e, "loss": 4.8 - e, "train_top1": 0.5 + e, "val_top1": 0.83, "params": 100, "macs": 1000}
                for e in range(2)]  # 120 classes early in training: top-1 under 1%
     (run / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    text = make_report(run).read_text()
+    text = make_report(run).path.read_text()
     assert "final val top-1: 0.83%" in text and "final train top-1: 1.50%" in text
 
 

@@ -121,3 +121,18 @@ def test_timm_model_image_folder_and_weights(tmp_path, monkeypatch, capsys):
     assert "timm.create_model('resnet18', num_classes=3)" in out and out_file.is_file()
     model, arch = load_model(f"timm:resnet18@{out_file}")  # the class count comes from the file
     assert arch == "timm:resnet18" and model.num_classes == 3
+
+
+def test_timm_model_num_classes_fewer_than_the_data(tmp_path, monkeypatch):
+    """--num-classes below the folder's classes is refused by name (a 2-way head cannot learn 3 labels)."""
+    from PIL import Image
+
+    monkeypatch.setenv("DPRP_CACHE", str(tmp_path / "cache"))
+    for c in ("ant", "bee", "cat"):
+        (tmp_path / "images" / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "images" / c / "0.png")
+    args = ["--smoke", "--data", str(tmp_path / "images")]
+    with pytest.raises(SystemExit, match=r"--num-classes 2 is fewer than the 3 classes of --data .* leave --num"):
+        run_example("timm_model.py", [*args, "--num-classes", "2"], monkeypatch)
+    with pytest.raises(SystemExit, match="--num-classes 0: give at least 1"):
+        run_example("timm_model.py", [*args, "--num-classes", "0"], monkeypatch)

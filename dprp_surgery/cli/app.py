@@ -354,7 +354,8 @@ def eval_cmd(
 
 @app.command("report", epilog="Example:\n\n    dprp report runs/r20")
 def report_cmd(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `dprp compress`.", show_default=False)],
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `dprp compress` (or by the Python API's "
+                                                  "compress(..., run_dir=...)).", show_default=False)],
     json_out: JsonOpt = False,
 ) -> None:
     """Plot ranks, parameters/MACs, singular values and losses of a run, and write report.md."""

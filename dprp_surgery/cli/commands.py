@@ -560,6 +560,14 @@ def _run_files(out: Path) -> list[str]:
     return run_files(out)
 
 
+def _remove_failed_start(out: Path, created: bool) -> None:
+    """Delete RUN_DIR/run.json of a run that failed before its first epoch (and RUN_DIR if created and empty)."""
+    with contextlib.suppress(OSError):
+        (out / "run.json").unlink(missing_ok=True)
+        if created:
+            out.rmdir()  # only when empty
+
+
 def compress_pipeline(*, model: nn.Module, arch: str, model_spec: str, data_spec: str, train: TensorImageDataset,
                       val: TensorImageDataset, recipe: DataRecipe, config: DPRPConfig, out: Path, export_mode: str,
                       objective: str, resume: Path | None, progress: bool, json_out: bool,
@@ -567,17 +575,26 @@ def compress_pipeline(*, model: nn.Module, arch: str, model_spec: str, data_spec
                       emit_json: bool = True) -> dict[str, Any]:
     """Train with DPRP, export, save RUN_DIR/model and run.json, print the before/after table.
 
+    The model is factorized before anything is written, and run.json (status "training", the layers'
+    ``full_ranks``) is written before training starts. A fresh run that fails before its first epoch is
+    recorded (no checkpoint.pt or history.jsonl yet) removes that run.json again (and RUN_DIR when it
+    created it and it is empty), so the same --out can simply be used again.
+
     With `json_out`, the result is printed as JSON unless `emit_json` is False (the caller prints it, from
     ``info["json"]``, with more fields).
     """
     from ..export import export, save
-    from ..surgery import svd_layers
+    from ..surgery import factorize, svd_layers
 
-    out.mkdir(parents=True, exist_ok=True)
     example = torch.zeros(1, *train.image_shape)
     train_loader, val_loader = _loaders(train, val, recipe, config)
     dense_summary = summarize(model, example)
     model = model.to(_device(config))
+    with _busy("Factorizing the model ...", progress and not json_out):
+        factorized = factorize(model, config)  # bad --include/--exclude fail here, before anything is written
+    full_ranks = {n: m.full_rank for n, m in svd_layers(factorized)}
+    if config.distill > 0 and teacher is None:
+        teacher = model  # the model as given, as `compress` would use (it gets the factorized copy)
     top1_b, top5_b = evaluate(model, val_loader, progress and not json_out, "evaluating the model as given")
     before = {"params": dense_summary.params, "macs": dense_summary.macs, "top1": top1_b, "top5": top5_b}
     info: dict[str, Any] = {
@@ -585,18 +602,26 @@ def compress_pipeline(*, model: nn.Module, arch: str, model_spec: str, data_spec
         "num_classes": infer_num_classes(model), "data": data_spec, "classes": list(train.classes),
         "train_images": len(train), "val_images": len(val), "recipe": recipe.to_dict(),
         "input_size": list(example.shape[1:]), "config": config.to_dict(), "export_mode": export_mode,
-        "objective": objective, "status": "training", "results": {"before": before}, **(extra or {}),
+        "objective": objective, "status": "training", "full_ranks": full_ranks, "results": {"before": before},
+        **(extra or {}),
     }
     run_json = out / "run.json"
     if resume is not None and run_json.is_file():
         old = read_run_info(out)
         info["results"]["before"] = (old.get("results") or {}).get("before") or before
         before = info["results"]["before"]
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
     _write_json_atomic(run_json, info)
     compress = _trainer_compress()
     t0 = time.perf_counter()
-    result = compress(model, config, train_loader, val_loader, run_dir=out, resume=resume, progress=progress,
-                      teacher=teacher)
+    try:
+        result = compress(factorized, config, train_loader, val_loader, run_dir=out, resume=resume,
+                          progress=progress, teacher=teacher)
+    except BaseException:
+        if resume is None and not _run_files(out):  # nothing recorded: leave no half-made run behind
+            _remove_failed_start(out, created)
+        raise
     wall = time.perf_counter() - t0
     trained = result.model.eval()
     device = next(trained.parameters()).device
@@ -845,14 +870,17 @@ def run_report(*, run_dir: Path, json_out: bool) -> None:
     with cli_errors():
         from ..report import make_report
 
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ValueError(f"RUN_DIR {str(run_dir)!r} is a file, not a run directory; pass the directory given as "
+                             "--out to `dprp compress`.")
         if not run_dir.is_dir():
             raise ValueError(f"run directory {str(run_dir)!r} does not exist; pass the --out of `dprp compress`.")
-        path = make_report(run_dir)
-        plots = sorted(p.name for p in run_dir.glob("*.png"))
+        report = make_report(run_dir)
+        plots = [p.name for p in report.plots]
         if json_out:
-            _emit_json({"report": str(path), "plots": [str(run_dir / p) for p in plots]})
+            _emit_json({"report": str(report.path), "plots": [str(p) for p in report.plots]})
         else:
-            _out().print(f"Wrote {path} and {len(plots)} plots: {', '.join(plots)}")
+            _out().print(f"Wrote {report.path} and {len(plots)} plots" + (f": {', '.join(plots)}" if plots else "."))
 
 
 # ----------------------------------------------------------------------------- demo
@@ -1014,9 +1042,8 @@ def run_demo(*, out: Path, epochs: int, quiet: bool, json_out: bool) -> None:
                                  json_out=json_out, extra={"demo": True, "synthetic": source is None},
                                  emit_json=False)
         report = make_report(out)
-        plots = sorted(p.name for p in out.glob("*.png"))
         if json_out:
-            _emit_json({**info["json"], "report": str(report), "plots": [str(out / p) for p in plots],
+            _emit_json({**info["json"], "report": str(report.path), "plots": [str(p) for p in report.plots],
                         "synthetic": source is None})
         else:
-            _out().print(f"Report: {report} (plots: {', '.join(plots)})")
+            _out().print(f"Report: {report.path} (plots: {', '.join(p.name for p in report.plots)})")
