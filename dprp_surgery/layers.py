@@ -562,12 +562,16 @@ class _BatchedSequential(nn.Sequential):
 
     def __init__(self, *modules: nn.Module, sample_dim: int | None = None) -> None:
         super().__init__(*modules)
-        self.sample_dim = sample_dim  # dims of one unbatched sample; None (a slice of one): none expected
+        self.sample_dim = sample_dim or 0  # dims of one unbatched sample; 0 (None given): none expected (an int
+        # either way, for torch.jit.script)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sample_dim is not None and x.dim() == self.sample_dim:
-            return super().forward(x.unsqueeze(0)).squeeze(0)
-        return super().forward(x)
+        single = x.dim() == self.sample_dim  # 0 when no unbatched sample is expected
+        if single:
+            x = x.unsqueeze(0)
+        for module in self:  # as nn.Sequential.forward, written out so that torch.jit.script compiles it
+            x = module(x)
+        return x.squeeze(0) if single else x
 
 
 _DENSE_HPARAMS: dict[str, tuple[str, ...]] = {
@@ -624,9 +628,19 @@ class FactorizedSequential(_BatchedSequential):
         """The SVD layer's `SVDLayer.spec()` (type, hyper-parameters, scheme, rank) it was realised from."""
         return dict(self._spec)
 
+    __jit_unused_properties__: ClassVar[list[str]] = ["weight", "bias"]  # torch.jit.script compiles forward only
+
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(U', V', bias) with U' V'^T = M, read off the two realised layers (U' holds Sigma; not detached)."""
-        return _realised_factors(self, self._spec)
+        """(U', V', bias) with U' V'^T = M, read off the two realised layers (U' holds Sigma; not detached).
+
+        Raises:
+            AttributeError: The realisation no longer holds its two plain layers (e.g. after re-factorizing
+                or dynamic quantization), so it has no dense weight to show (``hasattr`` is then False).
+        """
+        try:
+            return _realised_factors(self, self._spec)
+        except ValueError as exc:
+            raise AttributeError(str(exc)) from None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -645,8 +659,11 @@ class FactorizedSequential(_BatchedSequential):
 
     def extra_repr(self) -> str:
         h, w = MATRICIZATIONS[self.scheme].matrix_shape(self.weight_shape)
-        dense = f"{self.dense_type.__name__}({self.dense_type.extra_repr(self)})"  # as the dense layer prints
-        return f"{dense}, scheme={self.scheme}, rank={self.rank}/{min(h, w)}, M={h}x{w}"
+        try:
+            dense = f"{self.dense_type.__name__}({self.dense_type.extra_repr(self)}), "  # as the dense layer prints
+        except AttributeError:  # its layers were replaced (bias unknown): the realisation's own modules tell
+            dense = f"{self.dense_type.__name__} realisation, "
+        return f"{dense}scheme={self.scheme}, rank={self.rank}/{min(h, w)}, M={h}x{w}"
 
 
 def _paper_order_of(in_channels: int, out_channels: int, groups: int, kernel_size, stride, bias: bool) -> str:
@@ -665,7 +682,9 @@ def _realised_factors(seq: nn.Module, spec: dict) -> tuple[torch.Tensor, torch.T
     parts = [m for m in seq if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d)] if isinstance(
         seq, nn.Sequential) else []
     if len(parts) != 2:
-        raise ValueError(f"expected a two-layer factorized realisation for {spec.get('type')}, got {seq}")
+        kinds = ", ".join(type(m).__name__ for m in seq.children()) if isinstance(seq, nn.Module) else type(seq)
+        raise ValueError(f"expected a two-layer factorized realisation of {spec.get('type')} (two Linear/Conv "
+                         f"layers), got {kinds or 'nothing'}")
     first, second = parts
     w1, w2 = first.weight, second.weight
     r = int(spec["rank"])

@@ -113,8 +113,9 @@ def _epochs(records: list[dict[str, Any]]) -> list[float]:
     return [float(r.get("epoch", i)) for i, r in enumerate(records)]
 
 
-def _start_ranks(records: list[dict[str, Any]]) -> tuple[dict[str, int], float | None]:
-    """Ranks at the start of the first record with ranks (its `pruned` starts put back), and that record's epoch."""
+def _start_ranks(records: list[dict[str, Any]]) -> tuple[dict[str, int], float | None, bool]:
+    """Ranks at the start of the first record with ranks (its `pruned` starts put back), that record's epoch, and
+    whether the record said what it pruned (histories of older versions have no `pruned`)."""
     for i, rec in enumerate(records):
         ranks = rec.get("ranks")
         if not isinstance(ranks, dict) or not ranks:
@@ -124,8 +125,8 @@ def _start_ranks(records: list[dict[str, Any]]) -> tuple[dict[str, int], float |
         for name, change in (pruned.items() if isinstance(pruned, dict) else ()):
             if isinstance(change, (list, tuple)) and change and isinstance(change[0], (int, float)):
                 start[name] = int(change[0])
-        return start, float(rec.get("epoch", i))
-    return {}, None
+        return start, float(rec.get("epoch", i)), "pruned" in rec
+    return {}, None, False
 
 
 def _unfinished(root: Path, info: dict[str, Any], records: list[dict[str, Any]]) -> str | None:
@@ -262,6 +263,10 @@ class Report:
     path: Path
     plots: list[Path] = field(default_factory=list)
 
+    def __fspath__(self) -> str:
+        """The report's path, so that ``open(report)`` and ``Path(report)`` work as with the Path it once was."""
+        return os.fspath(self.path)
+
 
 def make_report(run_dir: str | os.PathLike[str]) -> Report:
     """Write the PNG plots and ``report.md`` of a run directory; return the files written.
@@ -293,11 +298,13 @@ def make_report(run_dir: str | os.PathLike[str]) -> Report:
     written: list[tuple[str, str]] = []
 
     # ranks (Fig. 5)
-    start_ranks, start_epoch = _start_ranks(records)
+    start_ranks, start_epoch, pruning_known = _start_ranks(records)
     final_ranks = next((r["ranks"] for r in reversed(records) if isinstance(r.get("ranks"), dict) and r["ranks"]), {})
     full = info.get("full_ranks") if isinstance(info.get("full_ranks"), dict) else {}
     names = list(final_ranks) or list(start_ranks)
-    initial_label = "initial (full rank)" if full else f"initial (start of epoch {start_epoch or 0:g})"
+    initial_label = ("initial (full rank)" if full
+                     else f"initial (start of epoch {start_epoch or 0:g})" if pruning_known
+                     else f"first record (end of epoch {start_epoch or 0:g})")
     initial = [int(full.get(n, start_ranks.get(n, final_ranks.get(n, 0)))) for n in names]
     initial_by_name = {**start_ranks, **{n: int(v) for n, v in full.items() if isinstance(v, (int, float))}}
     final = [int(final_ranks.get(n, 0)) for n in names]
@@ -385,7 +392,8 @@ def make_report(run_dir: str | os.PathLike[str]) -> Report:
     for fname, caption in written:
         lines += [f"## {caption}", "", f"![{caption}]({fname})", ""]
     if names:
-        lines += ["## Ranks per layer", "", "| layer | initial | final | kept |", "|---|---:|---:|---:|"]
+        first = "initial" if full or pruning_known else f"epoch {start_epoch or 0:g} (no record of its pruning)"
+        lines += ["## Ranks per layer", "", f"| layer | {first} | final | kept |", "|---|---:|---:|---:|"]
         for n, a, b in zip(names, initial, final):
             lines.append(f"| {n} | {a} | {b} | {b / a:.0%} |" if a else f"| {n} | {a} | {b} | - |")
         lines.append("")

@@ -146,18 +146,28 @@ def _concrete_args(model: nn.Module) -> dict[str, object] | None:
     return out or None
 
 
+def _trace(model: nn.Module) -> torch.fx.Graph:
+    """The fx graph of `model`'s forward, optional parameters at their defaults."""
+    with warnings.catch_warnings():  # fx cannot guard non-scalar defaults; the trace is only analysed
+        warnings.filterwarnings("ignore", message="Was not able to add assertion")
+        return _Tracer().trace(model, concrete_args=_concrete_args(model))
+
+
 def _called_modules(model: nn.Module) -> tuple[dict[str, str | None], bool]:
     """Modules the forward calls, name -> None, or name -> reason they must stay dense.
 
-    The forward is traced on a throw-away meta copy of `model` (`_tracing_copy`), with the defaults of
+    The forward is traced on a throw-away meta copy of `model` (`_tracing_copy`; a plain deep copy when the
+    forward needs its tensors' values), with the defaults of
     its optional parameters (`_concrete_args`); the graph is only read for module calls and parameter
     reads. Falls back to every named module (with one warning) when torch.fx cannot trace the model.
     """
-    traced = _tracing_copy(model)
     try:
-        with warnings.catch_warnings():  # fx cannot guard non-scalar defaults; the trace is only analysed
-            warnings.filterwarnings("ignore", message="Was not able to add assertion")
-            graph = _Tracer().trace(traced, concrete_args=_concrete_args(traced))
+        try:
+            traced = _tracing_copy(model)
+            graph = _trace(traced)
+        except Exception:  # noqa: BLE001 - a forward reading a buffer's value (int(self.reps)) needs real data
+            traced = copy.deepcopy(model)
+            graph = _trace(traced)
     except Exception as exc:  # noqa: BLE001 - any tracing failure means "use the walk"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         warnings.warn(
@@ -185,6 +195,10 @@ def _called_modules(model: nn.Module) -> tuple[dict[str, str | None], bool]:
     for owner, attrs in reads.items():  # called or not (F.linear(x, self.qkv.weight)): used without calling it
         what = f"parameter {attrs[0]} is" if len(attrs) == 1 else f"parameters {' and '.join(attrs)} are"
         called[owner] = f"its {what} read outside its forward"
+    if type(model) in TWINS:  # the root is traced, never called
+        twin = TWINS[type(model)].__name__
+        called[""] = (f"the model is itself one {type(model).__name__}: use {twin}.from_dense(layer), or wrap it "
+                      "(nn.Sequential(layer)) to factorize it")
     return called, True
 
 
@@ -217,11 +231,15 @@ def _plan(model: nn.Module, called: dict[str, str | None], config: DPRPConfig):
         candidates.append((name, module))
     _check_patterns(config, [n for n, _ in candidates], names)
     shared = _shared_weights(model)
+    defaults = sorted(_concrete_args(model) or {})
+    never = "never called by the model's forward" + (
+        f" (traced with {', '.join(defaults)} at {'its default' if len(defaults) == 1 else 'their defaults'})"
+        if defaults else "")
     for name, module in candidates:
         if not _selected(name, config):
             continue
         if name not in called:
-            report.skipped[name] = "never called by the model's forward"
+            report.skipped[name] = never
             continue
         if called[name] is not None:
             report.skipped[name] = called[name]

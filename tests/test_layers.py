@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -331,6 +332,16 @@ def test_factorized_realisation_answers_like_the_dense_layer(dense, scheme):
     x = torch.randn(2, *dense.weight.shape[1:2]) if isinstance(dense, nn.Linear) else torch.randn(
         2, dense.in_channels, *(11,) * (dense.weight.dim() - 2))
     torch.testing.assert_close(whole(x), twin(x), rtol=1e-4, atol=1e-5)
+    with warnings.catch_warnings():  # TorchScript is deprecated in newer torch, but deployments still use it
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(fact)  # it compiles the forward (not weight/bias)
+    for inputs in (x, x[0]):  # batched and one unbatched sample
+        torch.testing.assert_close(scripted(inputs), fact(inputs), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fact(inputs), twin(inputs), rtol=1e-4, atol=1e-5)
+    last = max(i for i, m in enumerate(fact) if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d))
+    fact[last] = nn.Identity()  # no longer two plain layers (as after re-factorizing or quantizing its parts)
+    assert not hasattr(fact, "weight") and not hasattr(fact, "bias")
+    assert f"scheme={used}" in repr(fact)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

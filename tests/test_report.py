@@ -107,3 +107,23 @@ def test_plots_are_those_written_this_time(tmp_path):
     second = make_report(run)  # ranks.png etc. of the first report stay in the folder but are not this report's
     assert [p.name for p in second.plots] == ["losses.png", "accuracy.png"]
     assert "ranks.png" not in second.path.read_text()
+
+
+def test_history_without_pruned_records_says_its_first_ranks_are_after_pruning(tmp_path, figures):
+    """Histories of older versions have no `pruned`: the first ranks are labelled as the end of epoch 0."""
+    old = [{k: v for k, v in r.items() if k != "pruned"} for r in RECORDS]
+    text = make_report(write_run(tmp_path / "old", old)).path.read_text()
+    assert "| layer | epoch 0 (no record of its pruning) | final | kept |" in text
+    assert rank_rows(text)["conv"] == ("3", "2", "67%")
+    labels = [t.get_text() for t in axes_titled(figures, "Rank per layer (cf. paper Fig. 5)").get_legend().get_texts()]
+    assert labels == ["first record (end of epoch 0)", "final"]
+
+
+def test_the_report_is_path_like(tmp_path):
+    import os
+
+    written = make_report(write_run(tmp_path / "run", RECORDS))
+    assert pathlib.Path(written) == tmp_path / "run" / "report.md" == written.path
+    with open(written) as f:
+        assert f.readline().startswith("# DPRP compression report")
+    assert os.fspath(written) == str(written.path)

@@ -333,7 +333,10 @@ def test_optional_forward_arguments_are_traced_with_their_defaults(make, factori
     report = surgery_report(fact)
     assert report.traced
     assert set(report.factorized) == factorized
-    assert {n for n, r in report.skipped.items() if r == "never called by the model's forward"} == never
+    reasons = {n: r for n, r in report.skipped.items() if r.startswith("never called by the model's forward")}
+    assert set(reasons) == never
+    for r in reasons.values():  # the reason says which call was traced
+        assert r.endswith("(traced with features_only, mask, scale at their defaults)"), r
     x = torch.randn(2, 8)
     torch.testing.assert_close(fact(x), model(x), rtol=1e-5, atol=1e-6)
     if isinstance(model, OptionalArgs):  # the other call paths still compute the same function
@@ -390,3 +393,36 @@ def test_unsupported_convolutions_are_reported_as_skipped(layer, shape):
     torch.testing.assert_close(fact(x), model(x), rtol=1e-5, atol=1e-6)
     excluded = surgery_report(factorize(model, DPRPConfig(exclude=("0",), min_compressible=None)))
     assert excluded.skipped == {}  # excluded layers are not listed
+
+
+class ReadsABufferValue(nn.Module):
+    """A forward that needs a buffer's value (not only its shape), and reads a layer's weight functionally."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("reps", torch.tensor(2))
+        self.qkv, self.unused, self.fc = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.nn.functional.linear(x, self.qkv.weight, self.qkv.bias)
+        return self.fc(h.repeat(1, int(self.reps)))
+
+
+def test_a_forward_needing_tensor_values_is_traced_on_a_real_copy():
+    model = ReadsABufferValue()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # traced (on a real copy once the meta copy fails), no fallback walk
+        fact = factorize(model, DPRPConfig(min_compressible=None))
+    report = surgery_report(fact)
+    assert report.traced and set(report.factorized) == {"fc"}
+    assert report.skipped["unused"].startswith("never called") and "read outside its forward" in report.skipped["qkv"]
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(fact(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(4, 3), nn.Conv2d(3, 4, 3)], ids=["linear", "conv2d"])
+def test_a_bare_layer_is_refused_with_the_way_to_factorize_it(layer):
+    twin = "SVDLinear" if isinstance(layer, nn.Linear) else "SVDConv2d"
+    with pytest.raises(FactorizationError, match=rf"itself one {type(layer).__name__}: use {twin}\.from_dense"):
+        factorize(layer, DPRPConfig(min_compressible=None))
+    assert isinstance(factorize(nn.Sequential(layer), DPRPConfig(min_compressible=None))[0], SVDLayer)
