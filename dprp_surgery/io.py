@@ -339,8 +339,6 @@ def _rebuild_mismatch(model: nn.Module, arch: str, num_classes: int | None) -> s
 
 def _head(model: nn.Module) -> tuple[str, nn.Module] | None:
     """(name, module) of the classifier: timm's get_classifier, else the last Linear-like layer."""
-    from .layers import SVDLinear
-
     get = getattr(model, "get_classifier", None)
     if callable(get):
         try:
@@ -350,17 +348,30 @@ def _head(model: nn.Module) -> tuple[str, nn.Module] | None:
         if isinstance(head, nn.Module) and not isinstance(head, nn.Identity):
             for name, m in model.named_modules():
                 if m is head:
-                    if isinstance(m, (nn.Linear, SVDLinear, nn.Conv2d)):
+                    if _linear_like(m) or isinstance(m, nn.Conv2d):
                         return name, m
-                    inner = [(f"{name}.{n}" if n else name, s) for n, s in m.named_modules()
-                             if isinstance(s, (nn.Linear, SVDLinear))]
+                    inner = _linear_layers(m, name)
                     if inner:
                         return inner[-1]
-    last = None
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Linear, SVDLinear)):
-            last = (name, m)
-    return last
+    inner = _linear_layers(model, "")
+    return inner[-1] if inner else None
+
+
+def _linear_like(m: nn.Module) -> bool:
+    """A Linear, its SVD twin, or its factorized export (one FactorizedSequential, not its two parts)."""
+    from .layers import FactorizedSequential, SVDLinear
+
+    return isinstance(m, (nn.Linear, SVDLinear)) or (isinstance(m, FactorizedSequential)
+                                                      and m.dense_type is nn.Linear)
+
+
+def _linear_layers(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module]]:
+    """(qualified name, layer) of the Linear-like layers in `module`, a factorized export's parts not listed."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, m in module.named_modules(prefix=prefix):
+        if _linear_like(m) and not any(name.startswith(f"{outer}.") for outer, _ in found):
+            found.append((name, m))
+    return found
 
 
 def infer_num_classes(model: nn.Module) -> int | None:
@@ -392,13 +403,15 @@ def set_num_classes(model: nn.Module, num_classes: int) -> nn.Module:
     if callable(reset):
         reset(num_classes)
         return model
+    from .layers import FactorizedSequential
+
     head = _head(model)
-    if head is None or not isinstance(head[1], nn.Linear):
+    if head is None or not isinstance(head[1], (nn.Linear, FactorizedSequential)):
         raise ValueError(f"cannot find the classifier of {type(model).__name__} to give it {num_classes} outputs; "
                          "build the model with the right number of classes (--num-classes).")
-    name, old = head
-    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None, device=old.weight.device,
-                    dtype=old.weight.dtype)
+    name, old = head  # a factorized export's head becomes one fresh (dense) Linear
+    ref = next(old.parameters())
+    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None, device=ref.device, dtype=ref.dtype)
     model.set_submodule(name, new)
     if hasattr(model, "num_classes"):
         model.num_classes = num_classes

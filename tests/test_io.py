@@ -446,3 +446,22 @@ def test_rebuild_check_skips_replaced_layers():
     assert infer_arch(model) == "timm:mobilenetv3_small_050"
     for mode in ("factorized", "auto", "dense"):
         assert infer_arch(export(model, mode)) == "timm:mobilenetv3_small_050"
+
+
+@pytest.mark.parametrize("make", ["torchvision:resnet18", "cifar:resnet20"])
+def test_head_of_a_factorized_export_is_the_whole_realisation(make):
+    """The classifier of a factorized export is its FactorizedSequential, not the second of its two layers."""
+    from dprp_surgery import DPRPConfig, export, factorize
+    from dprp_surgery.io import build_arch, infer_num_classes
+
+    torch.manual_seed(0)
+    model = build_arch(make, 10).eval()
+    exported = export(factorize(model, DPRPConfig(scheme="channel")), "factorized")
+    name = "fc" if make.startswith("torchvision") else "linear"
+    assert type(exported.get_submodule(name)).__name__ == "FactorizedSequential"
+    assert infer_num_classes(exported) == 10
+    set_num_classes(exported, 3)
+    head = exported.get_submodule(name)
+    assert type(head) is torch.nn.Linear and head.out_features == 3
+    size = 64 if make.startswith("torchvision") else 32
+    assert exported(torch.randn(2, 3, size, size)).shape == (2, 3)
