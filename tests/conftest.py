@@ -25,3 +25,22 @@ def cifar10_dir(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     if not archive.is_file():
         pytest.skip(f"CIFAR-10 JPEG archive {archive} not found")
     return extract_archive(archive, tmp_path_factory.mktemp("cifar10"))
+
+
+@pytest.fixture
+def stop_in_epoch(monkeypatch: pytest.MonkeyPatch):
+    """Call ``stop_in_epoch(N)`` to make every DPRPTrainer raise KeyboardInterrupt (a stopped process) when
+    epoch N starts; ``stop_in_epoch(None)`` lets training run again."""
+    from dprp_surgery.trainer import DPRPTrainer
+
+    run_epoch = DPRPTrainer._run_epoch
+
+    def arm(epoch: int | None) -> None:
+        def stopped(self, e):
+            if e == epoch:
+                raise KeyboardInterrupt
+            return run_epoch(self, e)
+
+        monkeypatch.setattr(DPRPTrainer, "_run_epoch", run_epoch if epoch is None else stopped)
+
+    return arm

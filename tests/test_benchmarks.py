@@ -264,25 +264,16 @@ def test_factorize_time_bad_input_exits_2(capsys):
     exits_2("factorize_time.py", ["--models", "resnet18", "--repeats", "0"], capsys, "--repeats")
 
 
-def test_cifar10_resume_continues_an_interrupted_row(shared_dir, tmp_path, monkeypatch):
-    from dprp_surgery.trainer import DPRPTrainer
-
+def test_cifar10_resume_continues_an_interrupted_row(shared_dir, tmp_path, stop_in_epoch):
     base = ["--quiet", "--rows", "tuned", "--epochs", "2", "--train-limit", "64", "--test-limit", "32",
             "--batch-size", "16", "--lambda-comp", "20"]
     assert run_main("cifar10.py", [*base, "--out", str(tmp_path / "whole")]) == 0
     whole = json.loads((tmp_path / "whole" / "results.json").read_text())[0]
 
-    run_epoch = DPRPTrainer._run_epoch
-
-    def interrupted(self, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt  # the machine goes away during the second epoch
-        return run_epoch(self, epoch)
-
-    monkeypatch.setattr(DPRPTrainer, "_run_epoch", interrupted)
+    stop_in_epoch(1)  # the machine goes away during the second epoch
     with pytest.raises(KeyboardInterrupt):
         run_main("cifar10.py", [*base, "--out", str(tmp_path / "cut")])
-    monkeypatch.setattr(DPRPTrainer, "_run_epoch", run_epoch)
+    stop_in_epoch(None)
     assert run_main("cifar10.py", [*base, "--out", str(tmp_path / "cut"), "--resume"]) == 0
     resumed = json.loads((tmp_path / "cut" / "results.json").read_text())[0]
     assert resumed["resumed_at_epoch"] == 1 and "resumed_at_epoch" not in whole

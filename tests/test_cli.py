@@ -209,20 +209,12 @@ def test_report_of_a_file_says_it_is_not_a_run_directory(tmp_path):
     bad("report", f, words=(str(f), "is a file, not a run directory", "--out"))
 
 
-def test_a_stopped_run_records_its_full_ranks_and_reports_as_unfinished(data_dir, tmp_path, monkeypatch):
+def test_a_stopped_run_records_its_full_ranks_and_reports_as_unfinished(data_dir, tmp_path, stop_in_epoch):
     """run.json has full_ranks from the start: a run stopped after epoch 0 reports its true initial ranks."""
     from dprp_surgery import DPRPConfig, factorize
     from dprp_surgery.surgery import svd_layers
-    from dprp_surgery.trainer import DPRPTrainer
 
-    run_epoch = DPRPTrainer._run_epoch
-
-    def stopped(self, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt  # the process is stopped during the second epoch
-        return run_epoch(self, epoch)
-
-    monkeypatch.setattr(DPRPTrainer, "_run_epoch", stopped)
+    stop_in_epoch(1)  # the process is stopped during the second epoch
     out = tmp_path / "run"
     result = invoke("compress", "cifar:resnet20", "--data", data_dir, "--out", out, "--epochs", "2", "--batch-size",
                     "8", "--limit-train", "8", "--lambda-comp", "20", "--epsilon", "0.9", "-q")
