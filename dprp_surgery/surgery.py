@@ -9,6 +9,7 @@ its state dict keeps the original names apart from ``weight -> U, s, V``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import inspect
@@ -58,7 +59,8 @@ def factorize(model: nn.Module, config: DPRPConfig | None = None) -> nn.Module:
     copy computes the same function (Sec. III-C), and is frozen where the dense layer was
     (``requires_grad``). The input model is not modified: torch.fx traces a throw-away copy, with the
     defaults of the forward's optional parameters (``forward(x, mask=None)`` is traced as ``model(x)``).
-    A layer stays dense, with its reason in the report's ``skipped``, when the forward never calls it,
+    A layer stays dense, with its reason in the report's ``skipped``, when the forward never calls it (in
+    training or eval mode),
     reads its weight outside its own forward, ties its weight to another module, carries module hooks,
     subclasses Conv/Linear with its own forward, or is incompressible under ``min_compressible``;
     Conv3d and transposed convolutions have no twin and are listed there as not supported.
@@ -153,21 +155,28 @@ def _trace(model: nn.Module) -> torch.fx.Graph:
         return _Tracer().trace(model, concrete_args=_concrete_args(model))
 
 
+def _traced_copy(model: nn.Module, training: bool) -> tuple[nn.Module, torch.fx.Graph]:
+    """A throw-away copy of `model` in mode `training` and its fx graph (meta copy first, then a real one)."""
+    try:
+        traced = _tracing_copy(model).train(training)
+        return traced, _trace(traced)
+    except Exception:  # noqa: BLE001 - a forward reading a buffer's value (int(self.reps)) needs real data
+        traced = copy.deepcopy(model).train(training)
+        return traced, _trace(traced)
+
+
 def _called_modules(model: nn.Module) -> tuple[dict[str, str | None], bool]:
     """Modules the forward calls, name -> None, or name -> reason they must stay dense.
 
     The forward is traced on a throw-away meta copy of `model` (`_tracing_copy`; a plain deep copy when the
-    forward needs its tensors' values), with the defaults of
-    its optional parameters (`_concrete_args`); the graph is only read for module calls and parameter
-    reads. Falls back to every named module (with one warning) when torch.fx cannot trace the model.
+    forward needs its tensors' values), with the defaults of its optional parameters (`_concrete_args`),
+    in the model's mode and, when that traces too, in the other one (a model factorized in eval mode keeps
+    the layers only training calls, such as GoogLeNet's auxiliary heads); the graphs are only read for
+    module calls and parameter reads. Falls back to every named module (with one warning) when torch.fx
+    cannot trace the model.
     """
     try:
-        try:
-            traced = _tracing_copy(model)
-            graph = _trace(traced)
-        except Exception:  # noqa: BLE001 - a forward reading a buffer's value (int(self.reps)) needs real data
-            traced = copy.deepcopy(model)
-            graph = _trace(traced)
+        traces = [_traced_copy(model, model.training)]
     except Exception as exc:  # noqa: BLE001 - any tracing failure means "use the walk"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         warnings.warn(
@@ -176,17 +185,20 @@ def _called_modules(model: nn.Module) -> tuple[dict[str, str | None], bool]:
             stacklevel=3,
         )
         return {name: None for name, _ in model.named_modules()}, False
+    with contextlib.suppress(Exception):  # the other mode is a bonus: a model may trace in one mode only
+        traces.append(_traced_copy(model, not model.training))
     called: dict[str, str | None] = {}
     read_attrs: set[str] = set()
-    for node in graph.nodes:
-        if node.op == "call_module":
-            called.setdefault(node.target, None)
-            sub = traced.get_submodule(node.target)
-            if type(sub) not in TWINS:  # an opaque leaf: its inner layers are called inside it
-                for inner, _ in sub.named_modules(prefix=node.target):
-                    called.setdefault(inner, None)
-        elif node.op == "get_attr":
-            read_attrs.add(node.target)
+    for traced, graph in traces:
+        for node in graph.nodes:
+            if node.op == "call_module":
+                called.setdefault(node.target, None)
+                sub = traced.get_submodule(node.target)
+                if type(sub) not in TWINS:  # an opaque leaf: its inner layers are called inside it
+                    for inner, _ in sub.named_modules(prefix=node.target):
+                        called.setdefault(inner, None)
+            elif node.op == "get_attr":
+                read_attrs.add(node.target)
     reads: dict[str, list[str]] = {}
     for attr in sorted(read_attrs, key=lambda a: (not a.endswith(".weight"), a)):  # weight first
         owner = attr.rsplit(".", 1)[0] if "." in attr else ""

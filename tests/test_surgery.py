@@ -426,3 +426,25 @@ def test_a_bare_layer_is_refused_with_the_way_to_factorize_it(layer):
     with pytest.raises(FactorizationError, match=rf"itself one {type(layer).__name__}: use {twin}\.from_dense"):
         factorize(layer, DPRPConfig(min_compressible=None))
     assert isinstance(factorize(nn.Sequential(layer), DPRPConfig(min_compressible=None))[0], SVDLayer)
+
+
+class AuxHead(nn.Module):
+    """A head only training calls (GoogLeNet's and Inception's auxiliary classifiers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head, self.aux = nn.Linear(8, 8), nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.body(x)
+        return (self.head(h), self.aux(h)) if self.training else self.head(h)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_layers_of_either_mode_are_factorized(training):
+    model = AuxHead().train(training)
+    fact = factorize(model, DPRPConfig(min_compressible=None))
+    assert set(surgery_report(fact).factorized) == {"body", "head", "aux"} and fact.training == training
+    x = torch.randn(2, 8)
+    for mode in (False, True):
+        torch.testing.assert_close(fact.train(mode)(x), model.train(mode)(x), rtol=1e-5, atol=1e-6)
