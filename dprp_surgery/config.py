@@ -319,8 +319,7 @@ class DPRPConfig:
             ValueError: If a file name is given but the file does not exist or cannot be read, for
                 invalid JSON, an unknown field or an invalid value.
         """
-        text = _read_if_path(text_or_path, "JSON")
-        return cls.from_dict(json.loads(text))
+        return cls.from_dict(_parse(text_or_path, "JSON", json.loads, json.JSONDecodeError))
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         """Serialise to YAML (needs PyYAML); also write it to `path` when given."""
@@ -345,7 +344,8 @@ class DPRPConfig:
             ValueError: If a file name is given but the file does not exist or cannot be read, for YAML
                 that is not a mapping, an unknown field or an invalid value.
         """
-        data = _yaml().safe_load(_read_if_path(text_or_path, "YAML"))
+        yaml = _yaml()
+        data = _parse(text_or_path, "YAML", yaml.safe_load, yaml.YAMLError)
         if isinstance(data, dict):
             data = _yaml_floats(data)
         return cls.from_dict(data or {})
@@ -456,6 +456,14 @@ def _is_file(path: Path) -> bool:
         return False
 
 
+def _is_dir(path: Path) -> bool:
+    """Path.is_dir() that is False instead of raising for names the OS rejects."""
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):
+        return False
+
+
 def _read_if_path(text_or_path: str | os.PathLike[str], kind: str) -> str:
     """Return a config file's contents when given a path or a file name, else the text itself."""
     if isinstance(text_or_path, os.PathLike):
@@ -466,18 +474,34 @@ def _read_if_path(text_or_path: str | os.PathLike[str], kind: str) -> str:
         if "\n" in text or stripped.startswith(("{", "[")) or ": " in text:
             return text  # JSON/YAML text, never a file name
         path = Path(stripped)
-        if not _is_file(path):
+        if not _is_file(path) and not _is_dir(path):
             if stripped.lower().endswith(CONFIG_SUFFIXES):
                 raise ValueError(f"config file {stripped!r} does not exist; check the path, or pass the {kind} "
                                  "text itself")
             return text
+    if path.is_dir():
+        raise ValueError(f"config file {str(path)!r} is a directory; pass a {kind} file or the {kind} text itself")
     try:
-        return path.read_text()
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ValueError(f"config file {str(path)!r} does not exist; check the path, or pass the {kind} "
                          "text itself") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"config file {str(path)!r} is not UTF-8 text (byte {exc.start} cannot be decoded); "
+                         f"save it as UTF-8 {kind}") from None
     except OSError as exc:
         raise ValueError(f"cannot read config file {str(path)!r}: {exc}") from None
+
+
+def _parse(text_or_path: str | os.PathLike[str], kind: str, parse: Any, error: type[Exception]) -> Any:
+    """Parse config text or a config file; a syntax error names the file (or says it was the text)."""
+    text = _read_if_path(text_or_path, kind)
+    try:
+        return parse(text)
+    except error as exc:
+        source = f"config file {str(text_or_path)!r}" if text != text_or_path else f"the {kind} text"
+        raise ValueError(f"{source} is not valid {kind} ({' '.join(str(exc).split())}); fix it, or write the "
+                         f"config with DPRPConfig.to_{kind.lower()}") from None
 
 
 def _yaml():

@@ -48,9 +48,11 @@ log = logging.getLogger(__name__)
 __all__ = [
     "ARTIFACT_FORMAT",
     "ARTIFACT_VERSION",
+    "FORMATS",
     "FORMS",
     "MODES",
     "OBJECTIVES",
+    "check_output",
     "export",
     "layer_forms",
     "load",
@@ -62,6 +64,8 @@ __all__ = [
 MODES: tuple[str, ...] = ("dense", "factorized", "auto")
 OBJECTIVES: tuple[str, ...] = ("params", "macs", "latency")
 FORMS: tuple[str, ...] = ("svd", "factorized", "dense")
+FORMATS: dict[str, str] = {"safetensors": "", "onnx": ".onnx", "pt2": ".pt2"}
+"""Output formats and the suffix of their file (a safetensors artifact is a directory)."""
 ARTIFACT_FORMAT = "dprp-artifact"
 ARTIFACT_VERSION = 2
 """2: paper-scheme convs are realised with their r basis filters stored once (1 stored them per channel)."""
@@ -398,7 +402,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, arch: str | None = N
                              "another network. Pass the architecture the model was built as (with default "
                              "arguments), or export it to pt2/onnx instead.")
     path = Path(path).expanduser()
-    _check_replaceable(path)
+    check_output(path, "safetensors")
     if config is not None and hasattr(config, "to_dict"):
         config = config.to_dict()
     if config is None:
@@ -501,6 +505,62 @@ def _check_replaceable(path: Path) -> None:
         shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
         raise ValueError(f"refusing to overwrite {str(path)!r}: besides the dprp artifact it holds {shown}, which "
                          "saving would delete; move them away or choose another --out path.")
+
+
+def check_output(path: str | os.PathLike[str], fmt: str, *, what: str = "output") -> None:
+    """Check, before any work, that an export in format `fmt` may be written at `path`.
+
+    The place must be writable (see :func:`dprp_surgery.io.check_writable`), and nothing but an earlier
+    export of the same format is ever replaced: a safetensors artifact replaces only an empty directory or
+    a dprp artifact; an ONNX or pt2 file replaces only an ONNX model or a torch.export archive.
+
+    Args:
+        path: The artifact directory (safetensors) or file (onnx, pt2) about to be written.
+        fmt: One of `FORMATS`.
+        what: How the message names the path (the CLI passes "--out").
+
+    Raises:
+        ValueError: When `path` cannot be written or holds something else, naming it and what to do.
+    """
+    from .io import check_writable
+
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}.")
+    check_writable(path, what)
+    target = Path(path).expanduser()
+    if fmt == "safetensors":
+        _check_replaceable(target)
+        return
+    if target.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is a directory; give a file path ending in {FORMATS[fmt]}.")
+    if (target.exists() or target.is_symlink()) and not _is_export_file(target, fmt):
+        raise ValueError(f"refusing to overwrite {str(path)!r}: it exists and is not {_FORMAT_NAMES[fmt]}; "
+                         f"choose another {what} path, or move that file away first.")
+
+
+_FORMAT_NAMES = {"onnx": "an ONNX model", "pt2": "a torch.export (.pt2) archive"}
+
+
+def _is_export_file(path: Path, fmt: str) -> bool:
+    """Whether the file at `path` is an earlier export in format `fmt` (which may then be replaced)."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    if fmt == "pt2":
+        import zipfile
+
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (OSError, zipfile.BadZipFile):
+            return False
+        return any(n == "archive_format" or n.endswith("/archive_format") for n in names)
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - anything onnx cannot parse is not an ONNX model
+        return False
+    return proto.ir_version > 0 and len(proto.graph.node) > 0
 
 
 def _read_manifest(root: Path) -> dict[str, Any]:
@@ -663,9 +723,8 @@ def _exporting(model: nn.Module, path: str | os.PathLike[str], suffix: str) -> I
     first, the named file last, each by an atomic rename); on failure nothing is left behind.
     """
     final = Path(path).expanduser()
+    check_output(final, suffix.lstrip("."))
     _make_parent(final)
-    if final.is_dir():
-        raise ValueError(f"output {str(final)!r} is a directory; give a file path ending in {suffix}.")
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     was = model.training
     model.eval()
@@ -697,6 +756,10 @@ def to_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any,
         The written path. Inputs are named ``input`` (``input_1``, ... for more), the output ``output``.
         Weights are stored in the file itself, or, above ``ONNX_INLINE_LIMIT`` bytes, in ``PATH.data``
         beside it (keep the two together).
+
+    Raises:
+        ValueError: `path` cannot be written, or is an existing file that is not an ONNX model (see
+            `check_output`); nothing is written then.
     """
     inputs = _as_tuple(example_inputs)
     names = ["input"] + [f"input_{i}" for i in range(1, len(inputs))]
@@ -728,6 +791,10 @@ def to_pt2(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any, 
 
     Returns:
         The written path.
+
+    Raises:
+        ValueError: `path` cannot be written, or is an existing file that is not a torch.export archive
+            (see `check_output`); nothing is written then.
     """
     inputs = _as_tuple(example_inputs)
     with _exporting(model, path, ".pt2") as tmp:

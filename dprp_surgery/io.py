@@ -31,6 +31,7 @@ import difflib
 import json
 import os
 import re
+import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -48,6 +49,7 @@ __all__ = [
     "UntrustedPickleError",
     "WEIGHT_SUFFIXES",
     "build_arch",
+    "check_writable",
     "data_recipe",
     "infer_arch",
     "infer_num_classes",
@@ -459,6 +461,41 @@ def _torch_load_safe(path: Path) -> Any:
         raise ValueError(f"cannot read {str(path)!r}: it is not a readable PyTorch file "
                          f"({type(exc).__name__}: {_first_line(exc)}). Is it corrupt or truncated? "
                          "Re-download or re-save it.") from None
+
+
+def check_writable(path: str | os.PathLike[str], what: str = "output") -> None:
+    """Check before any work that `path` can be created or replaced.
+
+    The nearest existing directory among `path` and its parents must be a directory in which a file can
+    actually be created (probed with a temporary file, so read-only mounts and pseudo file systems such as
+    /proc or /sys are caught, also for root).
+
+    Args:
+        path: The file or directory about to be written.
+        what: How the message names the path (the CLI passes "--out").
+
+    Raises:
+        ValueError: Naming `what`, the path, the directory that refuses writes and the reason.
+    """
+    target = Path(path).expanduser()
+    for parent in (target, *target.parents):
+        if not (parent.exists() or parent.is_symlink()):
+            continue
+        if not parent.is_dir():
+            if parent == target:
+                continue  # an existing file is replaced through its directory; whether it may be is the writer's call
+            raise ValueError(f"{what} {str(path)!r} cannot be written: {str(parent)!r} is a file, not a directory; "
+                             f"choose another {what} path.")
+        try:
+            fd, probe = tempfile.mkstemp(prefix=".dprp-write-test-", dir=parent)
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            raise ValueError(f"{what} {str(path)!r} cannot be written: no file can be created in directory "
+                             f"{str(parent)!r} ({reason}); choose another {what} path in a writable directory."
+                             ) from None
+        os.close(fd)
+        os.unlink(probe)
+        return
 
 
 def _first_line(exc: BaseException) -> str:

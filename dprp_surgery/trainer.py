@@ -34,6 +34,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,6 +201,27 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     if np is not None and state.get("numpy") is not None:
         kind, keys, pos, has_gauss, cached = state["numpy"]
         np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def _unreadable_checkpoint(path: Path, exc: BaseException) -> str:
+    """The message for a checkpoint torch.load(weights_only=True) refused: pickled objects, or corrupt bytes."""
+    text = str(exc)
+    restart = ("start the run afresh without resuming (CLI: without --resume, or in another --out), or resume "
+               "from a checkpoint DPRPTrainer.save_checkpoint wrote")
+    if "Unsupported global" in text or "not an allowed global" in text:
+        return (f"checkpoint {str(path)!r} holds pickled Python objects, not only tensors, so it was not written by "
+                "DPRPTrainer.save_checkpoint (or was altered); it is not loaded, because unpickling it would run "
+                f"code from the file. Delete or move it and {restart}.")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    cause = lines[0] if lines else type(exc).__name__
+    for i, line in enumerate(lines):  # torch's header is advice for trusted pickles; the cause follows this tag
+        if "WeightsUnpickler error:" in line:
+            rest = line.split("WeightsUnpickler error:", 1)[1].strip()
+            cause = rest or (lines[i + 1] if i + 1 < len(lines) else cause)
+            break
+    first = cause.split(". ", 1)[0].rstrip(".")[:200]
+    return (f"checkpoint {str(path)!r} is corrupt or truncated, or not a torch checkpoint ({type(exc).__name__}: "
+            f"{first}); {restart}.")
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -911,9 +933,14 @@ class DPRPTrainer:
         """
         path = Path(path)
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise ValueError(f"checkpoint {str(path)!r} does not exist; start the run without resuming (CLI: "
+                             "without --resume).") from None
         except Exception as exc:  # noqa: BLE001 - any failure to unpickle means "not a usable checkpoint"
-            raise ValueError(f"checkpoint {str(path)!r} is corrupt or not a torch checkpoint: {exc}") from exc
+            raise ValueError(_unreadable_checkpoint(path, exc)) from None
         if not isinstance(ckpt, dict) or ckpt.get("format") != _CHECKPOINT_FORMAT:
             raise ValueError(f"checkpoint {str(path)!r} is not a dprp_surgery training checkpoint "
                              "(written by DPRPTrainer.save_checkpoint)")

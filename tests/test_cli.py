@@ -719,3 +719,141 @@ def test_image_size_a_fixed_size_model_cannot_take_exits_2_before_the_data(tmp_p
     bad("compress", f"timm:vit_tiny_patch16_224@{weights}", "--data", tmp_path, "--out", tmp_path / "run",
         "--image-size", "64", words=("--image-size '64'", "does not fit", "leave --image-size out"))
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- outputs that cannot be written
+def _refuse_writes_in(monkeypatch, folder: pathlib.Path) -> None:
+    """Make creating a file in `folder` fail with EACCES (as a read-only mount does, also for root)."""
+    import tempfile
+
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and pathlib.Path(dir) == folder:
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+
+@pytest.mark.parametrize("args", [
+    ("compress", "cifar:resnet20", "--data", "DATA", "--epochs", "1", "-q"),
+    ("demo", "--epochs", "1", "-q"),
+    ("export", "cifar:resnet20", "--format", "safetensors"),
+    ("export", "cifar:resnet20", "--format", "onnx"),
+    ("export", "cifar:resnet20", "--format", "pt2"),
+], ids=["compress", "demo", "safetensors", "onnx", "pt2"])
+def test_an_out_in_a_read_only_directory_exits_2_before_any_work(args, data_dir, tmp_path, monkeypatch):
+    from dprp_surgery.cli import commands
+
+    monkeypatch.setattr(commands, "open_data", lambda *a, **k: pytest.fail("the data was loaded"))
+    monkeypatch.setattr(commands, "_demo_archive", lambda: pytest.fail("the demo data was looked up"))
+    monkeypatch.setattr(commands, "_load", lambda *a, **k: pytest.fail("the model was loaded"))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    _refuse_writes_in(monkeypatch, locked)
+    suffix = {"onnx": ".onnx", "pt2": ".pt2"}.get(args[-1], "")
+    out = locked / "new" / f"x{suffix}"
+    args = tuple(str(data_dir) if a == "DATA" else a for a in args)
+    bad(*args, "--out", out, words=("--out", str(out), "cannot be written", str(locked), "Permission denied",
+                                    "choose another --out path"))
+    assert list(locked.iterdir()) == []
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self").is_dir(), reason="needs Linux /proc")
+@pytest.mark.parametrize("command", ["export", "demo"])
+def test_an_out_under_proc_names_out_not_a_temp_file(command):
+    args = ("export", "cifar:resnet20", "--format", "onnx", "--out", "/proc/dprp-x.onnx") if command == "export" \
+        else ("demo", "--out", "/proc/dprp-demo", "-q")
+    out = bad(*args, words=("--out", "/proc/dprp-", "cannot be written", "'/proc'"))
+    assert ".tmp-" not in out and ".dprp-write-test" not in out
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_export_replaces_only_an_earlier_export_of_the_same_format(fmt, tmp_path):
+    target = tmp_path / f"model.{fmt}"
+    target.write_text("my notes, not a model")
+    bad("export", "cifar:resnet20", "--format", fmt, "--out", target,
+        words=("refusing to overwrite", str(target), "is not", "choose another --out path"))
+    assert target.read_text() == "my notes, not a model"
+    target.unlink()
+    assert invoke("export", "cifar:resnet20", "--format", fmt, "--out", target, "--json").exit_code == 0
+    first = target.read_bytes()
+    result = invoke("export", "cifar:resnet20", "--mode", "factorized", "--format", fmt, "--out", target, "--json")
+    assert result.exit_code == 0, result.output  # an earlier export of the same format is replaced
+    assert target.read_bytes() != first
+    other = "pt2" if fmt == "onnx" else "onnx"
+    wrong = tmp_path / f"model.{other}"
+    assert invoke("export", "cifar:resnet20", "--format", other, "--out", wrong).exit_code == 0
+    renamed = wrong.rename(tmp_path / f"other.{fmt}")  # an export of the other format is not replaced either
+    bad("export", "cifar:resnet20", "--format", fmt, "--out", renamed, words=("refusing to overwrite", str(renamed)))
+
+
+@pytest.mark.parametrize(("fmt", "name", "words"), [
+    ("onnx", "m.safetensors", ("ends in .safetensors", "--format onnx", "--out m.onnx")),
+    ("onnx", "m.pt2", ("ends in .pt2", "--format onnx", "--out m.onnx")),
+    ("pt2", "m", ("has no suffix", "--format pt2", "--out m.pt2")),
+    ("safetensors", "m.onnx", ("ends in .onnx", "--format safetensors", "pass --format onnx")),
+])
+def test_an_out_suffix_of_another_format_exits_2(fmt, name, words, tmp_path):
+    bad("export", "cifar:resnet20", "--format", fmt, "--out", tmp_path / name, words=("--out", name, *words))
+    assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- config files
+@pytest.mark.parametrize(("name", "content", "words"), [
+    ("c.json", b'{"epsilon": 0.1,', ("cannot be parsed", "JSONDecodeError", "line 1")),
+    ("c.yaml", b"epsilon: [0.1\n", ("cannot be parsed",)),
+    ("c.json", b'{"epsilon": "\xff"}', ("is not UTF-8 text", "byte 13")),
+])
+def test_a_config_file_that_cannot_be_read_is_named(name, content, words, data_dir, tmp_path):
+    cfg = tmp_path / name
+    cfg.write_bytes(content)
+    bad("compress", "cifar:resnet20", "--data", data_dir, "--out", tmp_path / "r", "--config", cfg,
+        words=("--config file", str(cfg), *words))
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_config_directory_is_not_called_missing(data_dir, tmp_path):
+    folder = tmp_path / "cfg.yaml"
+    folder.mkdir()
+    out = bad("compress", "cifar:resnet20", "--data", data_dir, "--out", tmp_path / "r", "--config", folder,
+              words=("--config", str(folder), "is a directory"))
+    assert "does not exist" not in out
+
+
+# ----------------------------------------------------------------------------- resume and class counts
+@pytest.mark.parametrize("kind", ["pickle", "garbage"])
+def test_resume_from_a_checkpoint_torch_refuses(kind, run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+
+    class Touch:
+        def __reduce__(self):
+            return (pathlib.Path.touch, (tmp_path / "pwned",))
+
+    if kind == "pickle":
+        torch.save({"format": "dprp", "extra": Touch()}, copy / "checkpoint.pt")
+        words = ("pickled Python objects", "would run code")
+    else:
+        (copy / "checkpoint.pt").write_bytes(b"\x00garbage" * 20)
+        words = ("corrupt or truncated",)
+    out = bad("compress", "--out", copy, "--resume", "--epochs", "2", "-q",
+              words=(str(copy / "checkpoint.pt"), *words, "without --resume"))
+    assert "weights_only" not in out and "add_safe_globals" not in out
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_one_class_data_exits_2(tmp_path):
+    data = make_image_folder(tmp_path / "one", classes=("cat",), per_class=2)
+    bad("compress", "cifar:resnet20", "--data", data, "--out", tmp_path / "r", "--epochs", "1", "-q",
+        words=("--data", "only one class", "'cat'", "at least two class subfolders"))
+    assert not (tmp_path / "r").exists()
+
+
+def test_eval_notes_a_model_with_more_outputs_than_classes(data_dir):
+    result = invoke("eval", "cifar:resnet20", "--data", data_dir, "--no-latency", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["images"] == 16  # the note goes to stderr
+    note = _flat(result.stderr)
+    assert "10 outputs" in note and "2 classes" in note and "cat, dog" in note and "other 8 outputs" in note

@@ -113,6 +113,34 @@ def test_missing_config_file_is_named(tmp_path, parse, name, as_path):
         getattr(DPRPConfig, parse)(arg)
 
 
+@pytest.mark.parametrize("as_path", [False, True])
+@pytest.mark.parametrize(("parse", "name", "content", "message"), [
+    ("from_json", "c.json", b'{"epsilon": 0.1,', r"is not valid JSON \(Expecting property name .*: line 1 column 17"),
+    ("from_yaml", "c.yaml", b"epsilon: [0.1\n", r"is not valid YAML \(.*line 2"),
+    ("from_json", "c.json", b'{"epsilon": "\xff"}', r"is not UTF-8 text \(byte 13 cannot be decoded\)"),
+    ("from_yaml", "c.yaml", b"epsilon: \xfe\n", r"is not UTF-8 text \(byte 9 cannot be decoded\)"),
+])
+def test_unreadable_config_file_is_named(tmp_path, parse, name, content, message, as_path):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"^config file '{re.escape(str(path))}' {message}"):
+        getattr(DPRPConfig, parse)(path if as_path else str(path))
+
+
+@pytest.mark.parametrize("parse", ["from_json", "from_yaml"])
+def test_invalid_config_text_says_it_is_the_text(parse):
+    with pytest.raises(ValueError, match=r"^the (JSON|YAML) text is not valid"):
+        getattr(DPRPConfig, parse)('{"epsilon": [0.1')
+
+
+@pytest.mark.parametrize("as_path", [False, True])
+def test_config_directory_is_not_called_missing(tmp_path, as_path):
+    folder = tmp_path / "configs.yaml"
+    folder.mkdir()
+    with pytest.raises(ValueError, match=rf"config file '{re.escape(str(folder))}' is a directory; pass a YAML file"):
+        DPRPConfig.from_yaml(folder if as_path else str(folder))
+
+
 def test_file_name_given_as_a_string_is_read(tmp_path):
     c = DPRPConfig(lr=0.05)
     c.to_json(tmp_path / "c.json")

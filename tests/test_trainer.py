@@ -324,6 +324,33 @@ def test_corrupt_and_foreign_checkpoints(tmp_path):
         DPRPTrainer(make_model(), cfg, make_data(), resume=tmp_path / "missing.pt", progress=False)
 
 
+def test_a_checkpoint_torch_refuses_gets_a_short_message_and_runs_no_code(tmp_path):
+    class Touch:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+
+    cfg = DPRPConfig(epochs=1, **STRONG)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"format": "x", "extra": Touch()}, pickled)
+    with pytest.raises(ValueError) as err:
+        DPRPTrainer(make_model(), cfg, make_data(), resume=pickled, progress=False)
+    message = str(err.value)
+    assert "pickled.pt" in message and "pickled Python objects" in message and "without --resume" in message
+    assert "weights_only" not in message and "\n" not in message  # not torch's paragraphs of advice
+    assert not (tmp_path / "pwned").exists()
+    truncated = tmp_path / "truncated.pt"
+    torch.save({"a": torch.zeros(3)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    for broken in (truncated, tmp_path / "garbage.pt"):
+        if not broken.exists():
+            broken.write_bytes(b"\x00garbage" * 20)
+        with pytest.raises(ValueError) as err:
+            DPRPTrainer(make_model(), cfg, make_data(), resume=broken, progress=False)
+        message = str(err.value)
+        assert broken.name in message and "corrupt or truncated" in message and "without --resume" in message
+        assert "weights_only" not in message and "\n" not in message
+
+
 # ----------------------------------------------------------------------------- run directories
 @pytest.mark.parametrize("keep, resume, match", [
     (("checkpoint.pt", "history.jsonl"), None, r"holds a run \(checkpoint.pt, history.jsonl\); pass resume=True"),

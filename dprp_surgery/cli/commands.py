@@ -33,6 +33,7 @@ from ..data import TensorImageDataset, TensorLoader, open_data, progress_bar, su
 from ..io import (
     ARCH_KINDS,
     DataRecipe,
+    check_writable,
     data_recipe,
     infer_num_classes,
     load_model,
@@ -205,12 +206,32 @@ def _check_out_parent(out: Path) -> None:
 
 
 def _check_out_dir(out: Path) -> None:
-    """Raise a ValueError naming --out unless `out` is (or can be made) a directory."""
+    """Raise a ValueError naming --out unless `out` is (or can be made) a directory we can write in."""
     _check_out_parent(out)
     path = out.expanduser()
     if (path.exists() or path.is_symlink()) and not path.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file, not a directory; choose another --out path (the run "
                          "directory to write).")
+    check_writable(out, "--out")
+
+
+def _check_out_suffix(out: Path, fmt: str) -> None:
+    """Raise a ValueError when the suffix of --out names another format than --format."""
+    from ..export import FORMATS
+
+    suffix = out.suffix.lower()
+    others = {s: f for f, s in FORMATS.items() if s and f != fmt}
+    if fmt == "safetensors":
+        if suffix in others:
+            raise ValueError(f"--out {str(out)!r} ends in {suffix}, but --format safetensors writes an artifact "
+                             f"directory; pass --format {others[suffix]}, or an --out without that suffix.")
+        return
+    want = FORMATS[fmt]
+    if suffix != want:
+        named = f"ends in {suffix}" if suffix else "has no suffix"
+        raise ValueError(f"--out {str(out)!r} {named}, but --format {fmt} writes a {want} file; use --out "
+                         f"{out.with_suffix(want).name if suffix else out.name + want}, or the --format that "
+                         "matches your path (safetensors for an artifact directory).")
 
 
 _SPEC_PREFIX = re.compile(r"^([A-Za-z][A-Za-z0-9_-]+):(.*)$")
@@ -363,21 +384,27 @@ def _macs(model: nn.Module, example: torch.Tensor) -> tuple[int | None, Any]:
 
 # ----------------------------------------------------------------------------- config
 def _read_config_file(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ValueError(f"--config {str(path)!r} is a directory; pass a .json, .yaml or .yml file.")
     if not path.is_file():
         raise ValueError(f"--config file {str(path)!r} does not exist.")
-    text = path.read_text()
+    if path.suffix not in (".json", ".yaml", ".yml"):
+        raise ValueError(f"--config file {str(path)!r}: use a .json, .yaml or .yml file.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--config file {str(path)!r} is not UTF-8 text (byte {exc.start} cannot be decoded); "
+                         "save it as UTF-8 JSON or YAML.") from None
+    except OSError as exc:
+        raise ValueError(f"--config file {str(path)!r} cannot be read ({exc.strerror or exc}).") from None
     try:
         if path.suffix == ".json":
             data = json.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
+        else:
             import yaml
 
             data = yaml.safe_load(text) or {}
-        else:
-            raise ValueError(f"--config file {str(path)!r}: use a .json, .yaml or .yml file.")
-    except ValueError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - yaml errors
+    except Exception as exc:  # noqa: BLE001 - json and yaml parse errors
         raise ValueError(f"--config file {str(path)!r} cannot be parsed ({type(exc).__name__}: {exc}).") from None
     if not isinstance(data, dict):
         raise ValueError(f"--config file {str(path)!r} must hold a mapping of DPRPConfig fields.")
@@ -733,6 +760,10 @@ def run_compress(*, model: str | None, data: str | None, out: Path | None, confi
         with _recorded("--data", data, source if "data" in recorded else None, "--data"):
             train, val = open_data(data, image_size=recipe.image_size, progress=not quiet and not json_out,
                                    download=download)
+        if train.num_classes < 2:
+            raise ValueError(f"--data {data!r} has only one class ({', '.join(map(repr, train.classes))}): a "
+                             "classifier trained on it predicts that class for everything and scores 100%. Give "
+                             "data with at least two class subfolders.")
         if limit_train is not None:
             train = subset(train, min(limit_train, len(train)), seed=config.seed)
         if limit_val is not None:
@@ -773,10 +804,11 @@ def run_export(*, source: str, out: Path, mode: str, fmt: str, objective: str, i
                arch: str | None, trust_pickle: bool, json_out: bool) -> None:
     """`dprp export`."""
     with cli_errors():
+        from ..export import check_output, layer_forms, save, to_onnx, to_pt2
         from ..export import export as export_model
-        from ..export import layer_forms, save, to_onnx, to_pt2
 
-        _check_out_parent(out)
+        _check_out_suffix(out, fmt)
+        check_output(out, fmt, what="--out")
         net, net_arch = _load(source, arch=arch, num_classes=None, trust_pickle=trust_pickle)
         recipe = data_recipe(net_arch, net)
         size = _input_size(net, recipe, input_size)
@@ -835,6 +867,12 @@ def run_eval(*, model: str, data: str, limit: int | None, batch_size: int, laten
         if outputs is not None and outputs < val.num_classes:
             raise ValueError(f"the model has {outputs} outputs but {data!r} has {val.num_classes} classes; evaluate it "
                              "on data with the classes it was trained on.")
+        if outputs is not None and outputs > val.num_classes:
+            shown = ", ".join(val.classes[:3]) + (", ..." if val.num_classes > 3 else "")
+            _note(f"The model has {outputs} outputs but {data} has {val.num_classes} classes: label i is the data's "
+                  f"i-th class folder in sorted order ({shown}), "
+                  f"and a prediction of any of the other {outputs - val.num_classes} outputs counts as wrong. "
+                  "Check the model was trained with this class order.")
         loader = TensorLoader(val, batch_size, mean=recipe.mean, std=recipe.std)
         top1, top5 = evaluate(net, loader, progress=not json_out)
         example = torch.zeros(1, *val.image_shape)
