@@ -857,3 +857,13 @@ def test_eval_notes_a_model_with_more_outputs_than_classes(data_dir):
     assert json.loads(result.stdout)["images"] == 16  # the note goes to stderr
     note = _flat(result.stderr)
     assert "10 outputs" in note and "2 classes" in note and "cat, dog" in note and "other 8 outputs" in note
+
+
+def test_report_of_a_read_only_run_says_where_it_writes(run_dir, tmp_path, monkeypatch):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    before = sorted(p.name for p in copy.iterdir())
+    _refuse_writes_in(monkeypatch, copy)
+    bad("report", copy, words=("RUN_DIR", str(copy), "cannot be written", "Permission denied", "report.md",
+                               "copy the run directory somewhere writable"))
+    assert sorted(p.name for p in copy.iterdir()) == before

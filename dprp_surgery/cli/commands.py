@@ -913,6 +913,11 @@ def run_report(*, run_dir: Path, json_out: bool) -> None:
                              "--out to `dprp compress`.")
         if not run_dir.is_dir():
             raise ValueError(f"run directory {str(run_dir)!r} does not exist; pass the --out of `dprp compress`.")
+        try:
+            check_writable(run_dir, "RUN_DIR")
+        except ValueError as exc:
+            raise ValueError(f"{str(exc).split('; choose')[0]}; `dprp report` writes report.md and its plots into "
+                             "RUN_DIR: copy the run directory somewhere writable and report the copy.") from None
         report = make_report(run_dir)
         plots = [p.name for p in report.plots]
         if json_out:
