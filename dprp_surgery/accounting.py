@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .config import require_module
 from .layers import TWINS, SVDLayer, layer_from_spec
 from .surgery import UNSUPPORTED, surgery_report
 
@@ -219,6 +220,7 @@ def summarize(model: nn.Module, example_inputs: Any) -> Summary:
     Returns:
         The Summary (``.to_table()`` for rich, ``.to_json()`` for machines).
     """
+    require_module(model, "summarize()")
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     layer_types = (*TWINS, SVDLayer, *UNSUPPORTED)  # Conv3d and transposed convs get dense (or skipped) rows
     realised = _realised(model)
@@ -328,8 +330,9 @@ def _meta_layer(layer: SVDLayer, rank: int) -> SVDLayer:
 def _meta_macs(module: nn.Module, input_shapes: list[tuple[int, ...]]) -> int:
     """MACs of `module`'s forwards on meta tensors, one per input shape (realisations are linear in r)."""
     counter = FlopCounterMode(display=False)
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.get_default_dtype())
     with counter:
         for shape in input_shapes:
-            module(torch.empty(shape, device="meta"))
+            module(torch.empty(shape, device="meta", dtype=dtype))
     return counter.get_total_flops() // 2
 

@@ -380,6 +380,9 @@ class DPRPConfig:
                 parameters are gone (``target_compression=0.5``); override ``target_compression`` for
                 another size. Add ``distill`` (with a fine-tuned dense teacher) for the last points.
         """
+        if not isinstance(name, str):
+            raise TypeError(f"DPRPConfig.preset takes a preset name, got {type(name).__name__}; use one of "
+                            f"{', '.join(PRESETS)}")
         if name not in PRESETS:
             close = difflib.get_close_matches(name, PRESETS, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -446,6 +449,26 @@ def _yaml_floats(data: dict[str, Any]) -> dict[str, Any]:
             except ValueError:
                 pass  # left as is: validation names the field and the value
     return out
+
+
+def as_config(config: Any, where: str) -> DPRPConfig:
+    """`config`, or the defaults for None; a TypeError saying how to build one for anything else."""
+    if config is None:
+        return DPRPConfig()
+    if isinstance(config, DPRPConfig):
+        return config
+    how = ("DPRPConfig.from_dict(your_dict)" if isinstance(config, dict)
+           else "DPRPConfig.preset(name)" if isinstance(config, str) else "DPRPConfig(field=value, ...)")
+    raise TypeError(f"{where} takes a DPRPConfig as its config, got {type(config).__name__}; build one with {how}")
+
+
+def require_module(model: Any, where: str, what: str = "model") -> None:
+    """Raise a TypeError unless `model` is an nn.Module."""
+    import torch.nn as nn
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{where} takes an nn.Module as its {what}, got {type(model).__name__}; load or build the "
+                        "model first (e.g. dprp_surgery.io.load_model('timm:resnet18'))")
 
 
 def _is_file(path: Path) -> bool:

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .config import require_module
 from .layers import MATRICIZATIONS, TWINS, SVDLayer, _realised_factors, layer_from_spec
 
 log = logging.getLogger(__name__)
@@ -240,6 +241,7 @@ def export(model: nn.Module, mode: str = "dense", *, objective: str = "params",
     Raises:
         ValueError: Unknown mode/objective, or a missing `example_inputs`.
     """
+    require_module(model, "export()")
     if mode not in MODES:
         raise ValueError(f"export mode={mode!r} is unknown; use one of {', '.join(MODES)}")
     if objective not in OBJECTIVES:
@@ -429,7 +431,8 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, arch: str | None = N
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "arch": arch})
+        save_file(state, str(tmp / WEIGHTS_FILE),
+                  metadata={"format": "pt", "arch": arch, _MANIFEST_HASH_KEY: _manifest_hash(manifest)})
         manifest["sha256"] = _sha256(tmp / WEIGHTS_FILE)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         if path.exists():
@@ -452,6 +455,37 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, arch: str | None = N
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+_MANIFEST_HASH_KEY = "dprp_manifest_sha256"
+"""safetensors metadata key: the hash of the manifest (less its 'sha256'), so the weights' hash covers it."""
+
+
+def _manifest_hash(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON without its 'sha256' entry (which is the weights' hash)."""
+    body = {k: v for k, v in manifest.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _check_manifest_hash(manifest: dict[str, Any], wpath: Path, mpath: Path) -> None:
+    """Raise when the weights record a manifest hash that the manifest no longer has (it was edited)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(wpath), framework="pt") as f:
+            recorded = (f.metadata() or {}).get(_MANIFEST_HASH_KEY)
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"{str(wpath)!r} is corrupt or not a safetensors file ({type(exc).__name__}: {exc}); "
+                         "re-export the model.") from None
+    if recorded is None:
+        return  # written before the hash was recorded
+    if not manifest.get("sha256"):
+        raise ValueError(f"{str(mpath)!r} is corrupt: its 'sha256' entry (the hash of {wpath.name}) is missing; "
+                         "re-export the model.")
+    if _manifest_hash(manifest) != recorded:
+        raise ValueError(f"{str(mpath)!r} was changed after the model was saved: it no longer matches the manifest "
+                         f"hash recorded in {wpath.name}, so its layers, ranks or architecture may describe another "
+                         "model; re-export the model instead of editing the manifest.")
 
 
 def _module_versions(state_dict: dict[str, torch.Tensor]) -> dict[str, int]:
@@ -583,7 +617,10 @@ def _read_manifest(root: Path) -> dict[str, Any]:
         raise ValueError(f"{str(mpath)!r} is not a dprp artifact manifest (format is not {ARTIFACT_FORMAT!r}); "
                          "re-export the model.")
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > ARTIFACT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"{str(mpath)!r} is corrupt: 'format_version' must be a positive integer, got {version!r}; "
+                         "re-export the model.")
+    if version > ARTIFACT_VERSION:
         raise ValueError(f"{str(mpath)!r} has format_version {version!r}, newer than this dprp_surgery reads "
                          f"({ARTIFACT_VERSION}); upgrade dprp_surgery.")
     for key in ("arch", "layers"):
@@ -620,6 +657,12 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
     if expected and _sha256(wpath) != expected:
         raise ValueError(f"{str(wpath)!r} is corrupt: its sha256 differs from the one in {MANIFEST_FILE}; "
                          "re-export the model.")
+    _check_manifest_hash(manifest, wpath, mpath)
+    input_size = manifest.get("input_size")
+    if input_size is not None and not (isinstance(input_size, list) and input_size and all(
+            isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in input_size)):
+        raise ValueError(f"{str(mpath)!r} is corrupt: 'input_size' must be a list of positive integers such as "
+                         f"[3, 224, 224], got {input_size!r}; re-export the model.")
     try:
         from safetensors.torch import load_file
 
@@ -663,8 +706,9 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
                              "builds; re-export it from its run directory (`dprp export RUN_DIR --out DIR`).")
         try:
             layer = layer_from_spec(spec, device="meta", dtype=dtype)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{str(mpath)!r}: layer {name!r} has an invalid spec ({exc}); re-export.") from None
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ValueError(f"{str(mpath)!r}: layer {name!r} has an invalid spec ({type(exc).__name__}: {exc}); "
+                             "re-export.") from None
         new = layer.to_factorized() if form == "factorized" else layer
         new = new.to_empty(device="cpu")
         for alias in aliases[id(current)]:

@@ -356,8 +356,9 @@ class SVDLinear(SVDLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = self.matrix_shape
         rows = x.numel() // max(w, 1)
-        # Two thin matmuls when cheaper than rebuilding W; same function either way.
-        if rows * (h + w) < h * w + rows * h * w / self.rank:
+        # Two thin matmuls when cheaper than rebuilding W; same function either way. torch.export keeps the
+        # batch symbolic, so it cannot branch on `rows`: an exported program always takes the factorized path.
+        if torch.compiler.is_exporting() or rows * (h + w) < h * w + rows * h * w / self.rank:
             return F.linear(F.linear(x, self.V.T) * self.s, self.U, self.bias)
         return F.linear(x, self.dense_weight(), self.bias)
 

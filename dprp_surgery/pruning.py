@@ -21,12 +21,14 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
+import warnings
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .config import DPRPConfig
+from .config import DPRPConfig, as_config
 from .layers import SVDLayer, reset_grad_accumulator
 from .losses import keep_counts, unwrap_model
 from .surgery import svd_layers
@@ -50,20 +52,19 @@ class RankPruner:
 
     def __init__(self, config: DPRPConfig | None = None, *, epsilon: float | None = None,
                  min_rank: int | None = None) -> None:
-        config = config or DPRPConfig()
-        self.epsilon = float(config.epsilon if epsilon is None else epsilon)
+        config = as_config(config, "RankPruner()")
+        self.epsilon = _check_epsilon(config.epsilon if epsilon is None else epsilon, "RankPruner")
         self.min_rank = int(config.min_rank if min_rank is None else min_rank)
-        if not 0 < self.epsilon < 1:
-            raise ValueError(f"RankPruner epsilon={self.epsilon} must lie in (0, 1)")
         if self.min_rank < 1:
             raise ValueError(f"RankPruner min_rank={self.min_rank} must be >= 1")
 
     def keep_counts(self, model: nn.Module, epsilon: float | None = None) -> dict[str, int]:
         """Components each layer would keep: min(r_l, max(tau_l, min_rank)), identical on every rank."""
-        named = svd_layers(unwrap_model(model))
+        named = _layers_of(model, "keep_counts")
         if not named:
             return {}
-        keep = self._decide([m for _, m in named], self.epsilon if epsilon is None else float(epsilon))
+        eps = self.epsilon if epsilon is None else _check_epsilon(epsilon, "RankPruner.keep_counts")
+        keep = self._decide([m for _, m in named], eps)
         return {name: int(k) for (name, _), k in zip(named, keep.tolist())}
 
     def _decide(self, layers: list[SVDLayer], epsilon: float) -> Tensor:
@@ -95,13 +96,15 @@ class RankPruner:
                 not match the parameter's), or the optimizer keeps flat state over all parameters (LBFGS);
                 nothing is modified in that case.
         """
-        named = svd_layers(unwrap_model(model))
+        named = _layers_of(model, "step")
         if not named:
             return {}
-        keep = self._decide([m for _, m in named], self.epsilon if epsilon is None else float(epsilon))
+        eps = self.epsilon if epsilon is None else _check_epsilon(epsilon, "RankPruner.step")
+        keep = self._decide([m for _, m in named], eps)
         todo = [(name, layer, int(k)) for (name, layer), k in zip(named, keep.tolist()) if int(k) < layer.rank]
         if optimizer is not None and todo:  # check everything first so that a failure leaves model and state intact
             _check_optimizer(optimizer, todo[0][0])
+            _warn_if_not_optimized(optimizer, todo)
             for name, layer, _ in todo:
                 _check_state(optimizer, name, layer)
         changes: dict[str, tuple[int, int]] = {}
@@ -118,6 +121,39 @@ class RankPruner:
 
     def __repr__(self) -> str:
         return f"RankPruner(epsilon={self.epsilon}, min_rank={self.min_rank})"
+
+
+def _check_epsilon(value: object, where: str) -> float:
+    """epsilon as a float in (0, 1), else a ValueError naming `where` and the value."""
+    if isinstance(value, bool) or not isinstance(value, int | float | Tensor):
+        raise ValueError(f"{where} epsilon={value!r} must be a number in (0, 1) (the pruning threshold of tau_l, "
+                         "Sec. III-C.3; the paper uses 0.1)")
+    eps = float(value)
+    if not (math.isfinite(eps) and 0 < eps < 1):
+        raise ValueError(f"{where} epsilon={value!r} must lie in (0, 1) (the pruning threshold of tau_l, "
+                         "Sec. III-C.3; the paper uses 0.1)")
+    return eps
+
+
+def _layers_of(model: object, where: str) -> list[tuple[str, SVDLayer]]:
+    """The SVD layers of `model`; a TypeError for a non-module, a warning when it has none."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"RankPruner.{where} takes the factorized nn.Module, got {type(model).__name__}")
+    named = svd_layers(unwrap_model(model))
+    if not named:
+        warnings.warn(f"RankPruner.{where}: {type(unwrap_model(model)).__name__} has no SVD layers, so nothing is "
+                      "pruned; prune the model factorize() returned, not the original", UserWarning, stacklevel=3)
+    return named
+
+
+def _warn_if_not_optimized(optimizer: torch.optim.Optimizer, todo: list[tuple[str, SVDLayer, int]]) -> None:
+    """Warn when the optimizer holds none of the factors about to be pruned (it trains another model)."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if not any(id(getattr(layer, attr)) in held for _, layer, _ in todo for attr, _ in _FACTOR_DIMS):
+        warnings.warn(f"RankPruner.step: {type(optimizer).__name__} holds none of the factors (U, s, V) of the "
+                      f"layers being pruned ({todo[0][0]!r} ...): it was built before factorize() or over another "
+                      "model, so these factors are not trained; build the optimizer from the factorized model's "
+                      "parameters", UserWarning, stacklevel=3)
 
 
 def _sliceable(value: Tensor, dim: int, old_rank: int, shape: tuple[int, ...]) -> bool:

@@ -21,7 +21,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from .config import DPRPConfig
+from .config import DPRPConfig, as_config, require_module
 from .layers import MATRICIZATIONS, TWINS, SVDLayer, resolve_scheme
 
 __all__ = ["factorize", "SurgeryReport", "surgery_report", "svd_layers", "FactorizationError"]
@@ -74,8 +74,10 @@ def factorize(model: nn.Module, config: DPRPConfig | None = None) -> nn.Module:
 
     Raises:
         FactorizationError: No layer can be factorized, or an include pattern matches nothing.
+        TypeError: `model` is not an nn.Module or `config` not a DPRPConfig.
     """
-    config = config or DPRPConfig()
+    require_module(model, "factorize()")
+    config = as_config(config, "factorize()")
     called, traced = _called_modules(model)
     plan, report = _plan(model, called, config)
     report.traced = traced
@@ -89,6 +91,7 @@ def surgery_report(model: nn.Module) -> SurgeryReport | None:
 
 def svd_layers(model: nn.Module) -> list[tuple[str, SVDLayer]]:
     """(qualified name, layer) of every SVD-factorized layer, each shared layer once."""
+    require_module(model, "svd_layers()")
     return [(n, m) for n, m in model.named_modules() if isinstance(m, SVDLayer)]
 
 

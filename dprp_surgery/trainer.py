@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, IterableDataset, RandomSampler
 
 from .accounting import Summary, count_params, dense_param_count, summarize
-from .config import DPRPConfig
+from .config import DPRPConfig, as_config, require_module
 from .data import TensorImageDataset, TensorLoader
 from .losses import DPRPRegularizer, distillation_loss, unwrap_model
 from .pruning import RankPruner
@@ -167,6 +167,13 @@ def _resolve_device(config: DPRPConfig) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"DPRPConfig.device={config.device!r} but torch.cuda.is_available() is false (no GPU, "
+                             "no driver, or a CPU build of torch); use device='cpu' or 'auto'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"DPRPConfig.device={config.device!r} but this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s); use 'cuda:0' .. "
+                             f"'cuda:{torch.cuda.device_count() - 1}', or 'auto'")
         if device.index is None:
             index = int(os.environ.get("LOCAL_RANK", 0)) if _dist_info()[1] > 1 else torch.cuda.current_device()
             device = torch.device("cuda", index)
@@ -474,7 +481,8 @@ class DPRPTrainer:
     def __init__(self, model: nn.Module, config: DPRPConfig | None, train_data: Any, val_data: Any = None, *,
                  run_dir: str | os.PathLike | None = None, resume: str | os.PathLike | bool | None = None,
                  progress: bool = True, example_inputs: Any = None, teacher: nn.Module | None = None) -> None:
-        self.config = config = config or DPRPConfig()
+        require_module(model, "DPRPTrainer()")
+        self.config = config = as_config(config, "DPRPTrainer()")
         self.rank, self.world = _dist_info()
         self.device = _resolve_device(config)
         seed_everything(config.seed + self.rank)
@@ -758,6 +766,8 @@ class DPRPTrainer:
         return 1.0 - count_params(self.model) / self.dense_params
 
     def _prune(self, epsilon: float) -> dict[str, tuple[int, int]]:
+        if not svd_layers(self.model):  # warned once at construction; nothing to prune
+            return {}
         changes = self.pruner.step(self.model, self.optimizer, epsilon=epsilon)
         if changes and self.world > 1:
             self._net = None  # drop the old reducer (and its autograd hooks) before wrapping again
@@ -1032,7 +1042,8 @@ def compress(model: nn.Module, config: DPRPConfig | None = None, train_data: Any
         ValueError: No training data, a teacher with ``config.distill == 0`` (it would be ignored), or any of
             `DPRPTrainer`'s (e.g. a fresh run in a run_dir that already holds one: pass ``resume=True``).
     """
-    config = config or DPRPConfig()
+    require_module(model, "compress()")
+    config = as_config(config, "compress()")
     if train_data is None:
         raise ValueError("compress needs train_data (a DataLoader, a TensorLoader or a Dataset)")
     if teacher is not None and config.distill == 0:

@@ -44,3 +44,29 @@ def stop_in_epoch(monkeypatch: pytest.MonkeyPatch):
         monkeypatch.setattr(DPRPTrainer, "_run_epoch", run_epoch if epoch is None else stopped)
 
     return arm
+
+
+@pytest.fixture
+def without_manifest_hash():
+    """Turn an artifact into one written before the manifest hash was recorded, so its manifest may be edited.
+
+    The weights are rewritten without the hash key and the manifest's sha256 follows them; tests then edit the
+    manifest to reach the checks behind the hash (which an artifact of an earlier version only has).
+    """
+    import hashlib
+    import json
+
+    def strip(artifact: Path) -> Path:
+        from safetensors import safe_open
+        from safetensors.torch import load_file, save_file
+
+        weights = artifact / "model.safetensors"
+        with safe_open(str(weights), framework="pt") as f:
+            metadata = {k: v for k, v in (f.metadata() or {}).items() if k != "dprp_manifest_sha256"}
+        save_file(load_file(str(weights)), str(weights), metadata=metadata)
+        manifest = json.loads((artifact / "manifest.json").read_text())
+        manifest["sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+        (artifact / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        return artifact
+
+    return strip

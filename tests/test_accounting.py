@@ -205,3 +205,19 @@ def test_unsupported_convolutions_get_rows(layer, shape, params, macs, factorize
     else:
         assert row.status == "dense" and row.note is None
     assert s.dense_params == params + 8 * 4 + 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_summary_of_a_model_in_another_dtype(dtype):
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+    reference = summarize(factorize(dense), torch.randn(1, 3, 8, 8))
+    f = factorize(dense.to(dtype))
+    got = summarize(f, torch.randn(1, 3, 8, 8, dtype=dtype))
+    assert (got.params, got.dense_params, got.macs, got.dense_macs) == (
+        reference.params, reference.dense_params, reference.macs, reference.dense_macs)
+
+
+def test_summarize_of_a_non_module_is_a_type_error():
+    with pytest.raises(TypeError, match=r"summarize\(\) takes an nn.Module as its model, got str"):
+        summarize("m", torch.randn(1, 3))

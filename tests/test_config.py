@@ -225,3 +225,8 @@ def test_presets_and_working_schedules_log_nothing(caplog, name):
         DPRPConfig.preset(name)
         DPRPConfig(epochs=3, reg_cooldown_epochs=2, prune_start_epoch=2, epsilon_start=0.01, epsilon_ramp_epochs=2)
     assert caplog.records == []
+
+
+def test_a_preset_name_that_is_not_a_string_is_a_type_error():
+    with pytest.raises(TypeError, match=r"DPRPConfig.preset takes a preset name, got NoneType; use one of paper"):
+        DPRPConfig.preset(None)

@@ -273,6 +273,22 @@ def test_pt2_round_trip(r20, tmp_path):
     torch.testing.assert_close(program.module()(x), e(x), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("writer", ["pt2", "onnx"])
+def test_a_model_with_svd_linear_layers_exports_with_a_dynamic_batch(writer, tmp_path):
+    torch.manual_seed(0)
+    f = factorize(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))).eval()
+    x1 = torch.randn(1, 3, 8, 8)
+    if writer == "pt2":
+        run = torch.export.load(str(to_pt2(f, tmp_path / "f.pt2", x1))).module()
+    else:
+        ort = pytest.importorskip("onnxruntime")
+        session = ort.InferenceSession(str(to_onnx(f, tmp_path / "f.onnx", x1)), providers=["CPUExecutionProvider"])
+        def run(x):
+            return torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+    for batch in (1, 5, 64):  # SVDLinear's eager path choice depends on the batch; the program's must not
+        x = torch.randn(batch, 3, 8, 8)
+        torch.testing.assert_close(run(x), f(x), atol=1e-4, rtol=1e-4)
+
 
 class _Fails(nn.Module):
     def forward(self, x):
@@ -305,7 +321,7 @@ def test_onnx_external_data_travels_with_the_file(monkeypatch, tmp_path):
     x = torch.randn(2, 3)
     np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], model(x).detach().numpy(), atol=1e-6)
 
-def test_bad_artifacts(r20, tmp_path):
+def test_bad_artifacts(r20, tmp_path, without_manifest_hash):
     with pytest.raises(ValueError, match="does not exist"):
         load(tmp_path / "nope")
     f = tmp_path / "file.bin"
@@ -315,7 +331,7 @@ def test_bad_artifacts(r20, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="manifest.json.*missing"):
         load(tmp_path / "empty")
-    path = save(export(r20, "factorized"), tmp_path / "art")
+    path = without_manifest_hash(save(export(r20, "factorized"), tmp_path / "art"))
     manifest = (path / "manifest.json").read_text()
     weights = (path / "model.safetensors").read_bytes()
 
@@ -333,7 +349,7 @@ def test_bad_artifacts(r20, tmp_path):
     (path / "model.safetensors").write_bytes(weights)
 
     # intact files that do not belong together: another form's weights, with their own checksum
-    other = save(export(r20, "dense"), tmp_path / "other")
+    other = without_manifest_hash(save(export(r20, "dense"), tmp_path / "other"))
     (path / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
     m = json.loads(manifest)
     m["sha256"] = json.loads((other / "manifest.json").read_text())["sha256"]
@@ -451,8 +467,8 @@ def test_save_replaces_an_artifact_or_keeps_the_old_one(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
 
 
-def test_load_rejects_malformed_manifest_entries(tmp_path):
-    art = save(resnet20(), tmp_path / "art")
+def test_load_rejects_malformed_manifest_entries(tmp_path, without_manifest_hash):
+    art = without_manifest_hash(save(resnet20(), tmp_path / "art"))
     manifest = json.loads((art / "manifest.json").read_text())
     for key, value, words in (("layers", {"conv1": "factorized"}, r"manifest\.json.*layer 'conv1'.*invalid entry"),
                               ("dtype", "nn", r"manifest\.json.*dtype 'nn'"),
@@ -583,9 +599,10 @@ def test_artifact_keeps_module_versions(mode, tmp_path):
     assert json.loads((path / "manifest.json").read_text())["module_versions"][""] == 2  # MNASNet._version
 
 
-def test_artifact_without_module_versions_still_loads_and_bad_ones_are_refused(r20, tmp_path):
+def test_artifact_without_module_versions_still_loads_and_bad_ones_are_refused(r20, tmp_path,
+                                                                              without_manifest_hash):
     x = torch.randn(2, 3, 32, 32)
-    path = save(export(r20, "factorized"), tmp_path / "art")
+    path = without_manifest_hash(save(export(r20, "factorized"), tmp_path / "art"))
     manifest = json.loads((path / "manifest.json").read_text())
     del manifest["module_versions"]  # written before dprp_surgery recorded them
     (path / "manifest.json").write_text(json.dumps(manifest))
@@ -594,3 +611,56 @@ def test_artifact_without_module_versions_still_loads_and_bad_ones_are_refused(r
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=r"manifest\.json.*'module_versions' must map module names to integer"):
         load(path)
+
+
+def _edit_manifest(art, edit):
+    manifest = json.loads((art / "manifest.json").read_text())
+    edit(manifest)
+    (art / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["layers"]["conv1"]["spec"].__setitem__("scheme", "spatial"),  # same factor shapes as paper
+    lambda m: m["layers"]["layer1.0.conv1"]["spec"].__setitem__("padding_mode", "reflect"),
+    lambda m: m["layers"]["layer1.0.conv1"]["spec"].__setitem__("stride", [2, 2]),
+    lambda m: m.__setitem__("num_classes", 100),
+    lambda m: m.__setitem__("input_size", [3, 64, 64]),
+], ids=["scheme", "padding_mode", "stride", "num_classes", "input_size"])
+def test_an_edited_manifest_is_refused_instead_of_building_another_model(edit, tmp_path):
+    torch.manual_seed(0)
+    art = save(factorize(resnet20()), tmp_path / "art", input_size=[3, 32, 32])
+    _edit_manifest(art, edit)
+    with pytest.raises(ValueError, match=r"manifest\.json' was changed after the model was saved.*re-export"):
+        load(art)
+
+
+def test_a_manifest_without_its_weights_hash_is_refused(tmp_path):
+    art = save(resnet20(), tmp_path / "art")
+    _edit_manifest(art, lambda m: m.pop("sha256"))
+    with pytest.raises(ValueError, match=r"manifest\.json' is corrupt: its 'sha256' entry .* is missing"):
+        load(art)
+
+
+@pytest.mark.parametrize(("key", "value", "words"), [
+    ("format_version", None, r"'format_version' must be a positive integer, got None"),
+    ("format_version", -1, r"'format_version' must be a positive integer, got -1"),
+    ("input_size", 5, r"'input_size' must be a list of positive integers .* got 5"),
+    ("input_size", "abc", r"'input_size' must be a list of positive integers .* got 'abc'"),
+])
+def test_malformed_manifest_values_of_an_older_artifact(key, value, words, tmp_path, without_manifest_hash):
+    art = without_manifest_hash(save(resnet20(), tmp_path / "art"))
+    _edit_manifest(art, lambda m: m.__setitem__(key, value) if value is not None else m.pop(key))
+    with pytest.raises(ValueError, match=words):
+        load(art)
+
+
+def test_an_unknown_scheme_in_an_older_artifact_names_the_layer(tmp_path, without_manifest_hash):
+    art = without_manifest_hash(save(factorize(resnet20()), tmp_path / "art"))
+    _edit_manifest(art, lambda m: m["layers"]["conv1"]["spec"].__setitem__("scheme", "magic"))
+    with pytest.raises(ValueError, match=r"layer 'conv1' has an invalid spec \(KeyError: 'magic'\); re-export"):
+        load(art)
+
+
+def test_export_of_a_non_module_is_a_type_error():
+    with pytest.raises(TypeError, match=r"export\(\) takes an nn.Module as its model, got str"):
+        export("model", "dense")

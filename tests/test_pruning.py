@@ -160,11 +160,38 @@ def test_unsliceable_state_raises_and_changes_nothing():
 
 
 def test_no_svd_layers_and_validation():
-    assert RankPruner().step(nn.Linear(3, 3)) == {}
+    with pytest.warns(UserWarning, match="Linear has no SVD layers.*factorize"):
+        assert RankPruner().step(nn.Linear(3, 3)) == {}
     with pytest.raises(ValueError):
         RankPruner(epsilon=1.5)
     with pytest.raises(ValueError):
         RankPruner(min_rank=0)
+    with pytest.raises(TypeError, match="takes the factorized nn.Module, got str"):
+        RankPruner().step("model")
+    with pytest.raises(TypeError, match=r"DPRPConfig, got dict.*DPRPConfig.from_dict"):
+        RankPruner({"epsilon": 0.1})
+
+
+@pytest.mark.parametrize("epsilon", [2.0, 1.0, 0.0, -1.0, float("nan"), float("inf"), "0.5", None, True])
+@pytest.mark.parametrize("method", ["step", "keep_counts"])
+def test_a_per_call_epsilon_outside_0_1_is_refused_and_prunes_nothing(epsilon, method):
+    model = make_model()
+    ranks = [m.rank for m in (model[0], model[2])]
+    pruner = RankPruner(epsilon=0.1)
+    if epsilon is None:  # None means "the pruner's own epsilon"
+        getattr(pruner, method)(model, epsilon=None)
+        return
+    with pytest.raises(ValueError, match=rf"RankPruner.{method} epsilon=.* must (lie|be a number) in \(0, 1\)"):
+        getattr(pruner, method)(model, epsilon=epsilon)
+    assert [m.rank for m in (model[0], model[2])] == ranks
+
+
+def test_an_optimizer_over_another_model_is_warned_about():
+    model = make_model()
+    other = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match="SGD holds none of the factors.*built before factorize"):
+        changes = RankPruner(epsilon=0.5).step(model, other)
+    assert changes  # pruning itself still happens: the model is what the caller asked to prune
 
 
 # The DDP broadcast of the keep counts (rank 0 decides) is tested in the 2-process worker of

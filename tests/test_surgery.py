@@ -448,3 +448,17 @@ def test_layers_of_either_mode_are_factorized(training):
     x = torch.randn(2, 8)
     for mode in (False, True):
         torch.testing.assert_close(fact.train(mode)(x), model.train(mode)(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("call", "words"), [
+    (lambda: factorize("resnet18"), r"factorize\(\) takes an nn.Module as its model, got str"),
+    (lambda: factorize(None), r"factorize\(\) takes an nn.Module as its model, got NoneType"),
+    (lambda: svd_layers("x"), r"svd_layers\(\) takes an nn.Module as its model, got str"),
+    (lambda: factorize(nn.Linear(4, 4), {"scheme": "channel"}),
+     r"factorize\(\) takes a DPRPConfig as its config, got dict; build one with DPRPConfig.from_dict"),
+    (lambda: factorize(nn.Linear(4, 4), "channel"),
+     r"factorize\(\) takes a DPRPConfig as its config, got str; build one with DPRPConfig.preset"),
+])
+def test_wrong_argument_types_are_type_errors_that_say_what_to_pass(call, words):
+    with pytest.raises(TypeError, match=words):
+        call()

@@ -610,3 +610,28 @@ def test_ddp_two_processes(tmp_path):
 if __name__ == "__main__":
     if sys.argv[1:2] == ["child"]:
         _child(sys.argv[2])
+
+
+@pytest.mark.parametrize(("call", "words"), [
+    (lambda: DPRPTrainer(None, DPRPConfig(**STRONG), make_data()), r"DPRPTrainer\(\) takes an nn.Module .* NoneType"),
+    (lambda: DPRPTrainer(make_model(), {"epochs": 1}, make_data()),
+     r"DPRPTrainer\(\) takes a DPRPConfig .* got dict; build one with DPRPConfig.from_dict"),
+    (lambda: compress(make_model(), {"epochs": 1}, make_data()),
+     r"compress\(\) takes a DPRPConfig .* got dict; build one with DPRPConfig.from_dict"),
+    (lambda: compress("resnet20", DPRPConfig(**STRONG), make_data()), r"compress\(\) takes an nn.Module .* got str"),
+])
+def test_wrong_argument_types_are_type_errors(call, words):
+    with pytest.raises(TypeError, match=words):
+        call()
+
+
+@pytest.mark.parametrize(("device", "count", "words"), [
+    ("cuda", 0, r"device='cuda' but torch.cuda.is_available\(\) is false .* use device='cpu' or 'auto'"),
+    ("cuda:7", 2, r"device='cuda:7' but this machine has 2 CUDA device\(s\); use 'cuda:0' .. 'cuda:1'"),
+])
+def test_a_cuda_device_that_is_not_there_is_named_before_any_work(device, count, words, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail("a CUDA device was selected"))
+    with pytest.raises(ValueError, match=words):
+        DPRPTrainer(make_model(), DPRPConfig(**{**STRONG, "device": device}), make_data(), progress=False)
