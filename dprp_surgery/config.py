@@ -194,8 +194,9 @@ class DPRPConfig:
             value = getattr(self, name)
             if isinstance(value, str):
                 value = (value,)
-            _check(isinstance(value, (tuple, list)), name, value, "give a list of strings")
-            object.__setattr__(self, name, tuple(str(v) for v in value))
+            _check(isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value), name, value,
+                   "give a list of strings")
+            object.__setattr__(self, name, tuple(value))
         _choice("scheme", self.scheme, SCHEMES)
         _choice("regularizer", self.regularizer, REGULARIZERS)
         _choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -226,6 +227,7 @@ class DPRPConfig:
         for name in ("factor_weight_decay", "sigma_weight_decay"):
             v = getattr(self, name)
             _check(v is None or (_finite(v) and v >= 0), name, v, "must be None or a number >= 0")
+        _check(self.momentum < 1, "momentum", self.momentum, "SGD momentum must lie in [0, 1) (0.9 in Sec. IV-B)")
         _check(_finite(self.epsilon) and 0 < self.epsilon < 1, "epsilon", self.epsilon,
                "the pruning threshold epsilon must lie in (0, 1)")
         _check(self.epsilon_start is None or (_finite(self.epsilon_start) and 0 < self.epsilon_start < 1),
@@ -243,6 +245,9 @@ class DPRPConfig:
                self.distill_temperature, "must be a finite number > 0")
         _check(self.min_compressible is None or _finite(self.min_compressible), "min_compressible",
                self.min_compressible, "must be None or a finite number")
+        _check(self.min_compressible is None or self.min_compressible < 1, "min_compressible", self.min_compressible,
+               "must be < 1: a layer's compression rate at rank 1 is always below 1, so 1 or more would skip every "
+               "layer (None forces every selected layer in)")
         for name in ("amp", "structure_when_frozen"):
             v = getattr(self, name)
             _check(isinstance(v, bool), name, v, "must be true or false")
@@ -354,6 +359,8 @@ class DPRPConfig:
     def load(cls, path: str | Path) -> DPRPConfig:
         """Read a config file; the format follows the suffix (.json, .yaml, .yml)."""
         p = Path(path)
+        if p.is_dir():
+            raise ValueError(f"config file {str(p)!r} is a directory; pass a .json, .yaml or .yml file")
         if not p.is_file():
             raise ValueError(f"config file {str(p)!r} does not exist")
         if p.suffix == ".json":
@@ -494,7 +501,7 @@ def _read_if_path(text_or_path: str | os.PathLike[str], kind: str) -> str:
     else:
         text = str(text_or_path)
         stripped = text.strip()
-        if "\n" in text or stripped.startswith(("{", "[")) or ": " in text:
+        if not stripped or "\n" in text or stripped.startswith(("{", "[")) or ": " in text:
             return text  # JSON/YAML text, never a file name
         path = Path(stripped)
         if not _is_file(path) and not _is_dir(path):

@@ -230,3 +230,29 @@ def test_presets_and_working_schedules_log_nothing(caplog, name):
 def test_a_preset_name_that_is_not_a_string_is_a_type_error():
     with pytest.raises(TypeError, match=r"DPRPConfig.preset takes a preset name, got NoneType; use one of paper"):
         DPRPConfig.preset(None)
+
+
+@pytest.mark.parametrize(("kwargs", "words"), [
+    ({"momentum": 1.5}, r"DPRPConfig.momentum=1.5 is invalid: SGD momentum must lie in \[0, 1\)"),
+    ({"momentum": 1.0}, r"DPRPConfig.momentum=1.0 is invalid"),
+    ({"min_compressible": 1.5}, r"DPRPConfig.min_compressible=1.5 is invalid: must be < 1.*skip every layer"),
+    ({"include": [1]}, r"DPRPConfig.include=\[1\] is invalid: give a list of strings"),
+    ({"exclude": ["fc", None]}, r"DPRPConfig.exclude=\['fc', None\] is invalid"),
+])
+def test_values_that_would_silently_break_training_are_refused(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        DPRPConfig(**kwargs)
+
+
+@pytest.mark.parametrize("parse", ["from_json", "from_yaml"])
+def test_empty_config_text(parse):
+    if parse == "from_yaml":
+        assert DPRPConfig.from_yaml("") == DPRPConfig()  # an empty YAML document is an empty mapping
+    else:
+        with pytest.raises(ValueError, match=r"^the JSON text is not valid JSON"):
+            DPRPConfig.from_json("")
+
+
+def test_load_of_a_directory_says_so(tmp_path):
+    with pytest.raises(ValueError, match=r"is a directory; pass a .json, .yaml or .yml file"):
+        DPRPConfig.load(tmp_path)
