@@ -24,6 +24,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import itertools
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -88,16 +90,42 @@ def pad_singular_values(s_list: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tenso
         with respect to every sigma_l), mask is the boolean ``(L x r_max)`` validity mask and r the
         ``(L,)`` int64 tensor of ranks.
     """
+    S, mask, r = _pad(s_list)
+    return S, mask.clone(), r.clone()
+
+
+def _pad(s_list: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """`pad_singular_values` with the shared cached mask and ranks of `_rank_tensors` (never modify them)."""
     S = pad_sequence(list(s_list), batch_first=True)
-    r = torch.tensor([s.shape[0] for s in s_list], device=S.device, dtype=torch.int64)
-    mask = torch.arange(S.shape[1], device=S.device) < r[:, None]
+    mask, r = _rank_tensors(S.device, tuple(s.shape[0] for s in s_list))
     return S, mask, r
+
+
+@functools.lru_cache(maxsize=64)
+def _rank_tensors(device: torch.device, ranks: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """The ``(L x r_max)`` validity mask and ``(L,)`` int64 ranks on `device`, built once per (device, ranks)."""
+    # the losses run every training step: building r from a Python list there is a host-to-device copy that
+    # waits for the GPU; ranks only change at pruning, so each set is copied once. Built outside inference
+    # mode, so that a first call under torch.inference_mode does not cache tensors autograd cannot save.
+    with torch.inference_mode(False), torch.no_grad():
+        r = torch.tensor(ranks, dtype=torch.int64).to(device)
+        mask = torch.arange(max(ranks, default=0), device=device) < r[:, None]
+    return mask, r
 
 
 def _chi(count: Tensor) -> Tensor:
     """chi(a) = 1/a for a > 0 and 0 for a = 0 (Sec. III-C.2), element-wise, as floats."""
     c = count.to(torch.get_default_dtype()) if not count.is_floating_point() else count
     return torch.where(c > 0, 1.0 / c.clamp_min(1), torch.zeros_like(c))
+
+
+def _device_of(model: LayersLike) -> torch.device:
+    """The device of a module's first parameter or buffer; the CPU for anything else."""
+    if isinstance(model, nn.Module):
+        first = next(itertools.chain(model.parameters(), model.buffers()), None)
+        if first is not None:
+            return first.device
+    return torch.device("cpu")
 
 
 def _empty(layers: list[SVDLayer]) -> Tensor:
@@ -134,8 +162,8 @@ def _gram_residual_sum(factors: list[Tensor]) -> Tensor:
         groups.setdefault(f.shape[0], []).append(f)
     parts = []
     for group in groups.values():
-        r = torch.tensor([f.shape[1] for f in group], device=group[0].device)
-        resid = _GramResidualNorms.apply(r, *group)  # (n,)
+        mask, r = _rank_tensors(group[0].device, tuple(f.shape[1] for f in group))  # cached: no copy per step
+        resid = _GramResidualNorms.apply(mask, *group)  # (n,)
         parts.append((resid / r.to(resid.dtype) ** 2).sum())
     return torch.stack(parts).sum()
 
@@ -148,7 +176,8 @@ class _GramResidualNorms(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, r: Tensor, *factors: Tensor) -> Tensor:  # noqa: D102
+    def forward(ctx, mask: Tensor, *factors: Tensor) -> Tensor:  # noqa: D102
+        # mask: (n x r_max) bool, True for column j < r_l of factor l (the identity's diagonal)
         with torch.autocast(device_type=factors[0].device.type, enabled=False):
             ranks = [f.shape[1] for f in factors]
             r_max = max(ranks)
@@ -161,8 +190,7 @@ class _GramResidualNorms(torch.autograd.Function):
                 for i, f in enumerate(factors):
                     F[i, :, : f.shape[1]] = f
             R = torch.bmm(F.transpose(1, 2), F)  # F^T F, zero outside each r_l x r_l block
-            ar = torch.arange(r_max, device=F.device)
-            R.diagonal(dim1=1, dim2=2).sub_((ar < r[:, None]).to(R.dtype))
+            R.diagonal(dim1=1, dim2=2).sub_(mask.to(R.dtype))
             norms = torch.linalg.matrix_norm(R, ord="fro")
         ctx.save_for_backward(F, R, norms)
         ctx.ranks = ranks
@@ -195,7 +223,7 @@ def sorting_loss(layers: LayersLike) -> Tensor:
     layers = _as_layers(layers)
     if not layers:
         return _empty(layers)
-    S, mask, _ = pad_singular_values([lay.s for lay in layers])
+    S, mask, _ = _pad([lay.s for lay in layers])
     return _sorting_from_padded(S, mask).mean()
 
 
@@ -232,7 +260,7 @@ def keep_counts(s_list: Sequence[Tensor] | Tensor, epsilon: float, mask: Tensor 
     else:
         if len(s_list) == 0:
             return torch.zeros(0, dtype=torch.int64)
-        S, mask, r = pad_singular_values([s.detach() for s in s_list])
+        S, mask, r = _pad([s.detach() for s in s_list])
     return _tau_from_padded(S, mask, r, epsilon)
 
 
@@ -269,7 +297,7 @@ def compression_loss(layers: LayersLike, epsilon: float, weighting: str = "layer
     layers = _as_layers(layers)
     if not layers:
         return _empty(layers)
-    S, mask, r = pad_singular_values([lay.s for lay in layers])
+    S, mask, r = _pad([lay.s for lay in layers])
     tau = _tau_from_padded(S, mask, r, epsilon)
     return _average(_compression_from_padded(S, mask, r, tau), layer_weights(layers, weighting))
 
@@ -335,7 +363,7 @@ def regularization_loss(layers: LayersLike, kind: str, delta: float = 1e-3, weig
     layers = _as_layers(layers)
     if not layers:
         return _empty(layers)
-    S, mask, r = pad_singular_values([lay.s for lay in layers])
+    S, mask, r = _pad([lay.s for lay in layers])
     return _average(_ablation_from_padded(S, mask, r, kind, delta), layer_weights(layers, weighting))
 
 
@@ -457,10 +485,10 @@ class DPRPRegularizer:
         c = self.config
         w = self.weights_at(epoch, stopped=stopped)
         if not layers:
-            zero = torch.zeros(())
+            zero = torch.zeros((), device=_device_of(model))  # on the model's device: no copy per training step
             keys = ("orth", "sort", "comp", "structure") if c.regularizer == "dprp" else ("reg",)
             return zero, {**{k: zero for k in keys}, "total_reg": zero}
-        S, mask, r = pad_singular_values([lay.s for lay in layers])
+        S, mask, r = _pad([lay.s for lay in layers])
         if c.regularizer == "dprp":
             # a term whose weight is 0 (schedules, frozen ranks) is still reported but builds no graph
             with torch.set_grad_enabled(torch.is_grad_enabled() and w["lambda_str"] > 0):

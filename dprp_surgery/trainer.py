@@ -565,7 +565,8 @@ class DPRPTrainer:
         model = self.model
         was_training = model.training
         model.eval()
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, top1, top5, count
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, top1, top5
+        count = 0  # samples, counted on the host: no host-to-device copy per batch
         _set_epoch(loader, 0, self.config.seed)
         with torch.no_grad():
             for batch in loader:
@@ -573,15 +574,13 @@ class DPRPTrainer:
                 with self._autocast():
                     out = _logits(model(x)).float()
                 c1, c5 = _topk_correct(out, y)
-                sums += torch.stack([F.cross_entropy(out, y, reduction="sum"), c1, c5,
-                                     torch.tensor(y.shape[0], device=out.device)]).to(sums)
+                sums += torch.stack([F.cross_entropy(out, y, reduction="sum"), c1, c5]).to(sums)
+                count += y.shape[0]
         model.train(was_training)
-        sums = self._all_reduce(sums)
-        if float(sums[3]) == 0:
+        loss, top1, top5, n = self._reduce_totals(sums, count)
+        if n == 0:
             raise ValueError(f"validation data yielded no batches: {self._describe_empty(loader)}")
-        n = float(sums[3])
-        return {"val_loss": float(sums[0]) / n, "val_top1": 100.0 * float(sums[1]) / n,
-                "val_top5": 100.0 * float(sums[2]) / n}
+        return {"val_loss": loss / n, "val_top1": 100.0 * top1 / n, "val_top5": 100.0 * top5 / n}
 
     def summary(self) -> Summary:
         """`summarize` of the model now, on a batch of one."""
@@ -636,7 +635,8 @@ class DPRPTrainer:
             "loss", "app", "reg", "total_reg")
         if self.teacher is not None:
             keys = (*keys[:2], "ce", "kd", *keys[2:])
-        sums = torch.zeros(len(keys) + 4, dtype=torch.float64, device=self.device)  # + top1, top5, count, steps
+        sums = torch.zeros(len(keys) + 2, dtype=torch.float64, device=self.device)  # + top1, top5
+        count, n_done = 0, 0  # samples and steps, counted on the host: no host-to-device copy per step
         pruned: dict[str, tuple[int, int]] = {}
         bars = getattr(self, "_bars", None)
         if bars is not None:
@@ -668,8 +668,9 @@ class DPRPTrainer:
             with torch.no_grad():
                 c1, c5 = _topk_correct(out.detach().float(), y)
                 sums += torch.stack([*(values[k].to(self.device, torch.float64) for k in keys), c1.double(),
-                                     c5.double(), torch.tensor(float(y.shape[0]), device=self.device),
-                                     torch.tensor(1.0, device=self.device)]).to(sums)
+                                     c5.double()]).to(sums)
+            count += y.shape[0]
+            n_done += 1
             if (c.prune_unit == "step" and epoch >= c.prune_start_epoch and self.global_step % c.prune_every == 0
                     and not self._frozen(epoch)):
                 _merge_pruned(pruned, self._prune(self.regularizer.epsilon_at(epoch)))
@@ -677,14 +678,15 @@ class DPRPTrainer:
                 now = time.perf_counter()
                 if now - last_update > 0.25 or (n_steps is not None and i + 1 == n_steps):
                     last_update = now
-                    bars.update(self._batch_task, completed=i + 1, info=self._batch_info(keys, sums))
-        sums = self._all_reduce(sums)
-        if float(sums[-1]) == 0:  # before any scheduler step, history record or checkpoint
+                    bars.update(self._batch_task, completed=i + 1,
+                                info=self._batch_info(keys, sums, count, n_done))
+        *totals, count, n_done = self._reduce_totals(sums, count, n_done)
+        if n_done == 0:  # before any scheduler step, history record or checkpoint
             raise ValueError(f"training data yielded no batches in epoch {epoch}: {self._describe_empty(loader)}")
-        steps, count = max(float(sums[-1]), 1.0), max(float(sums[-2]), 1.0)
-        stats: dict[str, Any] = {k: float(sums[j]) / steps for j, k in enumerate(keys)}
-        stats["train_top1"] = 100.0 * float(sums[len(keys)]) / count
-        stats["train_top5"] = 100.0 * float(sums[len(keys) + 1]) / count
+        steps, count = max(n_done, 1.0), max(count, 1.0)
+        stats: dict[str, Any] = {k: totals[j] / steps for j, k in enumerate(keys)}
+        stats["train_top1"] = 100.0 * totals[len(keys)] / count
+        stats["train_top5"] = 100.0 * totals[len(keys) + 1] / count
         stats["_pruned"] = pruned
         return stats
 
@@ -798,6 +800,13 @@ class DPRPTrainer:
         dist.all_reduce(buf)
         return buf.to(t.device)
 
+    def _reduce_totals(self, sums: Tensor, *counts: float) -> list[float]:
+        """`sums` followed by the host-side `counts`, summed over processes, as Python floats (once, at the end)."""
+        if self.world == 1:
+            return [*sums.tolist(), *(float(n) for n in counts)]
+        vec = torch.cat([sums, torch.tensor(counts, dtype=sums.dtype).to(sums.device)])
+        return self._all_reduce(vec).tolist()
+
     def _sync_buffers(self) -> None:
         """Copy rank 0's buffers (BatchNorm statistics) to every process, so all hold the same model."""
         if self.world == 1:
@@ -862,9 +871,10 @@ class DPRPTrainer:
         macs = f"{self.last_summary.macs / 1e6:.2f}M" if self.last_summary is not None else "-"
         return f"params {params / 1e6:.3f}M MACs {macs} mean rank {rank:.2f}"
 
-    def _batch_info(self, keys: tuple[str, ...], sums: Tensor) -> str:
+    def _batch_info(self, keys: tuple[str, ...], sums: Tensor, count: int, n_done: int) -> str:
+        """The running means of this process's epoch so far, for the progress bar."""
         vals = sums.tolist()
-        steps, count = max(vals[-1], 1.0), max(vals[-2], 1.0)
+        steps, count = max(float(n_done), 1.0), max(float(count), 1.0)
         shown = [(j, k) for j, k in enumerate(keys) if k not in ("total_reg", "structure")]
         terms = " ".join(f"{k} {vals[j] / steps:.3g}" for j, k in shown)
         top1 = 100.0 * vals[len(keys)] / count

@@ -12,11 +12,13 @@ from dprp_surgery import DPRPConfig, SVDLinear, factorize
 from dprp_surgery.losses import (
     DPRPRegularizer,
     _gram_residual_sum,
+    _rank_tensors,
     compression_loss,
     distillation_loss,
     keep_counts,
     layer_weights,
     orthogonality_loss,
+    pad_singular_values,
     regularization_loss,
     sorting_loss,
 )
@@ -378,6 +380,87 @@ def test_no_svd_layers_gives_zero():
     loss, terms = DPRPRegularizer(DPRPConfig())(nn.Linear(3, 2))
     assert float(loss.detach()) == 0.0 and set(terms) == {"orth", "sort", "comp", "structure", "total_reg"}
     assert keep_counts([], 0.1).numel() == 0
+
+
+# ----------------------------------------------------------------------------- no host-to-device copy per step
+def counting_tensor(monkeypatch) -> list[int]:
+    """Count the calls of torch.tensor from now on (a list built on the host and copied to the device)."""
+    calls = [0]
+    real = torch.tensor
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", counted)
+    return calls
+
+
+def uneven_layers(seed: int = 0) -> list[SVDLinear]:
+    """SVD layers whose heights and widths repeat at different ranks (padded Gram groups and sigma rows)."""
+    gen = torch.Generator().manual_seed(seed)
+    layers = []
+    for out_f, in_f, r in [(6, 5, 4), (6, 7, 2), (3, 5, 3), (4, 4, 1)]:
+        m = SVDLinear(in_f, out_f, rank=r)
+        with torch.no_grad():
+            for p in (m.U, m.s, m.V):
+                p.copy_(torch.randn(p.shape, generator=gen))
+        layers.append(m)
+    return layers
+
+
+@pytest.mark.parametrize("kind,weighting", [("dprp", "layers"), ("dprp", "params"), ("l1", "params-squared")])
+def test_losses_build_no_tensor_from_python_lists_after_the_first_step(kind, weighting, monkeypatch):
+    # on CUDA, torch.tensor([...], device=...) is a copy that waits for the GPU: the losses run every step
+    _rank_tensors.cache_clear()  # the cache is shared by the whole process: start from none
+    layers = uneven_layers()
+    reg = DPRPRegularizer(DPRPConfig(regularizer=kind, comp_weighting=weighting, lambda_comp=1.0))
+
+    def step():
+        loss, terms = reg(layers, epoch=1)
+        loss.backward()
+        for term in (orthogonality_loss(layers), sorting_loss(layers), compression_loss(layers, 0.3),
+                     regularization_loss(layers, "funnel")):
+            term.backward()
+        keep_counts([m.s for m in layers], 0.3)
+        return loss.detach(), terms
+
+    loss, first = step()  # the first step copies each set of ranks to the device once
+    calls = counting_tensor(monkeypatch)
+    for _ in range(3):
+        again, terms = step()
+        torch.testing.assert_close(again, loss, rtol=0, atol=0)
+        for k in first:
+            torch.testing.assert_close(terms[k], first[k], rtol=0, atol=0, msg=k)
+    assert calls[0] == 0
+    # pruning changes the ranks: those are copied once, then the steps are free of copies again
+    with torch.no_grad():
+        layers[0].truncate_(3)
+    reg(layers, epoch=1)
+    assert calls[0] > 0
+    calls[0] = 0
+    reg(layers, epoch=1)[0].backward()
+    assert calls[0] == 0
+
+
+def test_cached_ranks_are_not_shared_with_callers_or_inference_mode():
+    s = [torch.tensor([3.0, 2.0, 1.0]), torch.tensor([5.0])]
+    _, mask, r = pad_singular_values(s)
+    mask.fill_(False)  # a caller may modify what it gets: the next call still sees the true ranks
+    r.zero_()
+    S, mask, r = pad_singular_values(s)
+    torch.testing.assert_close(S, torch.tensor([[3.0, 2.0, 1.0], [5.0, 0.0, 0.0]]))
+    torch.testing.assert_close(mask, torch.tensor([[True, True, True], [True, False, False]]))
+    torch.testing.assert_close(r, torch.tensor([3, 1]))
+    assert not r.requires_grad and not mask.requires_grad
+    # ranks first seen under inference_mode are cached as ordinary tensors, usable with autograd afterwards
+    _rank_tensors.cache_clear()
+    layers = [SVDLinear(11, 9, rank=7), SVDLinear(13, 9, rank=5)]
+    reg = DPRPRegularizer(DPRPConfig(lambda_comp=1.0))
+    with torch.inference_mode():
+        reg(layers)
+    reg(layers)[0].backward()
+    assert all(p.grad is not None for m in layers for p in (m.U, m.s, m.V))
 
 
 # ----------------------------------------------------------------------------- distillation (not in the paper)

@@ -110,6 +110,65 @@ def test_prune_every_step_and_factor_lr_scale():
     assert sum(ranks(trainer.model).values()) < sum(ranks(make_model()).values())
 
 
+def test_epoch_stats_are_the_step_means_and_steps_never_wait_for_the_device(monkeypatch):
+    # the training steps build no tensor from Python numbers and read no device value back (on CUDA each
+    # would make the CPU wait for the GPU), except the deliberate non-finite check: one bool per step
+    import dprp_surgery.trainer as trainer_module
+
+    cfg = DPRPConfig(epochs=2, prune_start_epoch=2, **STRONG)  # ranks stay: no new rank tensors in epoch 1
+    trainer = DPRPTrainer(make_model(), cfg, make_data(40), progress=False)  # batches of 16, 16 and 8
+    steps: list[dict[str, float]] = []
+    real_check, real_topk, real_epoch = trainer._check_finite, trainer_module._topk_correct, trainer._train_epoch
+
+    def check(values, epoch, step):
+        steps.append({k: float(v) for k, v in values.items()})
+        real_check(values, epoch, step)
+
+    def topk(logits, target):
+        correct = real_topk(logits, target)
+        steps[-1].update(n=target.shape[0], top1=float(correct[0]), top5=float(correct[1]))
+        return correct
+
+    calls: dict[str, int] = {}
+
+    def counted(m, owner, name):
+        real = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] = calls.get(name, 0) + 1
+            return real(*args, **kwargs)
+
+        m.setattr(owner, name, wrapper)
+
+    def epoch_counted(epoch):
+        if epoch == 0:  # the first epoch builds the cached rank tensors
+            return real_epoch(epoch)
+        with monkeypatch.context() as m:  # counts the second epoch only, steps and end of epoch
+            m.setattr(trainer, "_check_finite", real_check)  # without this test's spies, which read values
+            m.setattr(trainer_module, "_topk_correct", real_topk)
+            counted(m, torch, "tensor")
+            for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+                counted(m, torch.Tensor, name)
+            return real_epoch(epoch)
+
+    monkeypatch.setattr(trainer, "_check_finite", check)
+    monkeypatch.setattr(trainer_module, "_topk_correct", topk)
+    monkeypatch.setattr(trainer, "_train_epoch", epoch_counted)
+    history = trainer.fit()
+    n_steps = len(steps)
+    assert n_steps == 3 and [s["n"] for s in steps] == [16, 16, 8]
+    first = history[0]
+    for k in ("loss", "app", "orth", "sort", "comp", "structure", "total_reg"):
+        assert first[k] == pytest.approx(sum(s[k] for s in steps) / n_steps, rel=1e-12), k
+    assert first["train_top1"] == pytest.approx(100.0 * sum(s["top1"] for s in steps) / 40)
+    assert first["train_top5"] == pytest.approx(100.0 * sum(s["top5"] for s in steps) / 40)
+    # epoch 1: no tensor from host numbers, no value read per step; one list of totals at the end
+    assert calls.get("tensor", 0) == 0 and calls.get("item", 0) == 0, calls
+    assert calls.get("__float__", 0) == 0 and calls.get("__int__", 0) == 0, calls
+    assert calls.get("tolist", 0) == 1 and calls.get("__bool__", 0) == 3, calls
+    assert 0 <= history[1]["train_top1"] <= history[1]["train_top5"] <= 100
+
+
 def test_cooldown_epoch_neither_compresses_nor_prunes():
     cfg = DPRPConfig(epochs=3, reg_cooldown_epochs=1, prune_unit="step", prune_every=1, **STRONG)
     history = DPRPTrainer(make_model(), cfg, make_data(), progress=False).fit()
