@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
-from .config import DPRPConfig
+from .config import DPRPConfig, as_config
 from .layers import SVDLayer
 from .surgery import svd_layers
 
@@ -70,6 +70,8 @@ def _as_layers(layers: LayersLike) -> list[SVDLayer]:
         if isinstance(layers, SVDLayer):
             return [layers]
         return [m for _, m in svd_layers(unwrap_model(layers))]
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise TypeError(f"expected a model or a list of its SVD layers, got {type(layers).__name__}")
     out = []
     for item in layers:
         layer = item[1] if isinstance(item, tuple) else item
@@ -425,7 +427,7 @@ class DPRPRegularizer:
     """
 
     def __init__(self, config: DPRPConfig | None = None) -> None:
-        self.config = config or DPRPConfig()
+        self.config = as_config(config, "DPRPRegularizer()")
         self._weights_key: tuple | None = None
         self._weights: Tensor | None = None
 

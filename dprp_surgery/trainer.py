@@ -266,20 +266,77 @@ def _topk_correct(logits: Tensor, target: Tensor, ks: tuple[int, ...] = (1, 5)) 
     return [hit[:, : min(k, kmax)].any(1).sum() for k in ks]
 
 
+_INPUT_KEYS = ("input", "x", "inputs", "image", "images", "img", "pixel_values")
+_TARGET_KEYS = ("target", "y", "targets", "label", "labels")
+
+
 def _split_batch(batch: Any) -> tuple[Any, Tensor]:
-    """(inputs, targets) of a batch given as a pair (tuple, list) or a dict with "input"/"target"."""
+    """(inputs, targets) of a batch given as a sequence (first two entries) or a dict with input/target keys."""
     if isinstance(batch, dict):
-        return batch.get("input", batch.get("x")), batch.get("target", batch.get("y"))
-    return batch[0], batch[1]
+        x = next((batch[k] for k in _INPUT_KEYS if k in batch), None)
+        y = next((batch[k] for k in _TARGET_KEYS if k in batch), None)
+        if x is None or y is None:
+            keys = ", ".join(repr(k) for k in list(batch)[:8])
+            raise ValueError(f"a batch dict needs an input entry (one of {', '.join(_INPUT_KEYS)}) and a target "
+                             f"entry (one of {', '.join(_TARGET_KEYS)}); this one has {keys}. Rename the keys, or "
+                             "make the loader yield (inputs, targets) pairs")
+        return x, y
+    if isinstance(batch, (tuple, list)):
+        if len(batch) < 2:
+            raise ValueError(f"a batch must be (inputs, targets), got a {type(batch).__name__} of {len(batch)} "
+                             "entry: the data has no labels; DPRP training needs class labels")
+        if len(batch) > 2:
+            warnings.warn(f"batches have {len(batch)} entries; DPRPTrainer takes the first two as (inputs, targets) "
+                          "and ignores the rest (e.g. sample weights or indices)", UserWarning, stacklevel=3)
+        return batch[0], batch[1]
+    raise ValueError(f"a batch must be an (inputs, targets) pair or a dict with 'input' and 'target', got "
+                     f"{type(batch).__name__}")
 
 
 def _logits(out: Any) -> Tensor:
-    """Logits from a model output (a tensor, or the first element of a tuple)."""
+    """Logits from a model output (a tensor, the first element of a tuple, or a dict's "logits"/"out")."""
     if isinstance(out, (tuple, list)):
         out = out[0]
     if isinstance(out, dict):
-        out = out["logits"]
+        key = next((k for k in ("logits", "out") if k in out), None)
+        if key is None:
+            raise ValueError(f"the model returned a dict with keys {', '.join(map(repr, list(out)[:8]))}; DPRPTrainer "
+                             "reads the logits from 'logits' or 'out': wrap the model so it returns the logits")
+        out = out[key]
     return out
+
+
+def _check_batch(x: Any, y: Any, where: str) -> None:
+    """Raise a ValueError naming what is wrong with a batch's types before it reaches the model."""
+    if not isinstance(y, Tensor):
+        raise ValueError(f"the {where} targets are {type(y).__name__}, not a torch tensor; yield class indices as a "
+                         "tensor (torch.as_tensor(labels)), e.g. with a torch DataLoader")
+    if type(x).__module__ == "numpy":
+        raise ValueError(f"the {where} inputs are a numpy {type(x).__name__}; convert them with torch.from_numpy, "
+                         "or use a torch DataLoader")
+    if isinstance(x, Tensor) and x.dtype == torch.uint8:
+        raise ValueError(f"the {where} inputs are uint8 images; convert them to float and normalise them (x.float() / "
+                         "255, then the model's mean and std), e.g. with dprp_surgery.data.TensorLoader")
+    if y.is_floating_point() or y.dtype == torch.bool or y.is_complex():
+        hint = " (one-hot labels: pass labels.argmax(1))" if y.ndim == 2 else ""
+        raise ValueError(f"the {where} targets must be integer class indices, got dtype {y.dtype}{hint}; soft "
+                         "labels are not supported")
+    if y.ndim != 1:
+        hint = "; squeeze the extra dimension (y.squeeze(1))" if y.ndim == 2 and y.shape[1] == 1 else ""
+        raise ValueError(f"the {where} targets must hold one class index per sample, shape (N,), got shape "
+                         f"{tuple(y.shape)}{hint}")
+
+
+def _check_labels(y: Tensor, classes: int, where: str) -> None:
+    """Raise a ValueError when labels fall outside the model's `classes` outputs (-100, ignored, is allowed)."""
+    kept = y[y != -100]
+    if kept.numel() == 0:
+        return
+    lo, hi = int(kept.min()), int(kept.max())
+    if lo < 0 or hi >= classes:
+        raise ValueError(f"the {where} labels run from {lo} to {hi}, but the model has {classes} outputs: labels must "
+                         f"be class indices in [0, {classes - 1}]. Give the model as many outputs as the data has "
+                         "classes (dprp_surgery.io.set_num_classes(model, n); CLI --num-classes)")
 
 
 # ----------------------------------------------------------------------------- data
@@ -570,9 +627,9 @@ class DPRPTrainer:
         _set_epoch(loader, 0, self.config.seed)
         with torch.no_grad():
             for batch in loader:
-                x, y = self._to_device(batch)
+                x, y = self._to_device(batch, "validation")
                 with self._autocast():
-                    out = _logits(model(x)).float()
+                    out = self._logits_of(model, x, y, "validation").float()
                 c1, c5 = _topk_correct(out, y)
                 sums += torch.stack([F.cross_entropy(out, y, reduction="sum"), c1, c5]).to(sums)
                 count += y.shape[0]
@@ -647,7 +704,7 @@ class DPRPTrainer:
             if self._example is None:
                 self._example = x[:1].detach().clone()
             with self._autocast():
-                out = _logits(self._net(x))
+                out = self._logits_of(self._net, x, y, "training")
             app = F.cross_entropy(out.float(), y, label_smoothing=c.label_smoothing)
             parts: dict[str, Tensor] = {}
             if self.teacher is not None:
@@ -702,8 +759,28 @@ class DPRPTrainer:
         frozen = copy.deepcopy(unwrap_model(teacher)).to(self.device).eval()
         return frozen.requires_grad_(False)
 
-    def _to_device(self, batch: Any) -> tuple[Any, Tensor]:
+    def _logits_of(self, net: nn.Module, x: Any, y: Tensor, where: str) -> Tensor:
+        """net's logits on x; on the first batch of `where` (training, validation) also checked against y."""
+        checked = self.__dict__.setdefault("_checked_batches", set())
+        if where in checked:
+            return _logits(net(x))
+        try:
+            out = _logits(net(x))
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as exc:
+            shape = f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+            cause = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)[:240]
+            raise ValueError(f"the model cannot take the first {where} batch (inputs of {shape}): {cause}. Check "
+                             "that the data's channels and image size are the ones the model was built for") from exc
+        if isinstance(out, Tensor) and out.ndim == 2:
+            _check_labels(y, out.shape[1], where)  # one device read, on the first batch only
+        checked.add(where)
+        return out
+
+    def _to_device(self, batch: Any, where: str = "training") -> tuple[Any, Tensor]:
         x, y = _split_batch(batch)
+        _check_batch(x, y, where)
         nb = self.device.type == "cuda"
         x = x.to(self.device, non_blocking=nb) if isinstance(x, Tensor) else x
         return x, y.to(self.device, non_blocking=nb)

@@ -484,3 +484,14 @@ def test_distillation_gradient_only_to_the_student_and_shapes_checked():
     assert teacher.grad is None
     with pytest.raises(ValueError, match="teacher logits"):
         distillation_loss(torch.zeros(2, 5), torch.zeros(2, 6))
+
+
+def test_regularizer_argument_types_are_named():
+    from dprp_surgery import DPRPRegularizer
+
+    with pytest.raises(TypeError, match=r"DPRPRegularizer\(\) takes a DPRPConfig .* got dict; .*from_dict"):
+        DPRPRegularizer({"lambda_comp": 1.0})
+    with pytest.raises(TypeError, match="expected a model or a list of its SVD layers, got NoneType"):
+        DPRPRegularizer()(None)
+    with pytest.raises(TypeError, match="expected a model or a list of its SVD layers, got str"):
+        DPRPRegularizer()("model")

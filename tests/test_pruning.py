@@ -168,7 +168,7 @@ def test_no_svd_layers_and_validation():
         RankPruner(min_rank=0)
     with pytest.raises(TypeError, match="takes the factorized nn.Module, got str"):
         RankPruner().step("model")
-    with pytest.raises(TypeError, match=r"DPRPConfig, got dict.*DPRPConfig.from_dict"):
+    with pytest.raises(TypeError, match=r"RankPruner\(\) takes a DPRPConfig as its config, got dict.*from_dict"):
         RankPruner({"epsilon": 0.1})
 
 

@@ -694,3 +694,66 @@ def test_a_cuda_device_that_is_not_there_is_named_before_any_work(device, count,
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail("a CUDA device was selected"))
     with pytest.raises(ValueError, match=words):
         DPRPTrainer(make_model(), DPRPConfig(**{**STRONG, "device": device}), make_data(), progress=False)
+
+
+def _batches(x: torch.Tensor, y, n: int = 2):
+    return [(x, y) for _ in range(n)]
+
+
+_X = torch.randn(8, 3, 16, 16)
+_Y = torch.randint(0, 10, (8,))
+
+
+@pytest.mark.parametrize(("data", "words"), [
+    (_batches(_X, torch.full((8,), 10)), r"training labels run from 10 to 10, but the model has 10 outputs.*\[0, 9\]"),
+    (_batches(_X, torch.full((8,), -1)), r"training labels run from -1 to -1"),
+    (_batches(_X, _Y.float()), r"training targets must be integer class indices, got dtype torch.float32"),
+    (_batches(_X, torch.nn.functional.one_hot(_Y, 10)), r"targets must hold one class index per sample.*\(8, 10\)"),
+    (_batches(_X, torch.nn.functional.one_hot(_Y, 10).float()), r"one-hot labels: pass labels.argmax\(1\)"),
+    (_batches(_X, _Y[:, None]), r"shape \(8, 1\); squeeze the extra dimension"),
+    (_batches(_X, _Y.tolist()), r"training targets are list, not a torch tensor"),
+    (_batches(_X.numpy(), _Y), r"training inputs are a numpy ndarray; convert them with torch.from_numpy"),
+    (_batches((_X * 255).to(torch.uint8), _Y), r"training inputs are uint8 images; convert them to float"),
+    (_batches(torch.randn(8, 1, 16, 16), _Y), r"cannot take the first training batch \(inputs of shape \(8, 1, 16"),
+    ([{"image": _X, "label": _Y}] * 2, None),  # accepted: common key names
+    ([{"pixels": _X, "label": _Y}] * 2, r"a batch dict needs an input entry .*this one has 'pixels', 'label'"),
+    ([(_X,)] * 2, r"a batch must be \(inputs, targets\), got a tuple of 1 entry"),
+], ids=["label-too-high", "label-negative", "float", "one-hot", "one-hot-float", "column", "list", "numpy", "uint8",
+        "channels", "dict-image-label", "dict-unknown", "no-labels"])
+def test_bad_batches_are_named_before_they_reach_torch(data, words):
+    cfg = DPRPConfig(**{**STRONG, "epochs": 1})
+    if words is None:
+        DPRPTrainer(make_model(), cfg, data, progress=False).fit()
+        return
+    with pytest.raises(ValueError, match=words):
+        DPRPTrainer(make_model(), cfg, data, progress=False).fit()
+
+
+def test_validation_labels_out_of_range_are_named():
+    cfg = DPRPConfig(**{**STRONG, "epochs": 1})
+    trainer = DPRPTrainer(make_model(), cfg, _batches(_X, _Y), val_data=_batches(_X, torch.full((8,), 12)),
+                          progress=False)
+    with pytest.raises(ValueError, match=r"validation labels run from 12 to 12, but the model has 10 outputs"):
+        trainer.fit()
+
+
+def test_extra_batch_entries_are_warned_about_and_ignored_labels_pass():
+    y = _Y.clone()
+    y[0] = -100  # cross_entropy's ignore_index
+    cfg = DPRPConfig(**{**STRONG, "epochs": 1})
+    with pytest.warns(UserWarning, match="batches have 3 entries; DPRPTrainer takes the first two"):
+        DPRPTrainer(make_model(), cfg, [(_X, y, torch.ones(8))] * 2, progress=False).fit()
+
+
+def test_a_model_returning_a_dict_without_logits_is_named():
+    class DictOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = make_model()
+
+        def forward(self, x):
+            return {"scores": self.net(x)}
+
+    cfg = DPRPConfig(**{**STRONG, "epochs": 1})
+    with pytest.raises(ValueError, match=r"returned a dict with keys 'scores'; DPRPTrainer reads the logits from"):
+        DPRPTrainer(DictOut(), cfg, _batches(_X, _Y), progress=False).fit()
