@@ -24,6 +24,31 @@ from .surgery import UNSUPPORTED, surgery_report
 __all__ = ["LayerRow", "Summary", "summarize", "count_params"]
 
 
+def example_tuple(example_inputs: Any, where: str) -> tuple:
+    """`example_inputs` as a tuple of positional inputs; a TypeError naming `where` for None or a list."""
+    if example_inputs is None or isinstance(example_inputs, list):
+        fix = ("pass a tuple for several positional inputs, or the tensor itself for one"
+               if isinstance(example_inputs, list) else "pass one batch, e.g. torch.zeros(1, 3, 224, 224)")
+        raise TypeError(f"{where}: example_inputs must be a tensor or a tuple of positional inputs, got "
+                        f"{type(example_inputs).__name__}; {fix}")
+    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+
+
+def run_example(model: nn.Module, inputs: tuple, where: str) -> Any:
+    """`model(*inputs)`; a RuntimeError (wrong channels or size) becomes a ValueError saying what to pass."""
+    try:
+        return model(*inputs)
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as exc:
+        shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" if isinstance(t, torch.Tensor)
+                           else type(t).__name__ for t in inputs)
+        cause = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)[:240]
+        raise ValueError(f"{where}: the model cannot run on example_inputs ({shapes}): {cause}. Pass inputs of the "
+                         "shape the model takes (its channels and image size, e.g. torch.zeros(1, 3, 32, 32) for a "
+                         "CIFAR model)") from exc
+
+
 @dataclass
 class LayerRow:
     """One Conv/Linear layer in a `Summary`.
@@ -221,7 +246,7 @@ def summarize(model: nn.Module, example_inputs: Any) -> Summary:
         The Summary (``.to_table()`` for rich, ``.to_json()`` for machines).
     """
     require_module(model, "summarize()")
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    inputs = example_tuple(example_inputs, "summarize()")
     layer_types = (*TWINS, SVDLayer, *UNSUPPORTED)  # Conv3d and transposed convs get dense (or skipped) rows
     realised = _realised(model)
     outer = {id(model.get_submodule(n)) for n in realised}
@@ -253,7 +278,7 @@ def summarize(model: nn.Module, example_inputs: Any) -> Summary:
         for p in grads:
             p.requires_grad_(False)
         with torch.no_grad(), counter:
-            model(*inputs)
+            run_example(model, inputs, "summarize()")
     finally:
         for p in grads:
             p.requires_grad_(True)

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .accounting import example_tuple, run_example
 from .config import require_module
 from .layers import MATRICIZATIONS, TWINS, SVDLayer, _realised_factors, layer_from_spec
 
@@ -197,7 +198,7 @@ def _latencies(modules: Sequence[nn.Module], shape: Sequence[int] | None, runs: 
 
 def _record_shapes(model: nn.Module, names: list[str], example_inputs: Any) -> dict[str, tuple[int, ...]]:
     """Input shape of each named module in one eval-mode forward of `example_inputs`."""
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    inputs = example_tuple(example_inputs, "export(mode='auto')")
     shapes: dict[str, tuple[int, ...]] = {}
     handles = []
     for name in names:
@@ -209,7 +210,7 @@ def _record_shapes(model: nn.Module, names: list[str], example_inputs: Any) -> d
     model.eval()
     try:
         with torch.no_grad():
-            model(*inputs)
+            run_example(model, inputs, "export(mode='auto')")
     finally:
         model.train(was)
         for h in handles:
@@ -746,10 +747,6 @@ def _match_dtypes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 # ----------------------------------------------------------------------------- graph formats
-def _as_tuple(example_inputs: Any) -> tuple:
-    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-
-
 def _batch_shapes(inputs: tuple) -> tuple[tuple, tuple]:
     """Inputs with a batch of at least 2 (so the batch stays symbolic) and their dynamic shapes."""
     batch = torch.export.Dim("batch")
@@ -805,7 +802,7 @@ def to_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any,
         ValueError: `path` cannot be written, or is an existing file that is not an ONNX model (see
             `check_output`); nothing is written then.
     """
-    inputs = _as_tuple(example_inputs)
+    inputs = example_tuple(example_inputs, "to_onnx()")
     names = ["input"] + [f"input_{i}" for i in range(1, len(inputs))]
     kwargs: dict[str, Any] = {"input_names": names, "output_names": ["output"]}
     if opset is not None:
@@ -813,6 +810,8 @@ def to_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any,
     size = sum(x.numel() * x.element_size() for x in [*model.parameters(), *model.buffers()])
     kwargs["external_data"] = size > ONNX_INLINE_LIMIT
     with _exporting(model, path, ".onnx") as tmp:
+        with torch.no_grad():
+            run_example(model, inputs, "to_onnx()")  # a clear error for inputs the model cannot take
         if dynamic_batch:
             grown, dyn = _batch_shapes(inputs)
             torch.onnx.export(model, grown, str(tmp), dynamo=True, dynamic_shapes=dyn, verbose=False, **kwargs)
@@ -840,8 +839,10 @@ def to_pt2(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any, 
         ValueError: `path` cannot be written, or is an existing file that is not a torch.export archive
             (see `check_output`); nothing is written then.
     """
-    inputs = _as_tuple(example_inputs)
+    inputs = example_tuple(example_inputs, "to_pt2()")
     with _exporting(model, path, ".pt2") as tmp:
+        with torch.no_grad():
+            run_example(model, inputs, "to_pt2()")  # a clear error for inputs the model cannot take
         if dynamic_batch:
             grown, dyn = _batch_shapes(inputs)
             program = torch.export.export(model, grown, dynamic_shapes=dyn)

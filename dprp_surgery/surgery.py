@@ -78,6 +78,11 @@ def factorize(model: nn.Module, config: DPRPConfig | None = None) -> nn.Module:
     """
     require_module(model, "factorize()")
     config = as_config(config, "factorize()")
+    done = svd_layers(model)
+    if done and not any(type(m) in TWINS for m in model.modules()):
+        raise FactorizationError(
+            f"{type(model).__name__} is already factorized ({len(done)} SVD layers) and has no dense layer left to "
+            "factorize; train it as it is (DPRPTrainer, compress), or factorize the original model.")
     called, traced = _called_modules(model)
     plan, report = _plan(model, called, config)
     report.traced = traced

@@ -549,7 +549,11 @@ class DPRPTrainer:
                         type(self.model).__name__)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         if self.run_dir is not None and self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                raise ValueError(f"run_dir {str(self.run_dir)!r} is a file, or lies under one, not a directory; "
+                                 "choose another run_dir (a new or existing directory)") from None
         self.progress = bool(progress) and self.rank == 0
         self.example_inputs = example_inputs
         self.regularizer = DPRPRegularizer(config)

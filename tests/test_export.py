@@ -664,3 +664,32 @@ def test_an_unknown_scheme_in_an_older_artifact_names_the_layer(tmp_path, withou
 def test_export_of_a_non_module_is_a_type_error():
     with pytest.raises(TypeError, match=r"export\(\) takes an nn.Module as its model, got str"):
         export("model", "dense")
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return factorize(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))).eval()
+
+
+@pytest.mark.parametrize("call", [
+    lambda m, p: summarize(m, torch.randn(1, 1, 8, 8)),
+    lambda m, p: export(m, "auto", objective="macs", example_inputs=torch.randn(1, 1, 8, 8)),
+    lambda m, p: to_onnx(m, p / "m.onnx", torch.randn(1, 1, 8, 8)),
+    lambda m, p: to_pt2(m, p / "m.pt2", torch.randn(1, 1, 8, 8)),
+], ids=["summarize", "export-auto", "onnx", "pt2"])
+def test_example_inputs_the_model_cannot_take_are_named(call, tmp_path):
+    with pytest.raises(ValueError, match=r"the model cannot run on example_inputs \(\(1, 1, 8, 8\) float32\): .*"
+                                         r"channels and image size"):
+        call(_tiny(), tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("bad", [None, [torch.randn(1, 3, 8, 8)]], ids=["none", "list"])
+@pytest.mark.parametrize("call", [
+    lambda m, x, p: summarize(m, x),
+    lambda m, x, p: to_onnx(m, p / "m.onnx", x),
+    lambda m, x, p: to_pt2(m, p / "m.pt2", x),
+], ids=["summarize", "onnx", "pt2"])
+def test_example_inputs_of_the_wrong_type_are_type_errors(call, bad, tmp_path):
+    with pytest.raises(TypeError, match=r"example_inputs must be a tensor or a tuple of positional inputs, got"):
+        call(_tiny(), bad, tmp_path)

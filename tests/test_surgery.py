@@ -462,3 +462,9 @@ def test_layers_of_either_mode_are_factorized(training):
 def test_wrong_argument_types_are_type_errors_that_say_what_to_pass(call, words):
     with pytest.raises(TypeError, match=words):
         call()
+
+
+def test_factorizing_a_factorized_model_says_it_already_is():
+    once = factorize(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)))
+    with pytest.raises(FactorizationError, match=r"Sequential is already factorized \(2 SVD layers\).*train it"):
+        factorize(once)

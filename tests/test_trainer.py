@@ -757,3 +757,12 @@ def test_a_model_returning_a_dict_without_logits_is_named():
     cfg = DPRPConfig(**{**STRONG, "epochs": 1})
     with pytest.raises(ValueError, match=r"returned a dict with keys 'scores'; DPRPTrainer reads the logits from"):
         DPRPTrainer(DictOut(), cfg, _batches(_X, _Y), progress=False).fit()
+
+
+def test_a_run_dir_that_is_a_file_is_named(tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("keep")
+    for run_dir in (f, f / "run"):
+        with pytest.raises(ValueError, match=rf"run_dir '{f}.*' is a file, or lies under one"):
+            DPRPTrainer(make_model(), DPRPConfig(**STRONG), make_data(), run_dir=run_dir, progress=False)
+    assert f.read_text() == "keep"
