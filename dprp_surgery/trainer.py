@@ -210,6 +210,40 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
+def _checkpoint_misfit(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: dict[str, Any],
+                       ranks: dict[str, int]) -> str | None:
+    """Why a checkpoint's model and optimizer state would not load into `model` at `ranks` (None if they fit)."""
+    saved = ckpt.get("model")
+    if not isinstance(saved, dict):
+        return "it has no model state"
+    current = model.state_dict()
+    missing, unexpected = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
+    if missing or unexpected:
+        return f"missing keys {missing[:3] or '-'}, unexpected keys {unexpected[:3] or '-'}"
+    rank_of = {id(model.get_submodule(name)): r for name, r in ranks.items()}
+    factor_dims = {f"{alias}.{attr}": (rank_of[id(m)], dim)  # every alias of a shared layer
+                   for alias, m in model.named_modules(remove_duplicate=False) if id(m) in rank_of
+                   for attr, dim in (("U", 1), ("s", 0), ("V", 1))}
+    for key, value in saved.items():
+        if not isinstance(value, Tensor):
+            return f"entry {key!r} is not a tensor"
+        expected = list(current[key].shape)
+        if key in factor_dims and len(expected) > factor_dims[key][1]:
+            r, dim = factor_dims[key]
+            expected[dim] = r
+        if list(value.shape) != expected:
+            return f"{key!r} has shape {tuple(value.shape)}, the model needs {tuple(expected)}"
+    groups = ckpt.get("optimizer", {}).get("param_groups") if isinstance(ckpt.get("optimizer"), dict) else None
+    if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
+        return (f"its optimizer has {len(groups) if isinstance(groups, list) else 'no'} parameter groups, this one "
+                f"{len(optimizer.param_groups)}")
+    for i, (old, new) in enumerate(zip(groups, optimizer.param_groups)):
+        if len(old.get("params", ())) != len(new["params"]):
+            return (f"optimizer parameter group {i} holds {len(old.get('params', ()))} parameters in the checkpoint "
+                    f"and {len(new['params'])} here")
+    return None
+
+
 def _unreadable_checkpoint(path: Path, exc: BaseException) -> str:
     """The message for a checkpoint torch.load(weights_only=True) refused: pickled objects, or corrupt bytes."""
     text = str(exc)
@@ -1069,6 +1103,9 @@ class DPRPTrainer:
             if not 1 <= int(r) <= layers[name].rank:
                 raise ValueError(f"checkpoint {str(path)!r}: layer {name!r} has rank {r}, but the model's layer "
                                  f"has only {layers[name].rank} components")
+        misfit = _checkpoint_misfit(self.model, self.optimizer, ckpt, {n: int(r) for n, r in ranks.items()})
+        if misfit:  # found before anything is truncated or loaded: a failed resume leaves the model as it was
+            raise ValueError(f"checkpoint {str(path)!r} does not fit this model/optimizer: {misfit}")
         try:
             for name, r in ranks.items():
                 layers[name].truncate_(int(r))

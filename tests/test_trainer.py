@@ -766,3 +766,54 @@ def test_a_run_dir_that_is_a_file_is_named(tmp_path):
         with pytest.raises(ValueError, match=rf"run_dir '{f}.*' is a file, or lies under one"):
             DPRPTrainer(make_model(), DPRPConfig(**STRONG), make_data(), run_dir=run_dir, progress=False)
     assert f.read_text() == "keep"
+
+
+@pytest.mark.parametrize("damage", ["shape", "extra-key", "optimizer-groups"])
+def test_a_checkpoint_that_does_not_fit_leaves_the_model_as_it_was(damage, tmp_path):
+    cfg = DPRPConfig(**{**STRONG, "epochs": 2})
+    run = tmp_path / "run"
+    trained = make_model()
+    DPRPTrainer(trained, DPRPConfig(**{**STRONG, "epochs": 1}), make_data(), run_dir=run, progress=False).fit()
+    assert any(m.rank < m.full_rank for _, m in svd_layers(trained))  # the checkpoint holds pruned ranks
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    if damage == "shape":
+        key = next(k for k in ckpt["model"] if k.endswith("bn1.weight"))
+        ckpt["model"][key] = torch.ones(3)
+        words = rf"'{key}' has shape \(3,\), the model needs"
+    elif damage == "extra-key":
+        ckpt["model"]["head.extra"] = torch.ones(1)
+        words = r"missing keys -, unexpected keys \['head.extra'\]"
+    else:
+        ckpt["optimizer"]["param_groups"] = ckpt["optimizer"]["param_groups"][:1]
+        words = r"its optimizer has 1 parameter groups, this one \d+"
+    torch.save(ckpt, run / "checkpoint.pt")
+    fresh = make_model()
+    before_ranks, before = ranks(fresh), weights(fresh)
+    with pytest.raises(ValueError, match=rf"does not fit this model/optimizer: {words}"):
+        DPRPTrainer(fresh, cfg, make_data(), run_dir=run, resume=True, progress=False)
+    assert ranks(fresh) == before_ranks
+    assert all(torch.equal(v, before[k]) for k, v in weights(fresh).items())
+
+
+def test_resume_of_a_model_with_a_shared_layer(tmp_path):
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.again = self.conv  # the same layer under two names
+            self.head = nn.Linear(8, 10)
+
+        def forward(self, x):
+            x = torch.relu(self.conv(x))
+            return self.head(x.mean((2, 3)))
+
+    torch.manual_seed(0)
+    data = _batches(torch.randn(8, 3, 8, 8), torch.randint(0, 8, (8,)))
+    cfg = DPRPConfig(**{**STRONG, "epochs": 1, "epsilon": 0.9})
+    first = factorize(Shared())
+    DPRPTrainer(first, cfg, data, run_dir=tmp_path, progress=False).fit()
+    assert first.conv.rank < first.conv.full_rank  # the checkpoint's shared factors are truncated
+    torch.manual_seed(0)
+    again = factorize(Shared())
+    DPRPTrainer(again, cfg.replace(epochs=2), data, run_dir=tmp_path, resume=True, progress=False).fit()
+    assert again.conv is again.again and again.conv.rank <= first.conv.rank
