@@ -101,7 +101,8 @@ class DPRPConfig:
         delta: delta of the funnel regularizer, eq. (17).
         reg_warmup_epochs: Epochs over which lambda_str and lambda_comp ramp linearly from 0.
         reg_cooldown_epochs: In the last this many epochs lambda_comp is 0 and no pruning runs, so
-            the model settles at its final ranks (L_str stays on). 0 (the paper) prunes to the end.
+            the model settles at its final ranks (L_str stays on unless ``structure_when_frozen`` is
+            False). 0 (the paper) prunes to the end.
         comp_weighting: How L_comp (eq. (12)) and an ablation's L_reg average over layers. "layers" (the
             paper): the plain mean (1/L) sum_l. "params": each layer's term weighted by its share of the
             dense parameters (h_l w_l / sum_k h_k w_k), so the push falls on the layers whose rank costs
@@ -109,8 +110,9 @@ class DPRPConfig:
             (h_l w_l)^2 / sum_k (h_k w_k)^2, which moves the push further onto the largest layers (a
             ResNet's 64-channel convs get 16x the weight of its 32-channel ones instead of 4x). Not in
             the paper.
-        epsilon_start: If set, epsilon grows geometrically from this value to `epsilon` over
-            `epsilon_ramp_epochs` epochs (a schedule for epsilon); ``None`` keeps it fixed.
+        epsilon_start: If set, epsilon moves geometrically from this value to `epsilon` over
+            `epsilon_ramp_epochs` epochs (it grows when epsilon_start < epsilon, the usual schedule, and
+            shrinks otherwise); ``None`` keeps it fixed.
         epsilon_ramp_epochs: Length of the epsilon schedule.
         min_rank: No layer is pruned below this rank.
         prune_every: Rank pruning runs every `prune_every` `prune_unit`s.

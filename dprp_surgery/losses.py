@@ -355,7 +355,7 @@ def regularization_loss(layers: LayersLike, kind: str, delta: float = 1e-3, weig
         layers: A model, SVD layers, or (name, layer) pairs.
         kind: "l1", "l2", "funnel" or "none".
         delta: delta of the funnel regularizer.
-        weighting: "layers" (the mean over layers) or "params" (see `layer_weights`).
+        weighting: "layers" (the mean over layers), "params" or "params-squared" (see `layer_weights`).
 
     Returns:
         The scalar loss.

@@ -1,6 +1,6 @@
 """Compress a pretrained CIFAR-10 ResNet-20 with the Python API: compress -> summarize -> export -> save -> load.
 
-    python examples/cifar_resnet20.py --smoke       # 256 train / 128 test images, one epoch: a few seconds
+    python examples/cifar_resnet20.py --smoke       # 256 train / 128 test images, one epoch, pruning every step
     python examples/cifar_resnet20.py --epochs 10 --out runs/cifar_resnet20
 
 By default the weights are ../shared/models/cifar10_resnet20.th and the data ../shared/datasets/cifar10-jpeg.tar.gz
@@ -89,11 +89,17 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as exc:
         raise SystemExit(f"cannot open the dataset: {exc}") from None
     if args.train_limit:
-        train_ds = subset(train_ds, args.train_limit, seed=args.seed)
+        train_ds = subset(train_ds, min(args.train_limit, len(train_ds)), seed=args.seed)
     if args.test_limit:
-        test_ds = subset(test_ds, args.test_limit, seed=args.seed)
+        test_ds = subset(test_ds, min(args.test_limit, len(test_ds)), seed=args.seed)
     config = DPRPConfig.preset(args.preset, seed=args.seed, device=args.device)
     config = config.replace(epochs=args.epochs or config.epochs, batch_size=args.batch_size or config.batch_size)
+    if args.smoke:  # one short epoch: the preset's cool-down epoch and 25-step pruning would never prune in it
+        config = config.replace(reg_cooldown_epochs=0, prune_every=1)
+        print("smoke: pruning every step and no cool-down epoch, so one short epoch shows DPRP at work")
+    elif config.reg_cooldown_epochs >= config.epochs:
+        print(f"note: all {config.epochs} epoch(s) are the preset's cool-down (reg_cooldown_epochs="
+              f"{config.reg_cooldown_epochs}): no pruning will run; give more --epochs")
     train = TensorLoader(train_ds, config.batch_size, shuffle=True, augment="cifar", mean=IMAGENET_MEAN,
                          std=IMAGENET_STD, seed=config.seed, drop_last=len(train_ds) >= config.batch_size)
     test = TensorLoader(test_ds, 256, mean=IMAGENET_MEAN, std=IMAGENET_STD)

@@ -872,3 +872,26 @@ def test_report_of_a_read_only_run_says_where_it_writes(run_dir, tmp_path, monke
     bad("report", copy, words=("RUN_DIR", str(copy), "cannot be written", "Permission denied", "report.md",
                                "copy the run directory somewhere writable"))
     assert sorted(p.name for p in copy.iterdir()) == before
+
+
+@pytest.mark.parametrize("command", ["inspect", "compress"])
+def test_a_pt2_model_is_refused_where_it_cannot_be_factorized(command, data_dir, tmp_path, monkeypatch):
+    from dprp_surgery.cli import commands
+
+    program = tmp_path / "m.pt2"
+    assert invoke("export", "cifar:resnet20", "--format", "pt2", "--out", program).exit_code == 0
+    args = ("compress", program, "--data", data_dir, "--out", tmp_path / "r", "--arch", "cifar:resnet20", "-q") \
+        if command == "compress" else ("inspect", program, "--input-size", "3,32,32")
+    with monkeypatch.context() as patched:
+        patched.setattr(commands, "open_data", lambda *a, **k: pytest.fail("the data was loaded"))
+        bad(*args, words=(str(program), "torch.export program (.pt2)", f"`dprp {command}` cannot factorize it",
+                          "dprp eval"))
+    assert not (tmp_path / "r").exists()
+    result = invoke("eval", program, "--data", data_dir, "--no-latency", "--json")
+    assert result.exit_code == 0, result.output  # where a .pt2 works
+
+
+def test_help_lists_pt2_only_where_it_works():
+    for command in ("inspect", "compress"):
+        assert ".pt2" not in _flat(invoke(command, "--help").output).split("--input-size")[0]
+    assert ".pt2 file" in _flat(invoke("eval", "--help").output)

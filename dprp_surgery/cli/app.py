@@ -34,8 +34,10 @@ app = typer.Typer(
 
 MODEL_FORMS = (
     "timm:NAME[@WEIGHTS], torchvision:NAME[@WEIGHTS], cifar:NAME[@WEIGHTS] (weights: .safetensors/.pth/.pt/.bin/.th), "
-    "a dprp artifact directory, a run directory, a .pt2 file, or a pickled module (with --trust-pickle)"
+    "a dprp artifact directory, a run directory, or a pickled module (with --trust-pickle)"
 )
+RUNNABLE_FORMS = f"{MODEL_FORMS}; or a .pt2 file (torch.export program)"
+"""What `dprp eval` and `dprp export` also take: a .pt2 runs, but holds no Conv/Linear modules to factorize."""
 
 
 class ExportMode(str, Enum):
@@ -58,6 +60,7 @@ class Format(str, Enum):
 
 # ----------------------------------------------------------------------------- shared options
 ModelArg = Annotated[str, typer.Argument(help=f"The model: {MODEL_FORMS}.", show_default=False)]
+RunnableModelArg = Annotated[str, typer.Argument(help=f"The model: {RUNNABLE_FORMS}.", show_default=False)]
 DataOpt = Annotated[str, typer.Option(
     "--data", "-d", help="Dataset: a directory with train/ and val/ or test/ ImageFolders, a .tar.gz of one, "
     "or cifar10:DIR / cifar100:DIR.", show_default=False)]
@@ -149,7 +152,8 @@ def _choices(name: str) -> tuple | None:
     from .. import config as config_module
 
     table = {"scheme": "SCHEMES", "regularizer": "REGULARIZERS", "optimizer": "OPTIMIZERS",
-             "lr_schedule": "LR_SCHEDULES", "prune_unit": "PRUNE_UNITS", "layer_types": "LAYER_TYPES"}
+             "lr_schedule": "LR_SCHEDULES", "prune_unit": "PRUNE_UNITS", "layer_types": "LAYER_TYPES",
+             "comp_weighting": "COMP_WEIGHTINGS", "factor_step": "FACTOR_STEPS"}
     value = getattr(config_module, table.get(name, ""), None)
     return tuple(value) if isinstance(value, (tuple, list)) else None
 
@@ -296,7 +300,8 @@ app.command("compress", epilog=(
     "    dprp export runs/r20/model --mode factorized --format pt2 --out r20.pt2"))
 def export_cmd(
     source: Annotated[str, typer.Argument(
-        help="A run directory, a dprp artifact, or any model spec (see `dprp inspect --help`).", show_default=False)],
+        help="A run directory, a dprp artifact, or any model spec (see `dprp inspect --help`); also a .pt2 file, "
+             "which then needs --input-size.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output: a directory for safetensors, a file for onnx/pt2.",
                                       show_default=False)],
     mode: ModeOpt = ExportMode.dense,
@@ -328,7 +333,7 @@ def export_cmd(
     "    dprp eval cifar:resnet20@cifar10_resnet20.th --data cifar10-jpeg.tar.gz --limit 1000\n\n"
     "    dprp eval runs/r20 --data cifar10-jpeg.tar.gz --json"))
 def eval_cmd(
-    model: ModelArg,
+    model: RunnableModelArg,
     data: DataOpt,
     limit: Annotated[int | None, typer.Option(
         "--limit", min=1, help="Evaluate a class-balanced subset of this many images.")] = None,
@@ -358,7 +363,7 @@ def report_cmd(
                                                   "compress(..., run_dir=...)).", show_default=False)],
     json_out: JsonOpt = False,
 ) -> None:
-    """Plot ranks, parameters/MACs, singular values and losses of a run, and write report.md."""
+    """Plot ranks, parameters/MACs, singular values, losses and accuracy of a run, and write report.md."""
     from .commands import run_report
 
     run_report(run_dir=run_dir, json_out=json_out)
@@ -384,7 +389,8 @@ def demo_cmd(
     `../shared/models/cifar10_resnet20.th` when present, else a randomly initialised ResNet-20.
     Runs factorize -> DPRP fine-tune ("tuned" preset with pruning every 5 steps, epsilon 0.5, lambda_comp
     20, no cool-down epoch, batch 128) -> export (auto) -> report, prints the before/after table and writes
-    the run directory with plots (ranks.png, params_macs.png, singular_values.png, losses.png, report.md).
+    the run directory with plots (ranks.png, params_macs.png, singular_values.png, losses.png, accuracy.png,
+    report.md).
     About 2 minutes on 2 CPU cores.
     """
     from .commands import run_demo

@@ -143,6 +143,15 @@ def parse_input_size(text: str | None, flag: str = "--input-size") -> tuple[int,
     return dims
 
 
+def _refuse_pt2(spec: str | None, command: str) -> None:
+    """Raise a ValueError for a .pt2 MODEL given to a command that needs the model's Conv/Linear modules."""
+    if spec is not None and str(spec).lower().endswith(".pt2"):
+        raise ValueError(f"{str(spec)!r} is a torch.export program (.pt2): its layers are graph operations, not "
+                         f"Conv/Linear modules, so `dprp {command}` cannot factorize it. Give the model it was "
+                         "exported from (e.g. cifar:resnet20@weights.th, timm:NAME@weights.safetensors, a dprp "
+                         "artifact or run directory); a .pt2 runs in `dprp eval` and `dprp export`.")
+
+
 def _load(spec: str, *, arch: str | None, num_classes: int | None, trust_pickle: bool) -> tuple[nn.Module, str]:
     if str(spec).lower().endswith(".onnx") and Path(spec).expanduser().is_file():
         from .app import MODEL_FORMS
@@ -480,6 +489,7 @@ def run_inspect(*, model: str, input_size: str | None, scheme: str | None, inclu
     with cli_errors():
         from ..surgery import factorize
 
+        _refuse_pt2(model, "inspect")
         net, net_arch = _load(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle)
         recipe = data_recipe(net_arch, net)
         size = _input_size(net, recipe, input_size)
@@ -742,6 +752,7 @@ def run_compress(*, model: str | None, data: str | None, out: Path | None, confi
         if teacher and config.distill == 0:
             raise ValueError(f"--teacher {teacher!r} needs distillation: add --distill 0.5 (the weight of the "
                              "teacher's soft targets), or drop --teacher.")
+        _refuse_pt2(model, "compress")  # before the teacher and the data are loaded
         source = run_json if resume else None
         with _recorded("the teacher", teacher, source if "teacher" in recorded else None, "--teacher"):
             teacher_net = _load_teacher(teacher, trust_pickle) if teacher else None  # bad input fails before data
