@@ -71,7 +71,7 @@ IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pg
 AUGMENTATIONS: tuple[str, ...] = ("cifar",)
 """Names accepted by ``TensorLoader(augment=...)`` besides ``None``."""
 
-_CACHE_VERSION = "1"
+_CACHE_VERSION = "2"  # 2: keyed by every file's size, mtime and inode (1: the newest mtime only)
 _CHUNK = 512
 _SPEC_FORMS = (
     "a directory with train/ and val/ or test/ ImageFolder subfolders",
@@ -177,8 +177,13 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "dprp_surgery"
 
 
-def _scan_image_folder(root: Path) -> tuple[list[str], list[str], list[int], int]:
-    """List (classes, files, targets, newest mtime_ns) of an ImageFolder, in ImageFolder order."""
+def _scan_image_folder(root: Path) -> tuple[list[str], list[str], list[int], str]:
+    """List (classes, files, targets, stamp) of an ImageFolder, in ImageFolder order.
+
+    The stamp hashes every image's relative path, size, mtime and inode, so renaming class folders or
+    replacing an image by an older copy changes it. Hidden folders are skipped; a folder reached twice
+    (a symbolic-link loop) is an error rather than images read twice.
+    """
     if not root.exists():
         raise ValueError(
             f"Image folder {str(root)!r} does not exist; pass a directory with one subfolder per "
@@ -198,16 +203,35 @@ def _scan_image_folder(root: Path) -> tuple[list[str], list[str], list[int], int
         )
     files: list[str] = []
     targets: list[int] = []
-    newest = 0
+    stamp = hashlib.sha256()
+    prefix = len(str(root)) + 1
+    seen: dict[tuple[int, int], str] = {}
     empty: list[str] = []
     for label, name in enumerate(classes):
         count = 0
-        for dirpath, _, fnames in sorted(os.walk(root / name, followlinks=True)):
+        walked = []
+        for dirpath, dirnames, fnames in os.walk(root / name, followlinks=True):
+            st = os.stat(dirpath)
+            if (st.st_dev, st.st_ino) in seen:
+                first = seen[st.st_dev, st.st_ino]
+                raise ValueError(f"Image folder {str(root)!r}: {dirpath!r} is the folder {first!r} again (a "
+                                 "symbolic-link loop, or two links to one folder), so its images would be read "
+                                 "twice; remove the link.")
+            seen[st.st_dev, st.st_ino] = dirpath
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # .ipynb_checkpoints and the like
+            walked.append((dirpath, fnames))
+        for dirpath, fnames in sorted(walked):
             for fname in sorted(fnames):
                 if fname.startswith(".") or not fname.lower().endswith(IMG_EXTENSIONS):
                     continue
                 path = os.path.join(dirpath, fname)
-                newest = max(newest, os.stat(path).st_mtime_ns)
+                try:
+                    st = os.stat(path)
+                except OSError as exc:
+                    raise ValueError(f"Image {path!r} cannot be read ({exc.strerror or exc}; a broken symbolic link?); "
+                                     "remove it or point it at an image.") from None
+                stamp.update(f"{path[prefix:]}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}\0".encode(
+                    "utf-8", "surrogateescape"))
                 files.append(path)
                 targets.append(label)
                 count += 1
@@ -219,7 +243,7 @@ def _scan_image_folder(root: Path) -> tuple[list[str], list[str], list[int], int
             f"Image folder {str(root)!r}: class folder(s) {shown} contain no images "
             f"(extensions {', '.join(IMG_EXTENSIONS)}); remove those folders or add images."
         )
-    return classes, files, targets, newest
+    return classes, files, targets, stamp.hexdigest()
 
 
 def _to_8bit(im: PILImage) -> PILImage:
@@ -349,10 +373,10 @@ def _decode_files(
     return out
 
 
-def _cache_path(cache_dir: Path, root: Path, files: list[str], newest: int, size: int | None) -> Path:
-    """Cache file of an image folder, keyed by path, file list and count, newest mtime and size."""
+def _cache_path(cache_dir: Path, root: Path, files: list[str], stamp: str, size: int | None) -> Path:
+    """Cache file of an image folder, keyed by path, file list and count, the files' stamp and size."""
     h = hashlib.sha256()
-    h.update(f"v{_CACHE_VERSION}|{root}|{len(files)}|{newest}|{size}|".encode())
+    h.update(f"v{_CACHE_VERSION}|{root}|{len(files)}|{stamp}|{size}|".encode())
     prefix = len(str(root)) + 1
     for f in files:
         h.update(f[prefix:].encode("utf-8", "surrogateescape"))
@@ -415,8 +439,8 @@ def load_image_folder(
     rich progress bar on stderr. 16-bit grayscale images (PIL modes "I;16" and "I", e.g. 16-bit
     PNGs) are scaled from [0, 65535] to [0, 255] (the top 8 bits); float images (mode "F") are
     taken as [0, 1] when no pixel exceeds 1, else as [0, 255]. The result is cached in one safetensors file under
-    ``cache_dir``, keyed by the absolute path, the file list and count, the newest file mtime
-    and ``image_size``; the cache is written atomically, so a second call loads it in a fraction
+    ``cache_dir``, keyed by the absolute path, the file list and count, every file's size, mtime and
+    inode, and ``image_size``; the cache is written atomically, so a second call loads it in a fraction
     of a second and any change to the folder triggers a fresh decode.
 
     Args:
@@ -441,9 +465,9 @@ def load_image_folder(
     ):
         raise ValueError(f"image_size must be a positive int or None, got {image_size!r}.")
     root_path = Path(root).expanduser().resolve()
-    classes, files, targets, newest = _scan_image_folder(root_path)
+    classes, files, targets, stamp = _scan_image_folder(root_path)
     cache_file = _cache_path(Path(cache_dir) if cache_dir is not None else default_cache_dir(),
-                             root_path, files, newest, image_size)
+                             root_path, files, stamp, image_size)
     if cache and cache_file.is_file():
         t0 = time.perf_counter()
         ds = _load_cache(cache_file)
@@ -487,6 +511,23 @@ def _check_member(member: tarfile.TarInfo, archive: Path) -> None:
             f"Refusing to extract archive {str(archive)!r}: member {name!r} has {bad}. Only extract "
             "archives you trust; unpack this one by hand after checking it."
         )
+
+
+def _check_complete(tar: tarfile.TarFile, members: list[tarfile.TarInfo], archive: Path) -> None:
+    """Raise a ValueError unless the archive ends with its end-of-archive block after the last member.
+
+    tarfile stops quietly at a missing or garbled header after the first member, so a truncated download
+    would otherwise extract as a smaller dataset. Reading on to the end also lets gzip/bz2/xz check their CRC.
+    """
+    f = tar.fileobj
+    f.seek(tar.offset)
+    end = f.read(1024)
+    if len(end) < 512 or end[:512] != b"\0" * 512:
+        last = repr(members[-1].name) if members else "the start"
+        raise ValueError(f"Archive {str(archive)!r} is truncated or corrupt after member {last} (no end-of-archive "
+                         "block where the next member or the end should be); re-download or re-create it.")
+    while f.read(1 << 20):
+        pass
 
 
 def _extract_members(tar: tarfile.TarFile, members: list[tarfile.TarInfo], dest: Path) -> None:
@@ -584,6 +625,7 @@ def extract_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str
         shutil.rmtree(partial, ignore_errors=True)
         with tarfile.open(archive_path, "r:*") as tar:
             members = tar.getmembers()
+            _check_complete(tar, members, archive_path)
             for m in members:
                 _check_member(m, archive_path)
             partial.mkdir(parents=True)

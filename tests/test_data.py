@@ -580,3 +580,78 @@ def test_archive_with_two_datasets_names_them(tmp_path: Path) -> None:
                                              for s in ("train", "test")})
     with pytest.raises(ValueError, match=r"several datasets \(train/ one level down in 'ds1', 'ds2'\)"):
         extract_archive(archive, tmp_path / "out")
+
+
+# ---------------------------------------------------------------------------- silent wrong data
+def test_swapping_class_folders_invalidates_the_cache(tiny, cache: Path) -> None:
+    root, written = tiny
+    load_image_folder(root, cache_dir=cache, progress=False)
+    os.rename(root / "bird", root / "tmp")
+    os.rename(root / "cat", root / "bird")
+    os.rename(root / "tmp", root / "cat")  # same names, sizes and mtimes: only the inodes moved
+    swapped = load_image_folder(root, cache_dir=cache, progress=False)
+    assert torch.equal(swapped.images[0], torch.from_numpy(written["cat/000.png"]).permute(2, 0, 1))
+    assert swapped.targets[0] == 0  # now labelled 'bird', as its folder says
+
+
+def test_an_image_replaced_by_an_older_copy_invalidates_the_cache(tiny, cache: Path) -> None:
+    root, _ = tiny
+    load_image_folder(root, cache_dir=cache, progress=False)
+    target = root / "dog" / "000.png"
+    old = os.stat(target).st_mtime_ns
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(target)
+    os.utime(target, ns=(old - 10**9, old - 10**9))  # as cp -p or a restore from backup leaves it
+    again = load_image_folder(root, cache_dir=cache, progress=False)
+    assert int(again.images[8].sum()) == 0
+
+
+def test_a_symlink_loop_is_refused_not_read_twice(tiny, cache: Path) -> None:
+    root, _ = tiny
+    os.symlink(".", root / "cat" / "loop")
+    with pytest.raises(ValueError, match=r"loop.*is the folder .*cat.* again \(a symbolic-link loop"):
+        load_image_folder(root, cache_dir=cache, progress=False)
+
+
+def test_hidden_subfolders_of_a_class_are_skipped(tiny, cache: Path) -> None:
+    root, _ = tiny
+    (root / "cat" / ".ipynb_checkpoints").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "cat" / ".ipynb_checkpoints" / "000-checkpoint.png")
+    assert load_image_folder(root, cache_dir=cache, progress=False).class_counts() == [4, 4, 4]
+
+
+def test_a_broken_symlinked_image_is_named(tiny, cache: Path) -> None:
+    root, _ = tiny
+    os.symlink(root / "nowhere.png", root / "dog" / "broken.png")
+    with pytest.raises(ValueError, match=r"broken.png' cannot be read .*broken symbolic link.*remove it"):
+        load_image_folder(root, cache_dir=cache, progress=False)
+
+
+@pytest.mark.parametrize("damage", ["cut-at-member", "cut-at-member-gz", "bad-header"])
+def test_a_truncated_or_corrupt_archive_is_refused_and_not_marked_extracted(tmp_path: Path, damage: str) -> None:
+    plain = tmp_path / "full.tar"
+    with tarfile.open(plain, "w") as tar:
+        for i in range(4):
+            for split in ("train", "test"):
+                info = tarfile.TarInfo(f"{split}/a/{i}.png")
+                payload = _png()
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    with tarfile.open(plain) as tar:
+        offsets = [m.offset for m in tar.getmembers()]
+    raw = plain.read_bytes()
+    archive = tmp_path / ("ds.tar.gz" if damage.endswith("gz") else "ds.tar")
+    if damage == "bad-header":
+        raw = raw[:offsets[5]] + b"x" * 100 + raw[offsets[5] + 100:]
+    else:
+        raw = raw[:offsets[5]]  # an interrupted download that stops between two members
+    if damage.endswith("gz"):
+        import gzip
+
+        raw = gzip.compress(raw)
+    archive.write_bytes(raw)
+    dest = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"is truncated or corrupt after member 'train/a/2.png'.*re-download"):
+        extract_archive(archive, dest)
+    assert not dest.exists() and not list(tmp_path.glob(".out.partial-*"))
+    extract_archive(plain, dest)  # the intact archive extracts
+    assert len(list((dest / "train" / "a").iterdir())) == 4
