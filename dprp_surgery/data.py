@@ -247,11 +247,19 @@ def _scan_image_folder(root: Path) -> tuple[list[str], list[str], list[int], str
 
 
 def _to_8bit(im: PILImage) -> PILImage:
-    """Scale a 16/32-bit integer ("I;16*", "I") or float ("F") image to mode "L"; others unchanged."""
+    """Scale a 16/32-bit integer ("I;16*", "I") or float ("F") image to mode "L"; others unchanged.
+
+    "I;16*" images are 16-bit; a 32-bit "I" image is taken as 8-bit data when no pixel exceeds 255 (e.g. a
+    TIFF that stores bytes in 32-bit ints), as 16-bit when none exceeds 65535, else scaled by its maximum.
+    """
     from PIL import Image
 
-    if im.mode.startswith("I;16") or im.mode == "I":
+    if im.mode.startswith("I;16"):
         a = np.clip(np.asarray(im).astype(np.int64), 0, 65535) >> 8  # 16-bit range: 65535 -> 255
+    elif im.mode == "I":
+        a = np.clip(np.asarray(im).astype(np.int64), 0, None)
+        top = int(a.max()) if a.size else 0
+        a = a if top <= 255 else (a >> 8 if top <= 65535 else a * 255 // top)
     elif im.mode == "F":
         a = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
         scale = 255.0 if a.size and a.max() <= 1.0 else 1.0  # [0, 1] floats, else already [0, 255]
@@ -271,6 +279,8 @@ def _decode_one(path: str, size: int | None) -> np.ndarray:
             if size is not None and im.size != (size, size):
                 im = im.resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(im, dtype=np.uint8)
+    except MemoryError:
+        raise  # not the file's fault
     except Exception as exc:  # noqa: BLE001 - PIL raises many types; all mean "unreadable"
         raise ValueError(
             f"Cannot read image {path!r}: {type(exc).__name__}: {exc}. Delete or replace the file."
@@ -335,12 +345,35 @@ def progress_bar(enabled: bool, transient: bool = False):  # noqa: ANN202 - rich
     )
 
 
+def _available_memory() -> int | None:
+    """Bytes of memory available now (Linux MemAvailable), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _check_memory(n: int, hw: tuple[int, int], label: str) -> None:
+    """Raise a ValueError before decoding when n images of hw pixels cannot fit in the available memory."""
+    need = n * 3 * hw[0] * hw[1]
+    free = _available_memory()
+    if free is not None and need > free:
+        raise ValueError(f"Decoding {label} ({n} images at {hw[1]}x{hw[0]}) needs {need / 2**30:.1f} GiB of memory "
+                         f"but {free / 2**30:.1f} GiB are available; pass a smaller image size (--image-size, "
+                         "image_size=) or a smaller dataset.")
+
+
 def _decode_files(
     files: list[str], size: int | None, workers: int, progress: bool, label: str
 ) -> np.ndarray:
     """Decode all files into one ``(N, 3, H, W)`` array (the final layout) in parallel with a progress bar."""
     first = _decode_one(files[0], size)
     hw = (int(first.shape[0]), int(first.shape[1]))
+    _check_memory(len(files), hw, label)
     out = np.empty((len(files), 3, hw[0], hw[1]), dtype=np.uint8)
     starts = list(range(0, len(files), _CHUNK))
     executor = _make_executor(workers, len(starts))
@@ -394,12 +427,22 @@ def _load_cache(path: Path) -> TensorImageDataset | None:
             meta = f.metadata() or {}
             images = f.get_tensor("images")
             targets = f.get_tensor("targets")
+        if meta.get("sha256") != _content_hash(images, targets):
+            raise ValueError("its content hash does not match (the file was damaged or changed)")
         return TensorImageDataset(images, targets, json.loads(meta["classes"]))
     except Exception as exc:  # noqa: BLE001 - a bad cache is rebuilt, never fatal
         logger.warning(
             "Ignoring unreadable cache %s (%s: %s); decoding again.", path, type(exc).__name__, exc
         )
         return None
+
+
+def _content_hash(images: torch.Tensor, targets: torch.Tensor) -> str:
+    """sha256 of a cached dataset's images and targets (about 1 s per GB)."""
+    h = hashlib.sha256()
+    for t in (images, targets):
+        h.update(memoryview(t.contiguous().numpy()).cast("B"))
+    return h.hexdigest()
 
 
 def _save_cache(path: Path, ds: TensorImageDataset, root: Path) -> None:
@@ -411,7 +454,8 @@ def _save_cache(path: Path, ds: TensorImageDataset, root: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
-        meta = {"classes": json.dumps(ds.classes), "root": str(root), "version": _CACHE_VERSION}
+        meta = {"classes": json.dumps(ds.classes), "root": str(root), "version": _CACHE_VERSION,
+                "sha256": _content_hash(ds.images, ds.targets)}
         save_file({"images": ds.images.contiguous(), "targets": ds.targets.contiguous()}, tmp, metadata=meta)
         os.replace(tmp, path)
         tmp = None
@@ -777,6 +821,10 @@ def open_data(
         resolved = path.resolve()
         digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:16]
         stem = re.sub(r"(\.tar\.gz|\.tgz|\.tar)$", "", resolved.name, flags=re.IGNORECASE)
+        blocker = next((p for p in (cache_root, *cache_root.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise ValueError(f"Cannot extract {text!r}: the cache directory {str(cache_root)!r} (DPRP_CACHE or "
+                             f"cache_dir) lies under the file {str(blocker)!r}; point DPRP_CACHE at a directory.")
         path = extract_archive(resolved, cache_root / "extracted" / f"{stem}-{digest}")
     train_dir, eval_dir = resolve_split_dirs(path)
     train = load_image_folder(train_dir, image_size=image_size, cache_dir=cache_root, progress=progress)
@@ -788,6 +836,11 @@ def open_data(
             f"Dataset {text!r}: {train_dir.name}/ and {eval_dir.name}/ have different classes "
             f"(only in {train_dir.name}/: {only_t or '-'}; only in {eval_dir.name}/: {only_e or '-'}); "
             "both splits need the same class subfolders."
+        )
+    if train.image_shape != evals.image_shape:
+        raise ValueError(
+            f"Dataset {text!r}: {train_dir.name}/ images are {tuple(train.image_shape)} but {eval_dir.name}/ images "
+            f"are {tuple(evals.image_shape)}; pass an image size (--image-size, image_size=) to resize both."
         )
     return train, evals
 

@@ -153,10 +153,12 @@ def test_decode_fills_the_dataset_buffer_without_a_copy(
     [
         (np.array([[0, 257], [32768, 65535]], np.uint16), ".png", "I;16", [[0, 1], [128, 255]]),  # 16-bit PNG
         (np.array([[0, 257], [32768, 65535]], np.int32), ".tif", "I", [[0, 1], [128, 255]]),
+        (np.array([[0, 7], [100, 200]], np.int32), ".tif", "I", [[0, 7], [100, 200]]),  # bytes in 32-bit ints
+        (np.array([[0, 2**20], [2**24, 2**28]], np.int32), ".tif", "I", [[0, 0], [15, 255]]),  # wider than 16 bits
         (np.array([[0.0, 0.25], [0.5, 1.0]], np.float32), ".tif", "F", [[0, 64], [128, 255]]),  # floats in [0, 1]
         (np.array([[0.0, 7.0], [100.0, 255.0]], np.float32), ".tif", "F", [[0, 7], [100, 255]]),  # in [0, 255]
     ],
-    ids=["I;16-png", "I-tif", "F-unit", "F-255"],
+    ids=["I;16-png", "I-tif", "I-8bit-tif", "I-32bit-tif", "F-unit", "F-255"],
 )
 def test_high_bit_depth_grayscale_is_scaled_to_8_bits(
     tmp_path: Path, pixels: np.ndarray, suffix: str, mode: str, expected: list
@@ -655,3 +657,40 @@ def test_a_truncated_or_corrupt_archive_is_refused_and_not_marked_extracted(tmp_
     assert not dest.exists() and not list(tmp_path.glob(".out.partial-*"))
     extract_archive(plain, dest)  # the intact archive extracts
     assert len(list((dest / "train" / "a").iterdir())) == 4
+
+
+def test_a_damaged_cache_file_is_decoded_again(tiny, cache: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root, _ = tiny
+    ref = load_image_folder(root, cache_dir=cache, progress=False)
+    (cache_file,) = cache.glob("*.safetensors")
+    raw = bytearray(cache_file.read_bytes())
+    raw[-200:] = bytes(200)  # pixels zeroed, header intact: safetensors itself does not notice
+    cache_file.write_bytes(bytes(raw))
+    with caplog.at_level("WARNING"):
+        again = load_image_folder(root, cache_dir=cache, progress=False)
+    assert torch.equal(again.images, ref.images) and "content hash does not match" in caplog.text
+
+
+def test_a_dataset_that_cannot_fit_in_memory_is_refused_before_decoding(tiny, cache: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    root, _ = tiny
+    monkeypatch.setattr(data, "_available_memory", lambda: 1000)
+    with pytest.raises(ValueError, match=r"needs 0\.0 GiB of memory but 0\.0 GiB are available; pass a smaller image"):
+        load_image_folder(root, cache_dir=cache, progress=False, image_size=64)
+
+
+def test_splits_of_different_image_sizes_need_an_image_size(tmp_path: Path) -> None:
+    _make_folder(tmp_path / "d" / "train", size=(8, 8))
+    _make_folder(tmp_path / "d" / "val", size=(16, 16))
+    with pytest.raises(ValueError, match=r"train/ images are \(3, 8, 8\) but val/ images are \(3, 16, 16\)"):
+        open_data(tmp_path / "d", cache_dir=tmp_path / "cache", progress=False)
+    train, val = open_data(tmp_path / "d", image_size=8, cache_dir=tmp_path / "cache", progress=False)
+    assert train.image_shape == val.image_shape == (3, 8, 8)
+
+
+def test_a_cache_dir_under_a_file_is_named_for_archives(tmp_path: Path) -> None:
+    archive = _tar(tmp_path / "ds.tar.gz", {"train/a/0.png": _png(), "test/a/0.png": _png()})
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match=r"cache directory .* lies under the file .*not-a-dir.*point DPRP_CACHE"):
+        open_data(archive, cache_dir=blocker / "cache", progress=False)
