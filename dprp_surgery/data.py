@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -31,7 +32,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -621,6 +622,67 @@ def _split_root(dest: Path, archive: Path) -> Path:
     )
 
 
+def _stamped(stamp: Path, stamp_data: dict[str, Any]) -> bool:
+    """Whether `stamp` records an extraction of exactly this archive (path, size, mtime)."""
+    try:
+        return stamp.is_file() and json.loads(stamp.read_text()) == stamp_data
+    except (OSError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def _extraction_lock(archive: Path) -> Iterator[None]:
+    """An exclusive advisory lock on the archive itself (fcntl, where available; no lock file is left behind)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux/macOS
+        yield
+        return
+    with open(archive, "rb") as held:  # flock needs no write access: read-only archives lock too
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX)
+        except OSError:  # a file system without flock: extract unlocked
+            yield
+            return
+        try:
+            yield
+        finally:
+            fcntl.flock(held, fcntl.LOCK_UN)
+
+
+def _extract_into(archive_path: Path, dest_path: Path, stamp: Path, stamp_data: dict[str, Any]) -> list:
+    """Extract `archive_path` beside `dest_path`, stamp it and move it into place; the members extracted."""
+    if dest_path.exists() and not stamp.is_file() and (not dest_path.is_dir() or any(dest_path.iterdir())):
+        raise ValueError(f"Refusing to extract archive {str(archive_path)!r} into {str(dest_path)!r}: it already "
+                         "holds files that are not an extraction by dprp_surgery; choose another destination or "
+                         "delete it.")
+    # A fresh folder beside dest, moved into place when complete: a changed archive never leaves files of its
+    # earlier version behind, and an interrupted extraction never looks finished.
+    partial = dest_path.parent / f".{dest_path.name}.partial-{os.getpid()}"
+    try:
+        shutil.rmtree(partial, ignore_errors=True)
+        with tarfile.open(archive_path, "r:*") as tar:
+            members = tar.getmembers()
+            _check_complete(tar, members, archive_path)
+            for m in members:
+                _check_member(m, archive_path)
+            partial.mkdir(parents=True)
+            _extract_members(tar, members, partial)
+        (partial / stamp.name).write_text(json.dumps(stamp_data))
+        if dest_path.exists():  # an earlier extraction (stamped) or an empty folder
+            stale = dest_path.parent / f".{dest_path.name}.stale-{os.getpid()}"
+            os.replace(dest_path, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        os.replace(partial, dest_path)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise ValueError(
+            f"Cannot extract archive {str(archive_path)!r} into {str(dest_path)!r}: "
+            f"{type(exc).__name__}: {exc}. Is it a valid .tar.gz and is there disk space?"
+        ) from exc
+    return members
+
+
 def extract_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
     """Safely extract a ``.tar.gz``/``.tgz``/``.tar`` archive and return the folder holding ``train/``.
 
@@ -650,42 +712,14 @@ def extract_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str
     st = archive_path.stat()
     stamp_data = {"archive": str(archive_path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     stamp = dest_path / ".dprp_extracted.json"
-    if stamp.is_file():
-        try:
-            if json.loads(stamp.read_text()) == stamp_data:
-                logger.info("Archive %s already extracted in %s", archive_path, dest_path)
-                return _split_root(dest_path, archive_path)
-        except (OSError, ValueError):
-            pass
-    if dest_path.exists() and not stamp.is_file() and (not dest_path.is_dir() or any(dest_path.iterdir())):
-        raise ValueError(f"Refusing to extract archive {str(archive_path)!r} into {str(dest_path)!r}: it already "
-                         "holds files that are not an extraction by dprp_surgery; choose another destination or "
-                         "delete it.")
-    t0 = time.perf_counter()
-    # A fresh folder beside dest, moved into place when complete: a changed archive never leaves files of its
-    # earlier version behind, and an interrupted extraction never looks finished.
-    partial = dest_path.parent / f".{dest_path.name}.partial-{os.getpid()}"
-    try:
-        shutil.rmtree(partial, ignore_errors=True)
-        with tarfile.open(archive_path, "r:*") as tar:
-            members = tar.getmembers()
-            _check_complete(tar, members, archive_path)
-            for m in members:
-                _check_member(m, archive_path)
-            partial.mkdir(parents=True)
-            _extract_members(tar, members, partial)
-        (partial / stamp.name).write_text(json.dumps(stamp_data))
-        if dest_path.exists():  # an earlier extraction (stamped) or an empty folder
-            stale = dest_path.parent / f".{dest_path.name}.stale-{os.getpid()}"
-            os.replace(dest_path, stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        os.replace(partial, dest_path)
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise ValueError(
-            f"Cannot extract archive {str(archive_path)!r} into {str(dest_path)!r}: "
-            f"{type(exc).__name__}: {exc}. Is it a valid .tar.gz and is there disk space?"
-        ) from exc
+    if _stamped(stamp, stamp_data):
+        logger.info("Archive %s already extracted in %s", archive_path, dest_path)
+        return _split_root(dest_path, archive_path)
+    with _extraction_lock(archive_path):  # another process extracting the same archive: wait for it, then reuse
+        if _stamped(stamp, stamp_data):
+            return _split_root(dest_path, archive_path)
+        t0 = time.perf_counter()
+        members = _extract_into(archive_path, dest_path, stamp, stamp_data)
     logger.info("Extracted %d members of %s in %.1fs", len(members), archive_path, time.perf_counter() - t0)
     return _split_root(dest_path, archive_path)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -694,3 +695,41 @@ def test_a_cache_dir_under_a_file_is_named_for_archives(tmp_path: Path) -> None:
     blocker.write_text("x")
     with pytest.raises(ValueError, match=r"cache directory .* lies under the file .*not-a-dir.*point DPRP_CACHE"):
         open_data(archive, cache_dir=blocker / "cache", progress=False)
+
+
+def _extract_and_read(archive: str, dest: str, barrier, results, extractions) -> None:
+    real = data._extract_into
+
+    def counted(*args, **kwargs):
+        with extractions.get_lock():
+            extractions.value += 1
+        return real(*args, **kwargs)
+
+    data._extract_into = counted  # this forked child only
+    barrier.wait()
+    try:
+        root = extract_archive(archive, dest)
+        time.sleep(0.2)  # the other process may finish its extraction now: our files must stay
+        results.put(sum(len(p.read_bytes()) > 0 for p in sorted((root / "train").rglob("*.png"))))
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        results.put(repr(exc))
+
+
+def test_two_processes_extracting_one_archive_do_not_pull_it_from_under_each_other(tmp_path: Path) -> None:
+    import multiprocessing
+
+    members = {f"{split}/{c}/{i}.png": _png() for split in ("train", "test") for c in "ab" for i in range(150)}
+    archive = _tar(tmp_path / "ds.tar.gz", members)
+    ctx = multiprocessing.get_context("fork")
+    barrier, results, extractions = ctx.Barrier(2), ctx.Queue(), ctx.Value("i", 0)
+    procs = [ctx.Process(target=_extract_and_read,
+                         args=(str(archive), str(tmp_path / "out"), barrier, results, extractions))
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert got == [300, 300]
+    assert extractions.value == 1  # the second process waited for the first and reused its extraction
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds.tar.gz", "out"]  # no partial or stale folder left
