@@ -475,6 +475,8 @@ def load_image_folder(
     progress: bool = True,
     cache: bool = True,
     workers: int | None = None,
+    limit: int | None = None,
+    seed: int = 0,
 ) -> TensorImageDataset:
     """Decode an ImageFolder directory (``root/<class>/<image>``) into memory, with caching.
 
@@ -496,6 +498,10 @@ def load_image_folder(
         progress: Show a progress bar while decoding.
         cache: Read and write the cache (``False`` always decodes and writes nothing).
         workers: Decoding processes/threads; ``None`` uses all CPU cores.
+        limit: Decode only the class-balanced subset of this many images that ``subset(full, limit,
+            seed)`` would pick (the same images, without decoding the rest); ``None`` or a limit of at
+            least the folder's size takes every image.
+        seed: Selects the subset's images (see :func:`subset`).
 
     Returns:
         A :class:`TensorImageDataset` with uint8 images ``(N, 3, H, W)``.
@@ -511,6 +517,9 @@ def load_image_folder(
         raise ValueError(f"image_size must be a positive int or None, got {image_size!r}.")
     root_path = Path(root).expanduser().resolve()
     classes, files, targets, stamp = _scan_image_folder(root_path)
+    if limit is not None and limit < len(files):
+        pick = _subset_indices(np.asarray(targets, dtype=np.int64), limit, seed)
+        files, targets = [files[i] for i in pick], [targets[i] for i in pick]
     cache_file = _cache_path(Path(cache_dir) if cache_dir is not None else default_cache_dir(),
                              root_path, files, stamp, image_size)
     if cache and cache_file.is_file():
@@ -808,6 +817,9 @@ def open_data(
     image_size: int | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    train_limit: int | None = None,
+    eval_limit: int | None = None,
+    seed: int = 0,
 ) -> tuple[TensorImageDataset, TensorImageDataset]:
     """Open a dataset given as a directory, an archive or a torchvision CIFAR spec.
 
@@ -826,6 +838,10 @@ def open_data(
         cache_dir: Cache for decoded images and extracted archives (``None``:
             :func:`default_cache_dir`).
         progress: Show progress bars while decoding.
+        train_limit: Take only the class-balanced subset of this many training images (`subset` with
+            `seed`; image folders decode only those images); ``None`` takes all.
+        eval_limit: The same for the evaluation split.
+        seed: Selects the subsets' images.
 
     Returns:
         ``(train, eval)`` datasets with the same classes.
@@ -841,7 +857,9 @@ def open_data(
     if m and not Path(text).exists():
         prefix = m.group(1).lower()
         if prefix in ("cifar10", "cifar100"):
-            return _open_torchvision_cifar(prefix, m.group(2), download, image_size)
+            train, evals = _open_torchvision_cifar(prefix, m.group(2), download, image_size)
+            return (train if train_limit is None else subset(train, min(train_limit, len(train)), seed),
+                    evals if eval_limit is None else subset(evals, min(eval_limit, len(evals)), seed))
         raise ValueError(f"Unknown dataset prefix {m.group(1)!r} in {text!r}; accepted forms: {forms}.")
     path = Path(text).expanduser()
     if not path.exists():
@@ -861,8 +879,10 @@ def open_data(
                              f"cache_dir) lies under the file {str(blocker)!r}; point DPRP_CACHE at a directory.")
         path = extract_archive(resolved, cache_root / "extracted" / f"{stem}-{digest}")
     train_dir, eval_dir = resolve_split_dirs(path)
-    train = load_image_folder(train_dir, image_size=image_size, cache_dir=cache_root, progress=progress)
-    evals = load_image_folder(eval_dir, image_size=image_size, cache_dir=cache_root, progress=progress)
+    train = load_image_folder(train_dir, image_size=image_size, cache_dir=cache_root, progress=progress,
+                              limit=train_limit, seed=seed)
+    evals = load_image_folder(eval_dir, image_size=image_size, cache_dir=cache_root, progress=progress,
+                              limit=eval_limit, seed=seed)
     if train.classes != evals.classes:
         only_t = sorted(set(train.classes) - set(evals.classes))[:5]
         only_e = sorted(set(evals.classes) - set(train.classes))[:5]
@@ -913,10 +933,16 @@ def subset(dataset: TensorImageDataset, n: int, seed: int = 0) -> TensorImageDat
     Raises:
         ValueError: If ``n`` is out of range.
     """
-    total = len(dataset)
+    idx = torch.from_numpy(_subset_indices(dataset.targets.numpy(), n, seed))
+    return TensorImageDataset(dataset.images.index_select(0, idx), dataset.targets.index_select(0, idx),
+                              list(dataset.classes))
+
+
+def _subset_indices(targets: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Sorted indices of the class-balanced subset of `subset` (it depends only on the labels and seed)."""
+    total = len(targets)
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= total:
         raise ValueError(f"subset size must be an int in [1, {total}] for this dataset, got {n!r}.")
-    targets = dataset.targets.numpy()
     keys = _stable_keys(int(seed), total)
     order = np.lexsort((keys, targets))  # by class, then by key
     sorted_t = targets[order]
@@ -924,9 +950,7 @@ def subset(dataset: TensorImageDataset, n: int, seed: int = 0) -> TensorImageDat
     rank = np.empty(total, dtype=np.int64)
     rank[order] = np.arange(total) - class_start
     pick = np.lexsort((targets, rank))[:n]  # by rank within class, then by class
-    idx = torch.from_numpy(np.sort(pick))
-    return TensorImageDataset(dataset.images.index_select(0, idx), dataset.targets.index_select(0, idx),
-                              list(dataset.classes))
+    return np.sort(pick)
 
 
 def _mix_seed(seed: int, epoch: int) -> int:

@@ -733,3 +733,33 @@ def test_two_processes_extracting_one_archive_do_not_pull_it_from_under_each_oth
     assert got == [300, 300]
     assert extractions.value == 1  # the second process waited for the first and reused its extraction
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds.tar.gz", "out"]  # no partial or stale folder left
+
+
+@pytest.mark.parametrize(("limit", "seed"), [(5, 0), (7, 3), (12, 1), (50, 0)])
+def test_a_limit_decodes_only_the_subset_it_keeps(tiny, cache: Path, limit: int, seed: int,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    root, _ = tiny
+    full = load_image_folder(root, cache_dir=cache, progress=False, cache=False)
+    decoded: list[int] = []
+    real = data._decode_files
+
+    def counting(files, *args, **kwargs):
+        decoded.append(len(files))
+        return real(files, *args, **kwargs)
+
+    monkeypatch.setattr(data, "_decode_files", counting)
+    limited = load_image_folder(root, cache_dir=cache, progress=False, limit=limit, seed=seed)
+    expected = subset(full, min(limit, len(full)), seed=seed)
+    assert torch.equal(limited.images, expected.images) and torch.equal(limited.targets, expected.targets)
+    assert decoded == [min(limit, len(full))]  # the other images were never decoded
+    again = load_image_folder(root, cache_dir=cache, progress=False, limit=limit, seed=seed)
+    assert decoded == [min(limit, len(full))] and torch.equal(again.images, expected.images)  # from the cache
+
+
+def test_open_data_limits_both_splits(tmp_path: Path) -> None:
+    _make_folder(tmp_path / "d" / "train", per_class=6)
+    _make_folder(tmp_path / "d" / "val", per_class=3)
+    train, val = open_data(tmp_path / "d", cache_dir=tmp_path / "cache", progress=False, train_limit=6,
+                           eval_limit=4, seed=2)
+    assert (len(train), len(val)) == (6, 4) and train.class_counts() == [2, 2, 2]
+    assert train.classes == val.classes == CLASSES

@@ -234,7 +234,8 @@ def compress_cmd(
         "run.json; flags given now override them; --trust-pickle must be given again). --epochs must be at least "
         "the epochs already finished.")] = False,
     limit_train: Annotated[int | None, typer.Option(
-        "--limit-train", min=1, help="Use a class-balanced subset of this many training images (quick runs).")] = None,
+        "--limit-train", min=1, help="Use a class-balanced subset of this many training images (quick runs; "
+        "of an image folder only these are decoded).")] = None,
     limit_val: Annotated[int | None, typer.Option(
         "--limit-val", min=1, help="Use a class-balanced subset of this many validation images.")] = None,
     teacher: Annotated[str | None, typer.Option(

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..accounting import count_params, summarize
 from ..config import DPRPConfig
-from ..data import TensorImageDataset, TensorLoader, open_data, progress_bar, subset
+from ..data import TensorImageDataset, TensorLoader, open_data, progress_bar
 from ..io import (
     ARCH_KINDS,
     DataRecipe,
@@ -770,15 +770,12 @@ def run_compress(*, model: str | None, data: str | None, out: Path | None, confi
             recipe = DataRecipe(recipe.mean, recipe.std, image_size, recipe.augment, "--image-size")
         with _recorded("--data", data, source if "data" in recorded else None, "--data"):
             train, val = open_data(data, image_size=recipe.image_size, progress=not quiet and not json_out,
-                                   download=download)
+                                   download=download, train_limit=limit_train, eval_limit=limit_val,
+                                   seed=config.seed)  # only the chosen images of a folder are decoded
         if train.num_classes < 2:
             raise ValueError(f"--data {data!r} has only one class ({', '.join(map(repr, train.classes))}): a "
                              "classifier trained on it predicts that class for everything and scores 100%. Give "
                              "data with at least two class subfolders.")
-        if limit_train is not None:
-            train = subset(train, min(limit_train, len(train)), seed=config.seed)
-        if limit_val is not None:
-            val = subset(val, min(limit_val, len(val)), seed=config.seed)
         pretrained = "@" in model or not model.startswith(ARCH_KINDS)
         outputs = infer_num_classes(net)
         if (config.distill > 0 and teacher_net is None and pretrained and outputs is not None
@@ -871,9 +868,8 @@ def run_eval(*, model: str, data: str, limit: int | None, batch_size: int, laten
         recipe = data_recipe(net_arch, net)
         trained = getattr(net, "_dprp_input_size", None)  # the size an artifact was compressed at
         size = image_size or (int(trained[-1]) if trained else recipe.image_size)
-        _, val = open_data(data, image_size=size, progress=not json_out, download=download)
-        if limit is not None:
-            val = subset(val, min(limit, len(val)))
+        _, val = open_data(data, image_size=size, progress=not json_out, download=download, eval_limit=limit,
+                           train_limit=1)  # the training split is not evaluated: decode one image of it
         outputs = infer_num_classes(net)
         if outputs is not None and outputs < val.num_classes:
             raise ValueError(f"the model has {outputs} outputs but {data!r} has {val.num_classes} classes; evaluate it "
