@@ -76,10 +76,11 @@ _CACHE_VERSION = "2"  # 2: keyed by every file's size, mtime and inode (1: the n
 _CHUNK = 512
 _SPEC_FORMS = (
     "a directory with train/ and val/ or test/ ImageFolder subfolders",
-    "a .tar.gz/.tgz/.tar archive of such a directory",
+    "a .tar.gz/.tgz/.tar (or .tar.bz2/.tar.xz) archive of such a directory",
     "cifar10:DIR or cifar100:DIR (torchvision CIFAR in DIR; add --download to fetch it)",
 )
-_ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+_ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+"""Archive names open_data extracts (tarfile detects the compression itself)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -868,11 +869,13 @@ def open_data(
     if path.is_file():
         if not path.name.lower().endswith(_ARCHIVE_SUFFIXES):
             raise ValueError(
-                f"Dataset {text!r} is a file but not a .tar.gz/.tgz/.tar archive; accepted forms: {forms}."
+                f"Dataset {text!r} is a file but not a .tar.gz/.tgz/.tar/.tar.bz2/.tar.xz archive; accepted "
+                f"forms: {forms}."
             )
         resolved = path.resolve()
         digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:16]
-        stem = re.sub(r"(\.tar\.gz|\.tgz|\.tar)$", "", resolved.name, flags=re.IGNORECASE)
+        stem = re.sub(r"(\.tar\.gz|\.tgz|\.tar\.bz2|\.tbz2|\.tar\.xz|\.txz|\.tar)$", "", resolved.name,
+                      flags=re.IGNORECASE)
         blocker = next((p for p in (cache_root, *cache_root.parents) if p.exists()), None)
         if blocker is not None and not blocker.is_dir():
             raise ValueError(f"Cannot extract {text!r}: the cache directory {str(cache_root)!r} (DPRP_CACHE or "

@@ -763,3 +763,17 @@ def test_open_data_limits_both_splits(tmp_path: Path) -> None:
                            eval_limit=4, seed=2)
     assert (len(train), len(val)) == (6, 4) and train.class_counts() == [2, 2, 2]
     assert train.classes == val.classes == CLASSES
+
+
+@pytest.mark.parametrize(("name", "mode"), [("ds.tar.bz2", "w:bz2"), ("ds.tar.xz", "w:xz"), ("ds.txz", "w:xz")])
+def test_bz2_and_xz_archives_open(tmp_path: Path, name: str, mode: str) -> None:
+    archive = tmp_path / name
+    with tarfile.open(archive, mode) as tar:
+        for split in ("train", "test"):
+            for c in "ab":
+                payload = _png()
+                info = tarfile.TarInfo(f"{split}/{c}/0.png")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    train, val = open_data(archive, cache_dir=tmp_path / "cache", progress=False)
+    assert train.classes == val.classes == ["a", "b"] and len(train) == len(val) == 2
