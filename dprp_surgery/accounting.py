@@ -34,6 +34,11 @@ def example_tuple(example_inputs: Any, where: str) -> tuple:
     return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
 
 
+def error_cause(exc: BaseException, limit: int = 240) -> str:
+    """The first non-empty line of an exception's message (torch's errors run over many lines)."""
+    return next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)[:limit]
+
+
 def run_example(model: nn.Module, inputs: tuple, where: str) -> Any:
     """`model(*inputs)`; a RuntimeError (wrong channels or size) becomes a ValueError saying what to pass."""
     try:
@@ -43,7 +48,7 @@ def run_example(model: nn.Module, inputs: tuple, where: str) -> Any:
     except RuntimeError as exc:
         shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" if isinstance(t, torch.Tensor)
                            else type(t).__name__ for t in inputs)
-        cause = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)[:240]
+        cause = error_cause(exc)
         raise ValueError(f"{where}: the model cannot run on example_inputs ({shapes}): {cause}. Pass inputs of the "
                          "shape the model takes (its channels and image size, e.g. torch.zeros(1, 3, 32, 32) for a "
                          "CIFAR model)") from exc

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, IterableDataset, RandomSampler
 
-from .accounting import Summary, count_params, dense_param_count, summarize
+from .accounting import Summary, count_params, dense_param_count, error_cause, summarize
 from .config import DPRPConfig, as_config, require_module
 from .data import TensorImageDataset, TensorLoader
 from .losses import DPRPRegularizer, distillation_loss, unwrap_model
@@ -808,7 +808,7 @@ class DPRPTrainer:
             raise
         except RuntimeError as exc:
             shape = f"shape {tuple(x.shape)}, dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
-            cause = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)[:240]
+            cause = error_cause(exc)
             raise ValueError(f"the model cannot take the first {where} batch (inputs of {shape}): {cause}. Check "
                              "that the data's channels and image size are the ones the model was built for") from exc
         if isinstance(out, Tensor) and out.ndim == 2:
