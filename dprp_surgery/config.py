@@ -480,18 +480,10 @@ def require_module(model: Any, where: str, what: str = "model") -> None:
                         "model first (e.g. dprp_surgery.io.load_model('timm:resnet18'))")
 
 
-def _is_file(path: Path) -> bool:
-    """Path.is_file() that is False instead of raising for names the OS rejects (too long, NUL)."""
+def _exists(path: Path) -> bool:
+    """Whether `path` is a file or a directory; False instead of raising for names the OS rejects (too long, NUL)."""
     try:
-        return path.is_file()
-    except (OSError, ValueError):
-        return False
-
-
-def _is_dir(path: Path) -> bool:
-    """Path.is_dir() that is False instead of raising for names the OS rejects."""
-    try:
-        return path.is_dir()
+        return path.is_file() or path.is_dir()
     except (OSError, ValueError):
         return False
 
@@ -506,7 +498,7 @@ def _read_if_path(text_or_path: str | os.PathLike[str], kind: str) -> str:
         if not stripped or "\n" in text or stripped.startswith(("{", "[")) or ": " in text:
             return text  # JSON/YAML text, never a file name
         path = Path(stripped)
-        if not _is_file(path) and not _is_dir(path):
+        if not _exists(path):
             if stripped.lower().endswith(CONFIG_SUFFIXES):
                 raise ValueError(f"config file {stripped!r} does not exist; check the path, or pass the {kind} "
                                  "text itself")

@@ -204,24 +204,13 @@ def _check_input_size(model: nn.Module, arch: str, size: tuple[int, ...], given:
         _set_training(model, was)
 
 
-def _check_out_parent(out: Path) -> None:
-    """Raise a ValueError naming --out when the nearest existing parent of `out` is not a directory."""
-    for parent in out.expanduser().parents:
-        if parent.exists() or parent.is_symlink():
-            if not parent.is_dir():
-                raise ValueError(f"--out {str(out)!r} cannot be written: {str(parent)!r} is a file, not a "
-                                 "directory; choose another --out path.")
-            return
-
-
 def _check_out_dir(out: Path) -> None:
     """Raise a ValueError naming --out unless `out` is (or can be made) a directory we can write in."""
-    _check_out_parent(out)
+    check_writable(out, "--out")  # also names a parent that is a file
     path = out.expanduser()
     if (path.exists() or path.is_symlink()) and not path.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file, not a directory; choose another --out path (the run "
                          "directory to write).")
-    check_writable(out, "--out")
 
 
 def _check_out_suffix(out: Path, fmt: str) -> None:
