@@ -37,7 +37,7 @@ import torch
 from dprp_surgery import DPRPConfig, export, factorize, load, save, summarize
 from dprp_surgery.cli.commands import RUN_FORMAT, RUN_VERSION
 from dprp_surgery.config import COMP_WEIGHTINGS, FACTOR_STEPS, SCHEMES
-from dprp_surgery.data import IMAGENET_MEAN, IMAGENET_STD, TensorLoader, open_data, subset
+from dprp_surgery.data import IMAGENET_MEAN, IMAGENET_STD, TensorLoader, open_data
 from dprp_surgery.models import CIFAR_MODELS, load_cifar_checkpoint
 from dprp_surgery.surgery import svd_layers
 from dprp_surgery.trainer import CHECKPOINT_NAME, DPRPTrainer, run_files
@@ -347,11 +347,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--out {args.out} already holds the rows {', '.join(taken)}: pass --resume to continue "
                          "them, or choose another --out (or delete those row directories) to train them afresh")
 
-    train_ds, test_ds = open_data(args.data, progress=not args.quiet)
-    if args.train_limit:
-        train_ds = subset(train_ds, args.train_limit, seed=args.seed)
-    if args.test_limit:
-        test_ds = subset(test_ds, args.test_limit, seed=args.seed)
+    # limits decode only the images they keep (the same class-balanced subsets as data.subset)
+    train_ds, test_ds = open_data(args.data, progress=not args.quiet, train_limit=args.train_limit or None,
+                                  eval_limit=args.test_limit or None, seed=args.seed)
     if args.factor_lr_scale is None:
         args.factor_lr_scale = DPRPConfig.preset("tuned").factor_lr_scale
     base = DPRPConfig.preset("finetune").replace(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,

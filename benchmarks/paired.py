@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from dprp_surgery import load_model
-from dprp_surgery.data import TensorLoader, open_data, subset
+from dprp_surgery.data import TensorLoader, open_data
 from dprp_surgery.io import data_recipe
 
 
@@ -76,8 +76,9 @@ def paired_stats(base_right: torch.Tensor, model_right: torch.Tensor, band: floa
 @functools.lru_cache(maxsize=4)
 def _eval_split(data: str, image_size: int | None, limit: int | None):
     """The eval split of `data` (decoded once per image size, shared by every model)."""
-    _, val = open_data(data, image_size=image_size, progress=False)
-    return val if limit is None else subset(val, min(limit, len(val)))
+    # the training split is not used: decode one image of it; a limit decodes only the images it keeps
+    _, val = open_data(data, image_size=image_size, progress=False, train_limit=1, eval_limit=limit)
+    return val
 
 
 @torch.inference_mode()

@@ -21,7 +21,7 @@ from typing import NoReturn
 import torch
 
 from dprp_surgery import DPRPConfig, factorize, summarize
-from dprp_surgery.data import IMAGENET_MEAN, IMAGENET_STD, TensorLoader, open_data, subset
+from dprp_surgery.data import IMAGENET_MEAN, IMAGENET_STD, TensorLoader, open_data
 from dprp_surgery.models import CIFAR_MODELS, load_cifar_checkpoint
 from dprp_surgery.trainer import DPRPTrainer
 
@@ -94,11 +94,11 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as exc:
                 _fail(parser, f"sweep file {args.sweep}, run {name!r}: {exc}")
     try:
-        train_ds, test_ds = open_data(args.data, progress=False)
+        # the limits decode only the images they keep (data.subset's class-balanced picks)
+        train_ds, test_ds = open_data(args.data, progress=False, train_limit=args.train_limit,
+                                      eval_limit=args.test_limit, seed=args.seed)
     except (OSError, ValueError) as exc:
         _fail(parser, f"--data {args.data}: {exc}")
-    train_ds = subset(train_ds, min(args.train_limit, len(train_ds)), seed=args.seed)
-    test_ds = subset(test_ds, min(args.test_limit, len(test_ds)), seed=args.seed)
     example = torch.zeros(1, 3, 32, 32)
     for name, dense_run, config in runs:
         torch.manual_seed(args.seed)

@@ -28,7 +28,7 @@ import torch
 
 from dprp_surgery import DPRPConfig, factorize, svd_layers
 from dprp_surgery.config import SCHEMES
-from dprp_surgery.data import IMAGENET_MEAN, IMAGENET_STD, TensorLoader, open_data, subset
+from dprp_surgery.data import IMAGENET_MEAN, IMAGENET_STD, TensorLoader, open_data
 from dprp_surgery.io import load_model
 
 
@@ -111,10 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     loader = None
     if args.data:
         try:
-            _, test_ds = open_data(args.data, progress=False)
+            # only the test split is used (one training image decoded); a limit decodes only the images it keeps
+            _, test_ds = open_data(args.data, progress=False, train_limit=1, eval_limit=args.test_limit or None)
         except (OSError, ValueError) as exc:
             _fail(parser, f"--data {args.data}: {exc}")
-        test_ds = subset(test_ds, min(args.test_limit, len(test_ds)), seed=0) if args.test_limit else test_ds
         loader = TensorLoader(test_ds, 500, mean=IMAGENET_MEAN, std=IMAGENET_STD)  # as benchmarks/cifar10.py
         print(f"dense top-1 on {len(test_ds)} test images: {top1(model, loader):.2f}")
     print(f"{args.model}: relative squared Frobenius error of the best truncation at each size")

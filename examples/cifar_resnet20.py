@@ -33,7 +33,7 @@ from rich.console import Console
 
 from dprp_surgery import DPRPConfig, compress, export, load, save, summarize
 from dprp_surgery.config import PRESETS
-from dprp_surgery.data import IMAGENET_MEAN, IMAGENET_STD, TensorLoader, open_data, subset
+from dprp_surgery.data import IMAGENET_MEAN, IMAGENET_STD, TensorLoader, open_data
 from dprp_surgery.models import load_cifar_checkpoint, resnet20
 from dprp_surgery.trainer import run_files
 
@@ -85,13 +85,11 @@ def main(argv: list[str] | None = None) -> dict:
                          "a .tar.gz of one, or cifar10:DIR)")
     model = load_cifar_checkpoint(resnet20(), args.weights)
     try:
-        train_ds, test_ds = open_data(args.data, progress=not args.quiet)
+        # limits decode only the images they keep (class-balanced, as dprp_surgery.data.subset)
+        train_ds, test_ds = open_data(args.data, progress=not args.quiet, train_limit=args.train_limit or None,
+                                      eval_limit=args.test_limit or None, seed=args.seed)
     except ValueError as exc:
         raise SystemExit(f"cannot open the dataset: {exc}") from None
-    if args.train_limit:
-        train_ds = subset(train_ds, min(args.train_limit, len(train_ds)), seed=args.seed)
-    if args.test_limit:
-        test_ds = subset(test_ds, min(args.test_limit, len(test_ds)), seed=args.seed)
     config = DPRPConfig.preset(args.preset, seed=args.seed, device=args.device)
     config = config.replace(epochs=args.epochs or config.epochs, batch_size=args.batch_size or config.batch_size)
     if args.smoke:  # one short epoch: the preset's cool-down epoch and 25-step pruning would never prune in it

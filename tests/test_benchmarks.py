@@ -385,3 +385,69 @@ def test_cifar10_epsilon_ramp_needs_a_start(capsys):
         run_main("cifar10.py", ["--smoke", "--epsilon-ramp-epochs", "3"])
     assert exc.value.code == 2
     assert "--epsilon-ramp-epochs needs --epsilon-start" in capsys.readouterr().err
+
+
+@pytest.fixture
+def decode_counter(monkeypatch, tmp_path):
+    """Count the images each benchmark decodes (fresh cache, so nothing is loaded from an earlier run)."""
+    from dprp_surgery import data
+
+    monkeypatch.setenv("DPRP_CACHE", str(tmp_path / "cache"))
+    counts: list[int] = []
+    real = data._decode_files
+
+    def counting(files, *args, **kwargs):
+        counts.append(len(files))
+        return real(files, *args, **kwargs)
+
+    monkeypatch.setattr(data, "_decode_files", counting)
+    return counts
+
+
+def _small_folder(cifar10_dir: Path, dest: Path, per_class: int) -> Path:
+    """A train/ + test/ ImageFolder of `per_class` CIFAR-10 test images per class in each split."""
+    import shutil
+
+    for split in ("train", "test"):
+        for cls in sorted(p.name for p in (cifar10_dir / "test").iterdir()):
+            (dest / split / cls).mkdir(parents=True)
+            for f in sorted((cifar10_dir / "test" / cls).iterdir())[:per_class]:
+                shutil.copy(f, dest / split / cls / f.name)
+    return dest
+
+
+def test_eval_benchmarks_decode_only_the_test_images_they_use(cifar10_dir, tmp_path, decode_counter, capsys):
+    data = _small_folder(cifar10_dir, tmp_path / "data", 4)  # 40 images per split
+    assert run_main("paired.py", ["--data", str(data), "--baseline", "cifar:resnet20", "--model", "cifar:resnet20",
+                                  "--limit", "20", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"][0]["n"] == 20
+    assert sorted(decode_counter) == [1, 20]  # one training image (the split is not used), the 20 kept test images
+    decode_counter.clear()
+    assert run_main("truncation_error.py", ["--model", "cifar:resnet20", "--keep", "0.5", "--schemes", "paper",
+                                            "--data", str(data), "--test-limit", "10"]) == 0
+    assert "dense top-1 on 10 test images" in capsys.readouterr().out
+    assert sorted(decode_counter) == [1, 10]
+
+
+def test_training_benchmarks_decode_only_their_subsets(cifar10_dir, tmp_path, monkeypatch, decode_counter):
+    from dprp_surgery import data as data_module
+
+    data = _small_folder(cifar10_dir, tmp_path / "data", 4)
+    seen, real_open = [], data_module.open_data
+
+    class Opened(Exception):
+        pass
+
+    def stop_after_open(*args, **kwargs):  # the loading is what is checked here, not the training after it
+        seen.append(real_open(*args, **kwargs))
+        raise Opened
+
+    monkeypatch.setattr(data_module, "open_data", stop_after_open)
+    for script, argv in (("cifar10.py", ["--data", str(data), "--train-limit", "20", "--test-limit", "10", "--quiet",
+                                         "--out", str(tmp_path / "out"), "--rows", "dense"]),
+                         ("sweep.py", ["--data", str(data), "--train-limit", "20", "--test-limit", "10",
+                                       str(BENCHMARKS / "sweeps" / "01_factor_lr.json")])):
+        with pytest.raises(Opened):
+            run_main(script, argv)
+    assert [(len(train), len(test)) for train, test in seen] == [(20, 10), (20, 10)]
+    assert decode_counter == [20, 10]  # the second script loads both subsets from the first one's cache
