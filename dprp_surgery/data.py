@@ -291,20 +291,37 @@ def _decode_one(path: str, size: int | None) -> np.ndarray:
 
 def _decode_chunk(
     paths: list[str], size: int | None, hw: tuple[int, int], out: np.ndarray | None = None
-) -> np.ndarray:
-    """Decode images into ``out`` (a new ``(n, 3, H, W)`` array if None), checking every image's size."""
+) -> tuple[np.ndarray, list[str]]:
+    """Decode images into ``out`` (a new ``(n, 3, H, W)`` array if None); also the messages of the unusable ones."""
     if out is None:
         out = np.empty((len(paths), 3, hw[0], hw[1]), dtype=np.uint8)
+    problems = []
     for i, path in enumerate(paths):
-        arr = _decode_one(path, size)
+        try:
+            arr = _decode_one(path, size)
+        except ValueError as exc:  # go on: every bad file of the folder is reported at once
+            problems.append(str(exc))
+            continue
         if arr.shape[:2] != hw:
-            raise ValueError(
+            problems.append(
                 f"Image {path!r} is {arr.shape[1]}x{arr.shape[0]} but the first image is "
                 f"{hw[1]}x{hw[0]}; images of different sizes need image_size=... to resize them "
                 "to one square size."
             )
+            continue
         out[i] = arr.transpose(2, 0, 1)
-    return out
+    return out, problems
+
+
+def _raise_problems(problems: list[str], label: str, total: int, shown: int = 5) -> None:
+    """Raise one ValueError for every unusable image found (the first few in full), if there is any."""
+    if len(problems) == 1:
+        raise ValueError(problems[0])
+    if problems:
+        more = f"\n  ... and {len(problems) - shown} more" if len(problems) > shown else ""
+        raise ValueError(f"{len(problems)} of the {total} images of {label} cannot be used; delete or replace them "
+                         "(or resize them with image_size=... where the sizes differ):\n  "
+                         + "\n  ".join(problems[:shown]) + more)
 
 
 def _make_executor(workers: int, n_chunks: int) -> Executor | None:
@@ -373,21 +390,32 @@ def _decode_files(
     files: list[str], size: int | None, workers: int, progress: bool, label: str
 ) -> np.ndarray:
     """Decode all files into one ``(N, 3, H, W)`` array (the final layout) in parallel with a progress bar."""
-    first = _decode_one(files[0], size)
+    first, unreadable = None, []
+    for path in files:  # the first readable image sets the size (unreadable ones before it are found again below)
+        try:
+            first = _decode_one(path, size)
+            break
+        except ValueError as exc:
+            unreadable.append(str(exc))
+    if first is None:
+        _raise_problems(unreadable, label, len(files))
     hw = (int(first.shape[0]), int(first.shape[1]))
     _check_memory(len(files), hw, label)
     out = np.empty((len(files), 3, hw[0], hw[1]), dtype=np.uint8)
     starts = list(range(0, len(files), _CHUNK))
     executor = _make_executor(workers, len(starts))
+    problems: list[str] = []
     if executor is None:
         with progress_bar(progress) as bar:
             task = bar.add_task(f"decoding {label}", total=len(files))
             for s in starts:
                 chunk = files[s : s + _CHUNK]
-                _decode_chunk(chunk, size, hw, out[s : s + len(chunk)])
+                problems += _decode_chunk(chunk, size, hw, out[s : s + len(chunk)])[1]
                 bar.advance(task, len(chunk))
+        _raise_problems(problems, label, len(files))
         return out
     threads = isinstance(executor, ThreadPoolExecutor)  # threads decode straight into `out`
+    found_at: dict[int, list[str]] = {}  # chunk start -> its unusable images, reported in file order
     try:
         # Submit (and so fork the workers) before the progress bar starts its refresh thread.
         futures: dict[Future[np.ndarray], int] = {
@@ -398,13 +426,15 @@ def _decode_files(
             task = bar.add_task(f"decoding {label}", total=len(files))
             for fut in as_completed(futures):
                 s = futures.pop(fut)  # drop the future (and its chunk) once copied: one chunk alive at a time
-                arr = fut.result()
+                arr, found = fut.result()
+                found_at[s] = found
                 if not threads:
                     out[s : s + arr.shape[0]] = arr
                 bar.advance(task, arr.shape[0])
                 del arr
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
+    _raise_problems([msg for s in sorted(found_at) for msg in found_at[s]], label, len(files))
     return out
 
 

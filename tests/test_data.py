@@ -206,6 +206,36 @@ def test_unreadable_image_named(tiny, workers: int, monkeypatch: pytest.MonkeyPa
         load_image_folder(root, progress=False, cache=False, workers=workers)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_every_unusable_image_is_named_at_once(tiny, workers: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    root, _ = tiny
+    bad = [root / "cat" / "0_first.png", root / "dog" / "broken.png", root / "dog" / "zz.jpg"]
+    for path in bad:  # the very first file of the folder among them: the size comes from the first readable one
+        path.write_bytes(b"not an image")
+    Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(root / "dog" / "small.png")
+    monkeypatch.setattr(data, "_CHUNK", 2)
+    with pytest.raises(ValueError) as exc:
+        load_image_folder(root, progress=False, cache=False, workers=workers)
+    text = str(exc.value)
+    assert text.startswith("4 of the 16 images of tiny cannot be used")
+    lines = text.splitlines()[1:]
+    assert [next(p.name for p in (*bad, root / "dog" / "small.png") if p.name in line) for line in lines] == [
+        "0_first.png", "broken.png", "small.png", "zz.jpg"]  # in file order, whichever worker found them
+    assert "is 5x5 but the first image is 8x8" in lines[2]
+    for name in ("a", "b", "c", "d", "e", "f"):  # more than five: the first five and a count
+        (root / "dog" / f"{name}_bad.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"(?s)10 of the 22 images.*\.\.\. and 5 more$"):
+        load_image_folder(root, progress=False, cache=False, workers=workers)
+
+
+def test_a_folder_of_only_unreadable_images_is_named(tmp_path: Path) -> None:
+    for name in ("a.png", "b.png"):
+        (tmp_path / "only" / "x").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "only" / "x" / name).write_bytes(b"junk")
+    with pytest.raises(ValueError, match=r"(?s)2 of the 2 images of only cannot be used.*a\.png.*b\.png"):
+        load_image_folder(tmp_path / "only", progress=False, cache=False)
+
+
 def test_missing_dir(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"nowhere.*does not exist"):
         load_image_folder(tmp_path / "nowhere", progress=False)
