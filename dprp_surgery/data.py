@@ -477,8 +477,25 @@ def _content_hash(images: torch.Tensor, targets: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def _save_cache(path: Path, ds: TensorImageDataset, root: Path) -> None:
-    """Write a dataset to ``path`` atomically (temp file + os.replace); failures only warn."""
+def _remove_stale_caches(path: Path, root: Path, selection: str) -> None:
+    """Delete the other cache files of the same folder, image size and subset: earlier states of the folder."""
+    from safetensors import safe_open
+
+    for other in path.parent.glob(path.name.rsplit("-", 1)[0] + "-*.safetensors"):
+        if other == path:
+            continue
+        try:
+            with safe_open(str(other), framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+            if meta.get("root") == str(root) and meta.get("selection") == selection:
+                other.unlink()
+                logger.info("Removed the cache %s of an earlier state of %s", other, root)
+        except Exception as exc:  # noqa: BLE001 - clean-up is best effort; another process may hold or remove it
+            logger.debug("Kept cache %s (%s)", other, exc)
+
+
+def _save_cache(path: Path, ds: TensorImageDataset, root: Path, selection: str) -> None:
+    """Write a dataset to ``path`` atomically (temp file + os.replace), then drop stale ones; failures only warn."""
     from safetensors.torch import save_file
 
     tmp: str | None = None
@@ -487,10 +504,11 @@ def _save_cache(path: Path, ds: TensorImageDataset, root: Path) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         meta = {"classes": json.dumps(ds.classes), "root": str(root), "version": _CACHE_VERSION,
-                "sha256": _content_hash(ds.images, ds.targets)}
+                "sha256": _content_hash(ds.images, ds.targets), "selection": selection}
         save_file({"images": ds.images.contiguous(), "targets": ds.targets.contiguous()}, tmp, metadata=meta)
         os.replace(tmp, path)
         tmp = None
+        _remove_stale_caches(path, root, selection)
     except OSError as exc:
         logger.warning("Could not write image cache %s (%s); continuing without it.", path, exc)
     finally:
@@ -527,7 +545,8 @@ def load_image_folder(
             kept). ``None`` keeps the size, which must then be the same for all images.
         cache_dir: Where the cache lives; ``None`` means :func:`default_cache_dir`.
         progress: Show a progress bar while decoding.
-        cache: Read and write the cache (``False`` always decodes and writes nothing).
+        cache: Read and write the cache (``False`` always decodes and writes nothing). Writing the
+            cache of a changed folder deletes the file of its earlier state at the same size and subset.
         workers: Decoding processes/threads; ``None`` uses all CPU cores.
         limit: Decode only the class-balanced subset of this many images that ``subset(full, limit,
             seed)`` would pick (the same images, without decoding the rest); ``None`` or a limit of at
@@ -548,8 +567,11 @@ def load_image_folder(
         raise ValueError(f"image_size must be a positive int or None, got {image_size!r}.")
     root_path = Path(root).expanduser().resolve()
     classes, files, targets, stamp = _scan_image_folder(root_path)
-    if limit is not None and limit < len(files):
-        pick = _subset_indices(np.asarray(targets, dtype=np.int64), limit, seed)
+    subset_size = limit if limit is not None and limit < len(files) else None
+    # what a cache file holds besides the folder's state: a newer state replaces it, other sizes/subsets stay
+    selection = f"size={image_size}|limit={subset_size}|seed={seed if subset_size is not None else None}"
+    if subset_size is not None:
+        pick = _subset_indices(np.asarray(targets, dtype=np.int64), subset_size, seed)
         files, targets = [files[i] for i in pick], [targets[i] for i in pick]
     cache_file = _cache_path(Path(cache_dir) if cache_dir is not None else default_cache_dir(),
                              root_path, files, stamp, image_size)
@@ -567,7 +589,7 @@ def load_image_folder(
     ds = TensorImageDataset(torch.from_numpy(arr), torch.tensor(targets, dtype=torch.int64), classes)
     logger.info("Decoded %d images of %s in %.2fs", len(ds), root_path, time.perf_counter() - t0)
     if cache:
-        _save_cache(cache_file, ds, root_path)
+        _save_cache(cache_file, ds, root_path, selection)
     return ds
 
 

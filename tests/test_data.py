@@ -627,6 +627,29 @@ def test_swapping_class_folders_invalidates_the_cache(tiny, cache: Path) -> None
     assert swapped.targets[0] == 0  # now labelled 'bird', as its folder says
 
 
+def test_a_new_state_of_a_folder_replaces_its_stale_cache_only(tiny, cache: Path, tmp_path: Path) -> None:
+    root, _ = tiny
+
+    def files() -> list[str]:
+        return sorted(p.name for p in cache.glob("*.safetensors"))
+
+    load_image_folder(root, cache_dir=cache, progress=False)
+    load_image_folder(root, cache_dir=cache, progress=False, image_size=4)  # another size: kept beside it
+    load_image_folder(root, cache_dir=cache, progress=False, limit=6, seed=1)  # a subset: kept too
+    twin = tmp_path / "other" / "tiny"  # another folder of the same name (the same file-name prefix)
+    _make_folder(twin)
+    load_image_folder(twin, cache_dir=cache, progress=False)
+    before = files()
+    assert len(before) == 4
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "dog" / "new.png")
+    load_image_folder(root, cache_dir=cache, progress=False)  # the folder changed: its full-size cache is stale
+    after = files()
+    assert len(after) == 4 and len(set(before) - set(after)) == 1
+    load_image_folder(root, cache_dir=cache, progress=False, limit=6, seed=1)
+    load_image_folder(root, cache_dir=cache, progress=False, limit=6, seed=2)  # another seed is another subset
+    assert len(files()) == 5 and len(set(files()) - set(after)) == 2 and len(set(after) - set(files())) == 1
+
+
 def test_an_image_replaced_by_an_older_copy_invalidates_the_cache(tiny, cache: Path) -> None:
     root, _ = tiny
     load_image_folder(root, cache_dir=cache, progress=False)
