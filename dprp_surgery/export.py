@@ -697,9 +697,6 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
         form, spec = entry.get("form"), entry.get("spec")
         if form not in FORMS or not isinstance(spec, dict):
             raise ValueError(f"{str(mpath)!r}: layer {name!r} has an invalid entry (form {form!r}); re-export.")
-        if form == "dense":
-            recorded[name] = {"form": form, "spec": spec}
-            continue
         if (form == "factorized" and manifest["format_version"] < 2 and spec.get("scheme") == "paper"
                 and str(spec.get("type", "")).startswith("SVDConv")):
             raise ValueError(f"{str(mpath)!r}: layer {name!r} is a paper-scheme conv in the format_version 1 "
@@ -710,11 +707,13 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
         except (TypeError, ValueError, KeyError) as exc:
             raise ValueError(f"{str(mpath)!r}: layer {name!r} has an invalid spec ({type(exc).__name__}: {exc}); "
                              "re-export.") from None
-        new = layer.to_factorized() if form == "factorized" else layer
+        # a dense-form layer too is built from its spec: the rebuilt architecture's own layer may differ in
+        # hyper-parameters the weights do not show (e.g. a stem conv with another stride)
+        new = layer.to_factorized() if form == "factorized" else layer.to_dense() if form == "dense" else layer
         new = new.to_empty(device="cpu")
         for alias in aliases[id(current)]:
             model.set_submodule(alias, new)
-        if form == "factorized":
+        if form in ("factorized", "dense"):
             recorded[name] = {"form": form, "spec": spec}
     if dtype != torch.float32:
         model.to(dtype)

@@ -393,6 +393,21 @@ def test_save_needs_a_rebuildable_arch(tmp_path):
     assert (tmp_path / "other" / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("mode", ["dense", "factorized", "auto", "svd"])
+def test_a_replaced_layer_loads_with_its_own_hyper_parameters_in_every_form(tmp_path, mode):
+    torch.manual_seed(0)
+    model = resnet20().eval()
+    model.conv1 = nn.Conv2d(3, 16, 3, stride=2, padding=2, dilation=2, bias=False)  # the weights' shape is the same
+    factorized = factorize(model, DPRPConfig(scheme="spatial"))
+    exported = factorized if mode == "svd" else export(factorized, mode)  # "svd": the trainable SVD layers
+    path = save(exported, tmp_path / mode)
+    loaded = load(path)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), exported.eval()(x), rtol=1e-5, atol=1e-5)
+    if mode == "dense":  # the same type and hyper-parameters as the layer saved, not the architecture's own conv1
+        assert type(loaded.conv1) is nn.Conv2d and (loaded.conv1.stride, loaded.conv1.dilation) == ((2, 2), (2, 2))
+
+
 def test_export_name_is_callable_whatever_the_import_order():
     import dprp_surgery
     import dprp_surgery.export as export_module
