@@ -295,11 +295,12 @@ class SVDLayer(nn.Module, ABC):
             raise ValueError(f"truncate_({keep}) is out of range: keep must be in [1, {self.rank}]")
         if keep == self.rank:
             return self
-        for p, dim in ((self.U, 1), (self.s, 0), (self.V, 1)):
-            p.data = p.data.narrow(dim, 0, keep).clone()
-            if p.grad is not None:
-                p.grad = p.grad.narrow(dim, 0, keep).clone()
-            reset_grad_accumulator(p)
+        with torch.inference_mode(False):  # called under inference mode, the clones must stay trainable
+            for p, dim in ((self.U, 1), (self.s, 0), (self.V, 1)):
+                p.data = p.data.narrow(dim, 0, keep).clone()
+                if p.grad is not None:
+                    p.grad = p.grad.narrow(dim, 0, keep).clone()
+                reset_grad_accumulator(p)
         return self
 
     def spec(self) -> dict:

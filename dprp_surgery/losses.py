@@ -103,7 +103,7 @@ def _pad(s_list: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     return S, mask, r
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=4096)  # one step asks for 1 + (#U shape groups) + (#V shape groups) rank tuples
 def _rank_tensors(device: torch.device, ranks: tuple[int, ...]) -> tuple[Tensor, Tensor]:
     """The ``(L x r_max)`` validity mask and ``(L,)`` int64 ranks on `device`, built once per (device, ranks)."""
     # the losses run every training step: building r from a Python list there is a host-to-device copy that
@@ -279,7 +279,7 @@ def _tau_from_padded(S: Tensor, mask: Tensor, r: Tensor, epsilon: float) -> Tens
 
 
 # ----------------------------------------------------------------------------- eq. (12)
-def compression_loss(layers: LayersLike, epsilon: float, weighting: str = "layers") -> Tensor:
+def compression_loss(layers: LayersLike, epsilon: float, weighting: str = "layers", min_rank: int = 1) -> Tensor:
     """L_comp of eq. (12): (1/L) sum_l sum_{i=tau_l}^{r_l} |s_i| / (n_l ||s_l||_2).
 
     n_l = r_l - tau_l + 1 is the number of summed terms (the paper's r_l - tau_l is zero when
@@ -292,6 +292,9 @@ def compression_loss(layers: LayersLike, epsilon: float, weighting: str = "layer
         weighting: "layers" (eq. (12), the mean over layers), "params" (each layer's term weighted by
             h_l w_l / sum_k h_k w_k, its share of the dense parameters; not in the paper) or
             "params-squared" (weights proportional to (h_l w_l)^2; see `layer_weights`).
+        min_rank: The pruner's floor (`DPRPConfig.min_rank`; not in the paper): the sum starts at
+            max(tau_l, min_rank), and a layer already at r_l <= min_rank, which is never pruned, adds its
+            term without gradient. The default 1 is eq. (12) unchanged.
 
     Returns:
         The scalar loss (differentiable with respect to every s_l, through the sum and ||s_l||_2).
@@ -301,7 +304,7 @@ def compression_loss(layers: LayersLike, epsilon: float, weighting: str = "layer
         return _empty(layers)
     S, mask, r = _pad([lay.s for lay in layers])
     tau = _tau_from_padded(S, mask, r, epsilon)
-    return _average(_compression_from_padded(S, mask, r, tau), layer_weights(layers, weighting))
+    return _average(_compression_from_padded(S, mask, r, tau, min_rank), layer_weights(layers, weighting))
 
 
 _WEIGHTING_POWERS = {"params": 1, "params-squared": 2}  # comp_weighting -> exponent of h_l w_l
@@ -332,8 +335,12 @@ def _average(terms: Tensor, weights: Tensor | None) -> Tensor:
     return terms.mean() if weights is None else (terms * weights).sum()
 
 
-def _compression_from_padded(S: Tensor, mask: Tensor, r: Tensor, tau: Tensor) -> Tensor:
-    """Per-layer L_comp terms (L,) from padded singular values and tau (1-based)."""
+def _compression_from_padded(S: Tensor, mask: Tensor, r: Tensor, tau: Tensor, min_rank: int = 1) -> Tensor:
+    """Per-layer L_comp terms (L,) from padded singular values, tau (1-based) and the pruner's floor."""
+    if min_rank > 1:  # the components the pruner never cuts are not pushed (tau < min_rank, or r_l <= min_rank)
+        tau = torch.minimum(r, tau.clamp_min(min_rank))
+        terms = _compression_from_padded(S, mask, r, tau)
+        return torch.where(r > min_rank, terms, terms.detach())
     ar = torch.arange(S.shape[1], device=S.device)
     tail = (ar[None, :] >= (tau - 1)[:, None]) & mask  # 0-based i >= tau_l - 1
     n = (r - tau + 1).to(S.dtype)
@@ -499,15 +506,16 @@ class DPRPRegularizer:
                 structure = w["mu_orth"] * orth + w["mu_sort"] * sort
             with torch.set_grad_enabled(torch.is_grad_enabled() and w["lambda_comp"] > 0):
                 tau = _tau_from_padded(S, mask, r, self.epsilon_at(epoch))
-                comp = _average(_compression_from_padded(S, mask, r, tau), self._layer_weights(layers))
+                comp = _average(_compression_from_padded(S, mask, r, tau, c.min_rank), self._layer_weights(layers))
             loss = w["lambda_str"] * structure + w["lambda_comp"] * comp
-            if not loss.requires_grad and S.requires_grad:
-                loss = loss + 0.0 * S.sum()  # stays a differentiable scalar, as documented
-            terms = {"orth": orth, "sort": sort, "comp": comp, "structure": structure, "total_reg": loss}
+            terms = {"orth": orth, "sort": sort, "comp": comp, "structure": structure}
         else:
             reg = _average(_ablation_from_padded(S, mask, r, c.regularizer, c.delta), self._layer_weights(layers))
             loss = w["lambda_comp"] * reg
-            terms = {"reg": reg, "total_reg": loss}
+            terms = {"reg": reg}
+        if not loss.requires_grad and S.requires_grad:
+            loss = loss + 0.0 * S.sum()  # stays a differentiable scalar, as documented (also for "none")
+        terms["total_reg"] = loss
         return loss, {k: v.detach() for k, v in terms.items()}
 
     def keep_counts(self, model: nn.Module, epsilon: float | None = None) -> dict[str, int]:

@@ -64,11 +64,19 @@ class RankPruner:
         if not named:
             return {}
         eps = self.epsilon if epsilon is None else _check_epsilon(epsilon, "RankPruner.keep_counts")
-        keep = self._decide([m for _, m in named], eps)
+        keep = self._decide(named, eps)
         return {name: int(k) for (name, _), k in zip(named, keep.tolist())}
 
-    def _decide(self, layers: list[SVDLayer], epsilon: float) -> Tensor:
+    def _decide(self, named: list[tuple[str, SVDLayer]], epsilon: float) -> Tensor:
         """Keep counts (L,) int64 on the CPU; broadcast from rank 0 when torch.distributed is running."""
+        layers = [m for _, m in named]
+        finite = torch.stack([torch.isfinite(m.s.detach()).all() for m in layers])
+        if not bool(finite.all()):  # tau of NaN/inf values would cut the finite components and keep the others
+            name, layer = named[int((~finite).to(torch.int64).argmax())]
+            raise ValueError(f"cannot prune layer {name!r}: its singular values s are not finite "
+                             f"({layer.s.detach().flatten()[:4].tolist()} ...); training diverged. Nothing was "
+                             "pruned: lower the learning rate (or sigma_lr_scale) and resume from a checkpoint "
+                             "taken before the divergence")
         tau = keep_counts([m.s for m in layers], epsilon)
         ranks = torch.tensor([m.rank for m in layers], dtype=torch.int64, device=tau.device)
         keep = torch.minimum(ranks, tau.clamp_min(self.min_rank))
@@ -100,7 +108,7 @@ class RankPruner:
         if not named:
             return {}
         eps = self.epsilon if epsilon is None else _check_epsilon(epsilon, "RankPruner.step")
-        keep = self._decide([m for _, m in named], eps)
+        keep = self._decide(named, eps)
         todo = [(name, layer, int(k)) for (name, layer), k in zip(named, keep.tolist()) if int(k) < layer.rank]
         if optimizer is not None and todo:  # check everything first so that a failure leaves model and state intact
             _check_optimizer(optimizer, todo[0][0])
@@ -108,13 +116,14 @@ class RankPruner:
             for name, layer, _ in todo:
                 _check_state(optimizer, name, layer)
         changes: dict[str, tuple[int, int]] = {}
-        for name, layer, k in todo:
-            old = layer.rank
-            layer.truncate_(k)
-            if optimizer is not None:
-                for attr, dim in _FACTOR_DIMS:
-                    slice_optimizer_state(optimizer, getattr(layer, attr), dim, old, k)
-            changes[name] = (old, k)
+        with torch.inference_mode(False):  # under inference mode (a validation hook) the new data stays trainable
+            for name, layer, k in todo:
+                old = layer.rank
+                layer.truncate_(k)
+                if optimizer is not None:
+                    for attr, dim in _FACTOR_DIMS:
+                        slice_optimizer_state(optimizer, getattr(layer, attr), dim, old, k)
+                changes[name] = (old, k)
         if changes:
             log.info("rank pruning: %s", ", ".join(f"{n} {a}->{b}" for n, (a, b) in changes.items()))
         return changes
@@ -207,6 +216,13 @@ def slice_optimizer_state(optimizer: torch.optim.Optimizer, param: Tensor, dim: 
     state = optimizer.state.get(param)
     if not state:
         return
+    with torch.inference_mode(False):  # the sliced state stays an ordinary tensor the optimizer can update
+        _slice_state(optimizer, state, param, dim, old_rank, keep)
+
+
+def _slice_state(optimizer: torch.optim.Optimizer, state: dict, param: Tensor, dim: int, old_rank: int,
+                 keep: int) -> None:
+    """`slice_optimizer_state` on one parameter's state dict."""
     for key, value in list(state.items()):
         if isinstance(value, Tensor) and value.ndim > 0:
             shape = list(param.shape)

@@ -495,3 +495,44 @@ def test_regularizer_argument_types_are_named():
         DPRPRegularizer()(None)
     with pytest.raises(TypeError, match="expected a model or a list of its SVD layers, got str"):
         DPRPRegularizer()("model")
+
+
+@pytest.mark.parametrize(("s", "min_rank", "expected", "grad_s1"), [
+    # s (4, 2, 1, 0.05), eps 0.1: tau 3; 1.05 / (2 sqrt(21.0025)), whatever min_rank up to 3
+    ([4.0, 2.0, 1.0, 0.05], 1, 1.05 / (2 * math.sqrt(21.0025)), None),
+    ([4.0, 2.0, 1.0, 0.05], 3, 1.05 / (2 * math.sqrt(21.0025)), None),
+    # r_l = min_rank 4: the value of the tail from s_4, but no gradient (the pruner never cuts it)
+    ([4.0, 2.0, 1.0, 0.05], 4, 0.05 / math.sqrt(21.0025), 0.0),
+    # s (4, 0.1, 0.05): tau 1, the paper sums all three; with min_rank 2 the sum starts at s_2
+    ([4.0, 0.1, 0.05], 1, 4.15 / (3 * math.sqrt(16.0125)), None),
+    ([4.0, 0.1, 0.05], 2, 0.15 / (2 * math.sqrt(16.0125)), -0.075 * 4.0 / 16.0125 ** 1.5),
+])
+def test_compression_loss_starts_at_min_rank(s, min_rank, expected, grad_s1):
+    layer = lin(4, 4, s)
+    loss = compression_loss([layer], epsilon=0.1, min_rank=min_rank)
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-5)
+    reg_loss, terms = DPRPRegularizer(DPRPConfig(min_rank=min_rank, lambda_str=0.0, lambda_comp=1.0,
+                                                 epsilon=0.1))([layer])
+    assert float(terms["comp"]) == pytest.approx(expected, rel=1e-5)
+    if grad_s1 is not None:
+        (grad,) = torch.autograd.grad(reg_loss, layer.s)
+        assert float(grad[0]) == pytest.approx(grad_s1, rel=1e-4, abs=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["none", "l1"])
+def test_every_regularizer_returns_a_differentiable_loss(kind):
+    layer = lin(4, 4, [2.0, 1.0])
+    loss, terms = DPRPRegularizer(DPRPConfig(regularizer=kind))(layer)
+    loss.backward()  # "none" raised "element 0 of tensors does not require grad"
+    assert layer.s.grad is not None and float(terms["total_reg"]) == float(loss)
+
+
+def test_the_rank_cache_holds_the_rank_sets_of_a_large_model():
+    layers = [SVDLinear(80, 1 + i, rank=1 + i) for i in range(70)]  # 70 shapes: over 140 rank sets per step
+    reg = DPRPRegularizer(DPRPConfig())
+    reg(layers)
+    _rank_tensors.cache_clear()
+    reg(layers)
+    misses = _rank_tensors.cache_info().misses
+    reg(layers)
+    assert _rank_tensors.cache_info().misses == misses  # the second step builds nothing again

@@ -222,3 +222,58 @@ def test_compiled_models_report_the_models_own_layer_names():
     pruner = RankPruner(epsilon=0.1)
     assert pruner.keep_counts(compiled) == {"0": 3, "2": 4}
     assert pruner.step(compiled, torch.optim.SGD(model.parameters(), lr=0.1)) == {"0": (6, 3), "2": (5, 4)}
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adam"])
+def test_pruning_under_inference_mode_leaves_a_trainable_model(optim):
+    """A user's validation hook (Lightning runs them under torch.inference_mode) may prune."""
+    model = make_model()
+    opt = (torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if optim == "sgd"
+           else torch.optim.Adam(model.parameters(), lr=1e-3))
+    x, y = batch(0)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    with torch.inference_mode():
+        changes = RankPruner(epsilon=0.1).step(model, opt)
+    assert changes == {"0": (6, 3), "2": (5, 4)}
+    params = [p for _, layer in svd_layers(model) for p in (layer.U, layer.s, layer.V)]
+    state = [v for p in params for v in opt.state[p].values() if isinstance(v, torch.Tensor) and v.ndim]
+    assert not any(t.is_inference() for t in params + state)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()  # failed: "Inference tensors cannot be saved for backward"
+    opt.step()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_singular_values_are_refused_and_nothing_is_pruned(bad):
+    model = make_model()
+    with torch.no_grad():
+        model[2].s[1] = bad  # [2, bad, 1.2, 1, 0.01]: tau would cut after s_1 and keep the bad value
+    before = [layer.rank for _, layer in svd_layers(model)]
+    with pytest.raises(ValueError, match=r"layer '2'.*not finite.*Nothing was pruned"):
+        RankPruner(epsilon=0.1).step(model)
+    assert [layer.rank for _, layer in svd_layers(model)] == before
+    with pytest.raises(ValueError, match="layer '2'"):
+        RankPruner(epsilon=0.1).keep_counts(model)
+
+
+def test_compression_never_pushes_the_components_min_rank_keeps():
+    """L_comp with min_rank 2 leaves a rank-2 layer alone: its second value is not driven to zero while it is paid
+    for (min_rank is the pruner's floor, so those components can never be pruned)."""
+    from dprp_surgery.layers import SVDLinear
+    from dprp_surgery.losses import DPRPRegularizer
+
+    torch.manual_seed(0)
+    config = DPRPConfig(min_rank=2, lambda_str=0.0)
+    layer = SVDLinear(4, 4, rank=2)
+    with torch.no_grad():
+        layer.s.copy_(torch.tensor([1.0, 0.5]))
+    reg, pruner = DPRPRegularizer(config), RankPruner(config)
+    opt = torch.optim.SGD([layer.s], lr=0.05)
+    for _ in range(200):
+        opt.zero_grad()
+        reg([layer])[0].backward()
+        opt.step()
+        pruner.step(layer, opt)
+    assert layer.rank == 2
+    torch.testing.assert_close(layer.s.detach(), torch.tensor([1.0, 0.5]))  # no gradient reached s
