@@ -126,7 +126,7 @@ def _as_svd(module: nn.Module, entry: dict[str, Any]) -> SVDLayer:
     ref = next(iter(module.parameters()))
     if entry["form"] == "dense":
         cls = _svd_type(spec)
-        return cls.from_dense(module, scheme=spec.get("scheme", "channel"), rank=spec["rank"])
+        return cls.from_dense(module, scheme=spec.get("scheme", "channel"), rank=spec["rank"])  # carries the flags
     layer = layer_from_spec(spec, device="meta", dtype=ref.dtype).to_empty(device=ref.device)
     u, v, bias = _factors_of(module, layer)
     with torch.no_grad():
@@ -137,6 +137,7 @@ def _as_svd(module: nn.Module, entry: dict[str, Any]) -> SVDLayer:
         if layer.bias is not None:
             layer.bias.copy_(bias)
     layer.train(module.training)
+    _apply_grad_flags(layer, _grad_flags(module))
     return layer
 
 
@@ -274,7 +275,7 @@ def export(model: nn.Module, mode: str = "dense", *, objective: str = "params",
         else:
             target = mode
             replacement = svd.to_dense() if mode == "dense" else svd.to_factorized()
-        _swap(new, aliases[id(current)], replacement, current.training, svd.U.requires_grad)
+        _swap(new, aliases[id(current)], replacement, current.training, _grad_flags(current))
         decisions[name] = {"form": target, "spec": entry["spec"]}
     if mode == "auto" and objective == "latency" and alternatives:
         _fastest_whole_model(new, alternatives, names_of, decisions, example_inputs)
@@ -282,11 +283,25 @@ def export(model: nn.Module, mode: str = "dense", *, objective: str = "params",
     return new
 
 
-def _swap(model: nn.Module, names: Sequence[str], replacement: nn.Module, training: bool, grad: bool) -> None:
-    """Put `replacement` at every alias of a layer, in the layer's train/eval mode and requires_grad."""
+def _grad_flags(module: nn.Module) -> tuple[bool, bool]:
+    """(weights, bias) requires_grad of a layer in any form: its weights train if any weight-side tensor does."""
+    weights, bias = [], []
+    for name, p in module.named_parameters():
+        (bias if name.rsplit(".", 1)[-1] == "bias" else weights).append(p.requires_grad)
+    return any(weights), any(bias)
+
+
+def _apply_grad_flags(module: nn.Module, flags: tuple[bool, bool]) -> None:
+    """Give every weight-side parameter of `module` flags[0] and its bias flags[1] (see `_grad_flags`)."""
+    for name, p in module.named_parameters():
+        p.requires_grad_(flags[1] if name.rsplit(".", 1)[-1] == "bias" else flags[0])
+
+
+def _swap(model: nn.Module, names: Sequence[str], replacement: nn.Module, training: bool,
+          flags: tuple[bool, bool]) -> None:
+    """Put `replacement` at every alias of a layer, in the layer's train/eval mode and requires_grad flags."""
     replacement.train(training)
-    for p in replacement.parameters():
-        p.requires_grad_(grad)
+    _apply_grad_flags(replacement, flags)
     for alias in names:
         model.set_submodule(alias, replacement)
 
@@ -330,9 +345,9 @@ def _fastest_whole_model(model: nn.Module, alternatives: dict[str, dict[str, nn.
             decisions[name]["form"] = best
 
 
-def _flags(module: nn.Module) -> tuple[bool, bool]:
-    """(training, requires_grad) of a layer, for the module that replaces it."""
-    return module.training, any(p.requires_grad for p in module.parameters())
+def _flags(module: nn.Module) -> tuple[bool, tuple[bool, bool]]:
+    """(training, requires_grad flags) of a layer, for the module that replaces it."""
+    return module.training, _grad_flags(module)
 
 
 def _cheaper(dense: nn.Module, fact: nn.Module, objective: str, shape: tuple[int, ...] | None,

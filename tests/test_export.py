@@ -408,6 +408,33 @@ def test_a_replaced_layer_loads_with_its_own_hyper_parameters_in_every_form(tmp_
         assert type(loaded.conv1) is nn.Conv2d and (loaded.conv1.stride, loaded.conv1.dilation) == ((2, 2), (2, 2))
 
 
+@pytest.mark.parametrize("scheme", ["paper", "channel"])
+def test_export_keeps_frozen_weights_and_trainable_biases_apart(scheme):
+    """BitFit-style: weights frozen, biases trained; every form keeps both flags, and re-exports too."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
+    for layer in (model[0], model[2]):
+        layer.weight.requires_grad_(False)
+    factorized = factorize(model, DPRPConfig(scheme=scheme, min_compressible=None))
+
+    def flags(m: nn.Module) -> dict[str, set[bool]]:
+        out: dict[str, set[bool]] = {"weights": set(), "bias": set()}
+        for name, p in m.named_parameters():
+            out["bias" if name.endswith("bias") else "weights"].add(p.requires_grad)
+        return out
+
+    assert flags(factorized) == {"weights": {False}, "bias": {True}}
+    x = torch.randn(1, 3, 6, 6)
+    for mode in ("dense", "factorized", "auto"):
+        exported = export(factorized, mode, example_inputs=x)
+        assert flags(exported) == {"weights": {False}, "bias": {True}}, mode
+        for again in ("dense", "factorized"):  # from one exported form to another
+            assert flags(export(exported, again)) == {"weights": {False}, "bias": {True}}, (mode, again)
+    frozen = export(factorized, "factorized")
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    assert flags(export(frozen, "dense")) == {"weights": {False}, "bias": {False}}  # not made trainable again
+
+
 def test_export_name_is_callable_whatever_the_import_order():
     import dprp_surgery
     import dprp_surgery.export as export_module
