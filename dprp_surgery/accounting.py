@@ -39,6 +39,12 @@ def error_cause(exc: BaseException, limit: int = 240) -> str:
     return next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)[:limit]
 
 
+def layer_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The input tensor of a layer call, positional or ``input=`` (as nn.Linear/nn.ConvNd name it), if any."""
+    value = args[0] if args else kwargs.get("input")
+    return value if isinstance(value, torch.Tensor) else None
+
+
 def run_example(model: nn.Module, inputs: tuple, where: str) -> Any:
     """`model(*inputs)`; a RuntimeError (wrong channels or size) becomes a ValueError saying what to pass."""
     try:
@@ -261,19 +267,20 @@ def summarize(model: nn.Module, example_inputs: Any) -> Summary:
     handles = []
     names = {id(m): n for n, m in model.named_modules()}
 
-    def pre(module, args):
+    def pre(module, args, kwargs):
         module._dprp_flops0 = counter.get_total_flops()
 
-    def post(module, args, output):
+    def post(module, args, kwargs, output):
         flops = counter.get_total_flops() - module.__dict__.pop("_dprp_flops0")
         name = names[id(module)]
         total, shapes = measured.get(name, (0, []))  # a module called again (shared): add this call
-        measured[name] = (total + flops, [*shapes, tuple(args[0].shape)])
+        x = layer_input(args, kwargs)
+        measured[name] = (total + flops, [*shapes, *([tuple(x.shape)] if x is not None else [])])
 
     for m in model.modules():
         if (isinstance(m, layer_types) and id(m) not in inner) or id(m) in outer:
-            handles.append(m.register_forward_pre_hook(pre))
-            handles.append(m.register_forward_hook(post))
+            handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(m.register_forward_hook(post, with_kwargs=True))
     was_training = model.training
     model.eval()
     # torch's module tracker (inside FlopCounterMode) fails on a module whose input is a view of a parameter

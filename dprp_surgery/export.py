@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .accounting import example_tuple, run_example
+from .accounting import example_tuple, layer_input, run_example
 from .config import require_module
 from .layers import MATRICIZATIONS, TWINS, SVDLayer, _realised_factors, layer_from_spec
 
@@ -203,10 +203,11 @@ def _record_shapes(model: nn.Module, names: list[str], example_inputs: Any) -> d
     shapes: dict[str, tuple[int, ...]] = {}
     handles = []
     for name in names:
-        def hook(mod, args, name=name):
-            if name not in shapes and args and isinstance(args[0], torch.Tensor):
-                shapes[name] = tuple(args[0].shape)
-        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+        def hook(mod, args, kwargs, name=name):
+            x = layer_input(args, kwargs)
+            if name not in shapes and x is not None:
+                shapes[name] = tuple(x.shape)
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True))
     was = model.training
     model.eval()
     try:

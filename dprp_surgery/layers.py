@@ -354,7 +354,8 @@ class SVDLinear(SVDLayer):
         layer._copy_from(module)
         return layer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # named as nn.Linear's: callers may pass input=
+        x = input
         h, w = self.matrix_shape
         rows = x.numel() // max(w, 1)
         # Two thin matmuls when cheaper than rebuilding W; same function either way. torch.export keeps the
@@ -446,8 +447,8 @@ class _SVDConvNd(SVDLayer):
             return conv(x, weight, bias, self.stride, 0, self.dilation, self.groups)
         return conv(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv(x, self.dense_weight(), self.bias)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # named as nn.ConvNd's: callers may pass input=
+        return self._conv(input, self.dense_weight(), self.bias)
 
     def _hparams(self) -> dict:
         return {"in_channels": self.in_channels, "out_channels": self.out_channels,
@@ -567,7 +568,8 @@ class _BatchedSequential(nn.Sequential):
         self.sample_dim = sample_dim or 0  # dims of one unbatched sample; 0 (None given): none expected (an int
         # either way, for torch.jit.script)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # named as nn.Sequential's: callers may pass input=
+        x = input
         single = x.dim() == self.sample_dim  # 0 when no unbatched sample is expected
         if single:
             x = x.unsqueeze(0)

@@ -435,6 +435,39 @@ def test_export_keeps_frozen_weights_and_trainable_biases_apart(scheme):
     assert flags(export(frozen, "dense")) == {"weights": {False}, "bias": {False}}  # not made trainable again
 
 
+class KeywordCalls(nn.Module):
+    """Layers called as nn.Linear/nn.Conv2d allow, with the input by keyword (`input=`) or by position."""
+
+    def __init__(self, keyword: bool) -> None:
+        super().__init__()
+        self.keyword = keyword
+        self.c = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        if self.keyword:
+            return self.fc(input=self.c(input=x).mean((2, 3)))
+        return self.fc(self.c(x).mean((2, 3)))
+
+
+def test_layers_called_with_input_by_keyword():
+    x = torch.randn(2, 3, 8, 8)
+    results = {}
+    for keyword in (False, True):
+        torch.manual_seed(0)
+        model = KeywordCalls(keyword).eval()
+        factorized = factorize(model, DPRPConfig(min_compressible=None))
+        torch.testing.assert_close(factorized(x), model(x), rtol=1e-4, atol=1e-5)  # was a TypeError
+        rows = summarize(factorized, x).rows  # was an IndexError, even for the dense model
+        forms = {}
+        for objective in ("macs", "latency"):  # the layer's input shape was not seen: params decided silently
+            exported = export(factorized, "auto", objective=objective, example_inputs=x)
+            torch.testing.assert_close(exported(x), model(x), rtol=1e-4, atol=1e-5)
+            forms[objective] = {n: e["form"] for n, e in layer_forms(exported).items()}
+        results[keyword] = ([(r.name, r.macs, r.params) for r in rows], forms["macs"], summarize(model, x).macs)
+    assert results[True] == results[False]
+
+
 def test_export_name_is_callable_whatever_the_import_order():
     import dprp_surgery
     import dprp_surgery.export as export_module
