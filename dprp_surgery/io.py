@@ -301,6 +301,41 @@ def _describe_module(module: nn.Module) -> str:
     return f"{type(module).__name__}({module.extra_repr()})"
 
 
+_SIMPLE = (bool, int, float, str, type(None))
+_FREE_ATTRS = frozenset({"training", "grad_checkpointing"})  # state a user may set on any instance
+
+
+def _plain_attrs(module: nn.Module) -> dict[str, Any]:
+    """The module's own public attributes of plain value types (ints, strings, tuples of them ...)."""
+    out = {}
+    for key, value in vars(module).items():
+        if key.startswith("_") or key in _FREE_ATTRS:
+            continue
+        if isinstance(value, _SIMPLE) or (isinstance(value, tuple | list)
+                                          and all(isinstance(v, _SIMPLE) for v in value)):
+            out[key] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def _tensor_shapes(module: nn.Module) -> dict[str, tuple[int, ...] | None]:
+    """Shapes of the module's own parameters and buffers (None for an unset one)."""
+    return {name: None if t is None else tuple(t.shape)
+            for table in (module._parameters, module._buffers) for name, t in table.items()}
+
+
+def _module_difference(m: nn.Module, other: nn.Module) -> str | None:
+    """How `m` differs from the rebuilt `other` beyond its type and extra_repr, or None."""
+    mine, ref = _tensor_shapes(m), _tensor_shapes(other)
+    for name in sorted(mine.keys() | ref.keys()):
+        if mine.get(name, "absent") != ref.get(name, "absent"):
+            return f"its tensor {name!r} is {mine.get(name, 'absent')} in the model but {ref.get(name, 'absent')}"
+    mine, ref = _plain_attrs(m), _plain_attrs(other)
+    for name in sorted(mine.keys() & ref.keys()):
+        if mine[name] != ref[name]:
+            return f"its attribute {name!r} is {mine[name]!r} in the model but {ref[name]!r}"
+    return None
+
+
 def _rebuild_mismatch(model: nn.Module, arch: str, num_classes: int | None) -> str | None:
     """The first difference between `model`'s module tree and `arch` rebuilt on the meta device, or None."""
     from .layers import SVDLayer
@@ -336,6 +371,10 @@ def _rebuild_mismatch(model: nn.Module, arch: str, num_classes: int | None) -> s
     for name, other in ref_modules.items():
         if name not in own and kept(name):
             return f"the rebuilt {arch} has module {name!r} ({_describe_module(other)}), which the model lacks"
+    for name, m in named:  # the same tree: what no repr shows, e.g. timm's img_size (pos_embed) or global_pool
+        detail = _module_difference(m, ref_modules[name]) if kept(name) else None
+        if detail is not None:
+            return f"module {repr(name) if name else '(the root)'} ({type(m).__name__}): {detail} in the rebuilt {arch}"
     return None
 
 

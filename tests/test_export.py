@@ -581,6 +581,22 @@ def test_save_with_an_explicit_arch_that_does_not_rebuild_the_model_raises(tmp_p
     assert not (tmp_path / "art").exists()
 
 
+@pytest.mark.parametrize(("kwargs", "words"), [
+    ({"global_pool": "avg", "fc_norm": False}, r"attribute 'global_pool' is 'avg' in the model but 'token'"),
+    ({"img_size": 32}, r"tensor 'pos_embed' is \(1, 5, 192\) in the model but \(1, 197, 192\)"),
+])
+def test_save_refuses_a_timm_model_built_with_arguments_its_name_cannot_rebuild(tmp_path, kwargs, words):
+    """Arguments that change no module's repr: token pooling, or a pos_embed that could never be loaded back."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", **kwargs).eval()
+    exported = export(factorize(model, DPRPConfig(scheme="channel", include=("head",))), "dense")
+    with pytest.raises(ValueError, match=r"looks like timm:vit_tiny_patch16_224.*" + words + r".*to_pt2"):
+        save(exported, tmp_path / "art")
+    assert not (tmp_path / "art").exists()
+
+
 class _EncoderFastPath(nn.Module):
     """nn.TransformerEncoderLayer's inference fast path passes linear1.weight etc. to a fused kernel."""
 
