@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 import types
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -118,15 +119,32 @@ def _svd_type(spec: dict) -> type[SVDLayer]:
     return by_name[spec["type"]]
 
 
-def _as_svd(module: nn.Module, entry: dict[str, Any]) -> SVDLayer:
-    """The SVD layer behind a replaced layer in any form (exact up to float rounding)."""
+def _warn_if_truncated(dense: nn.Module, layer: SVDLayer, name: str) -> None:
+    """Warn when the recorded rank loses part of a dense-form layer's weight (it was trained after export)."""
+    with torch.no_grad():
+        weight = dense.weight.detach().to(torch.float64)
+        lost = float(torch.linalg.vector_norm(layer.dense_weight().to(torch.float64) - weight)
+                     / torch.linalg.vector_norm(weight).clamp_min(1e-30))
+    tol = 1e-3 if torch.finfo(dense.weight.dtype).bits >= 32 else 2e-2
+    if lost > tol:
+        warnings.warn(f"export: layer {name!r} (dense form, recorded rank {layer.rank}) has a weight of higher rank, "
+                      f"so the conversion to rank {layer.rank} is not exact: it changes the weight by {lost:.1%} "
+                      "(relative Frobenius norm). Were its dense weights trained after the export? Export from the "
+                      "trained SVD model, or factorize() the dense model again to choose new ranks.",
+                      UserWarning, stacklevel=4)
+
+
+def _as_svd(module: nn.Module, entry: dict[str, Any], name: str = "") -> SVDLayer:
+    """The SVD layer behind a replaced layer in any form (exact up to float rounding; a warning where not)."""
     if isinstance(module, SVDLayer):
         return module
     spec = entry["spec"]
     ref = next(iter(module.parameters()))
     if entry["form"] == "dense":
         cls = _svd_type(spec)
-        return cls.from_dense(module, scheme=spec.get("scheme", "channel"), rank=spec["rank"])  # carries the flags
+        layer = cls.from_dense(module, scheme=spec.get("scheme", "channel"), rank=spec["rank"])  # carries the flags
+        _warn_if_truncated(module, layer, name)
+        return layer
     layer = layer_from_spec(spec, device="meta", dtype=ref.dtype).to_empty(device=ref.device)
     u, v, bias = _factors_of(module, layer)
     with torch.no_grad():
@@ -266,7 +284,8 @@ def export(model: nn.Module, mode: str = "dense", *, objective: str = "params",
         if mode != "auto" and entry["form"] == mode:
             decisions[name] = {"form": mode, "spec": entry["spec"]}
             continue
-        svd = _as_svd(current, entry)
+        _warn_dropped_hooks(current, name)
+        svd = _as_svd(current, entry, name)
         if mode == "auto":
             dense, fact = svd.to_dense(), svd.to_factorized()
             target = _cheaper(dense, fact, objective, shapes.get(name), svd.U.dtype)
@@ -282,6 +301,19 @@ def export(model: nn.Module, mode: str = "dense", *, objective: str = "params",
         _fastest_whole_model(new, alternatives, names_of, decisions, example_inputs)
     object.__setattr__(new, _LAYERS_ATTR, decisions)
     return new
+
+
+_HOOK_TABLES = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks",
+                "_state_dict_hooks", "_load_state_dict_pre_hooks")
+
+
+def _warn_dropped_hooks(module: nn.Module, name: str) -> None:
+    """Warn that the hooks registered on a layer do not move to the module that replaces it."""
+    kinds = [table.strip("_").replace("_", " ") for table in _HOOK_TABLES if getattr(module, table, None)]
+    if kinds:
+        warnings.warn(f"export: layer {name!r} has {', '.join(kinds)}, which are not carried to the module that "
+                      "replaces it (another type, with other parameters); register them on the exported model "
+                      f"(exported.get_submodule({name!r}))", UserWarning, stacklevel=3)
 
 
 def _grad_flags(module: nn.Module) -> tuple[bool, bool]:

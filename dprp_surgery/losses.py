@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -115,9 +116,21 @@ def _rank_tensors(device: torch.device, ranks: tuple[int, ...]) -> tuple[Tensor,
     return mask, r
 
 
+def check_epsilon(value: object, where: str) -> float:
+    """epsilon as a float in (0, 1), else a ValueError naming `where` and the value."""
+    if isinstance(value, bool) or not isinstance(value, int | float | Tensor):
+        raise ValueError(f"{where} epsilon={value!r} must be a number in (0, 1) (the pruning threshold of tau_l, "
+                         "Sec. III-C.3; the paper uses 0.1)")
+    eps = float(value)
+    if not (math.isfinite(eps) and 0 < eps < 1):
+        raise ValueError(f"{where} epsilon={value!r} must lie in (0, 1) (the pruning threshold of tau_l, "
+                         "Sec. III-C.3; the paper uses 0.1)")
+    return eps
+
+
 def _chi(count: Tensor) -> Tensor:
     """chi(a) = 1/a for a > 0 and 0 for a = 0 (Sec. III-C.2), element-wise, as floats."""
-    c = count.to(torch.get_default_dtype()) if not count.is_floating_point() else count
+    c = count.to(torch.float64) if not count.is_floating_point() else count  # the caller casts to its dtype
     return torch.where(c > 0, 1.0 / c.clamp_min(1), torch.zeros_like(c))
 
 
@@ -254,7 +267,11 @@ def keep_counts(s_list: Sequence[Tensor] | Tensor, epsilon: float, mask: Tensor 
 
     Returns:
         ``(L,)`` int64 tensor of tau_l, each in [1, r_l].
+
+    Raises:
+        ValueError: epsilon outside (0, 1).
     """
+    epsilon = check_epsilon(epsilon, "keep_counts")
     if isinstance(s_list, Tensor) and s_list.ndim == 2:
         S = s_list.detach()
         mask = torch.ones_like(S, dtype=torch.bool) if mask is None else mask
@@ -299,6 +316,9 @@ def compression_loss(layers: LayersLike, epsilon: float, weighting: str = "layer
     Returns:
         The scalar loss (differentiable with respect to every s_l, through the sum and ||s_l||_2).
     """
+    epsilon = check_epsilon(epsilon, "compression_loss")
+    if isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 1:
+        raise ValueError(f"compression_loss min_rank={min_rank!r} must be an int >= 1 (the pruner's floor)")
     layers = _as_layers(layers)
     if not layers:
         return _empty(layers)
@@ -507,7 +527,9 @@ class DPRPRegularizer:
             with torch.set_grad_enabled(torch.is_grad_enabled() and w["lambda_comp"] > 0):
                 tau = _tau_from_padded(S, mask, r, self.epsilon_at(epoch))
                 comp = _average(_compression_from_padded(S, mask, r, tau, c.min_rank), self._layer_weights(layers))
-            loss = w["lambda_str"] * structure + w["lambda_comp"] * comp
+            # a term with weight 0 (warm-up, cool-down, frozen ranks) is left out, so a NaN in it cannot reach the loss
+            loss = sum((weight * term for weight, term in ((w["lambda_str"], structure), (w["lambda_comp"], comp))
+                        if weight != 0), start=S.new_zeros(()))
             terms = {"orth": orth, "sort": sort, "comp": comp, "structure": structure}
         else:
             reg = _average(_ablation_from_padded(S, mask, r, c.regularizer, c.delta), self._layer_weights(layers))

@@ -21,7 +21,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 
 import torch
@@ -30,7 +29,7 @@ from torch import Tensor, nn
 
 from .config import DPRPConfig, as_config
 from .layers import SVDLayer, reset_grad_accumulator
-from .losses import keep_counts, unwrap_model
+from .losses import check_epsilon, keep_counts, unwrap_model
 from .surgery import svd_layers
 
 __all__ = ["RankPruner", "reset_grad_accumulator", "slice_optimizer_state"]
@@ -53,17 +52,18 @@ class RankPruner:
     def __init__(self, config: DPRPConfig | None = None, *, epsilon: float | None = None,
                  min_rank: int | None = None) -> None:
         config = as_config(config, "RankPruner()")
-        self.epsilon = _check_epsilon(config.epsilon if epsilon is None else epsilon, "RankPruner")
-        self.min_rank = int(config.min_rank if min_rank is None else min_rank)
-        if self.min_rank < 1:
-            raise ValueError(f"RankPruner min_rank={self.min_rank} must be >= 1")
+        self.epsilon = check_epsilon(config.epsilon if epsilon is None else epsilon, "RankPruner")
+        value = config.min_rank if min_rank is None else min_rank
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"RankPruner min_rank={value!r} must be an int >= 1 (no layer is pruned below it)")
+        self.min_rank = value
 
     def keep_counts(self, model: nn.Module, epsilon: float | None = None) -> dict[str, int]:
         """Components each layer would keep: min(r_l, max(tau_l, min_rank)), identical on every rank."""
         named = _layers_of(model, "keep_counts")
         if not named:
             return {}
-        eps = self.epsilon if epsilon is None else _check_epsilon(epsilon, "RankPruner.keep_counts")
+        eps = self.epsilon if epsilon is None else check_epsilon(epsilon, "RankPruner.keep_counts")
         keep = self._decide(named, eps)
         return {name: int(k) for (name, _), k in zip(named, keep.tolist())}
 
@@ -107,7 +107,7 @@ class RankPruner:
         named = _layers_of(model, "step")
         if not named:
             return {}
-        eps = self.epsilon if epsilon is None else _check_epsilon(epsilon, "RankPruner.step")
+        eps = self.epsilon if epsilon is None else check_epsilon(epsilon, "RankPruner.step")
         keep = self._decide(named, eps)
         todo = [(name, layer, int(k)) for (name, layer), k in zip(named, keep.tolist()) if int(k) < layer.rank]
         if optimizer is not None and todo:  # check everything first so that a failure leaves model and state intact
@@ -130,18 +130,6 @@ class RankPruner:
 
     def __repr__(self) -> str:
         return f"RankPruner(epsilon={self.epsilon}, min_rank={self.min_rank})"
-
-
-def _check_epsilon(value: object, where: str) -> float:
-    """epsilon as a float in (0, 1), else a ValueError naming `where` and the value."""
-    if isinstance(value, bool) or not isinstance(value, int | float | Tensor):
-        raise ValueError(f"{where} epsilon={value!r} must be a number in (0, 1) (the pruning threshold of tau_l, "
-                         "Sec. III-C.3; the paper uses 0.1)")
-    eps = float(value)
-    if not (math.isfinite(eps) and 0 < eps < 1):
-        raise ValueError(f"{where} epsilon={value!r} must lie in (0, 1) (the pruning threshold of tau_l, "
-                         "Sec. III-C.3; the paper uses 0.1)")
-    return eps
 
 
 def _layers_of(model: object, where: str) -> list[tuple[str, SVDLayer]]:

@@ -468,6 +468,36 @@ def test_layers_called_with_input_by_keyword():
     assert results[True] == results[False]
 
 
+def test_export_warns_about_hooks_it_cannot_carry():
+    model = factorize(nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no hooks: no warning
+        export(model, "dense")
+    calls = []
+    model[2].register_forward_hook(lambda mod, args, out: calls.append(out.shape))
+    with pytest.warns(UserWarning, match=r"layer '2' has forward hooks.*get_submodule\('2'\)"):
+        exported = export(model, "factorized")
+    exported(torch.randn(1, 8))
+    assert calls == []  # indeed not carried: the warning is the user's only sign
+
+
+@pytest.mark.parametrize("mode", ["factorized", "auto"])
+def test_re_exporting_dense_weights_trained_after_export_warns(mode):
+    torch.manual_seed(0)
+    model = factorize(nn.Sequential(nn.Conv2d(4, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 3)))
+    for _, layer in svd_layers(model):
+        layer.truncate_(2)
+    dense = export(model, "dense")
+    x = torch.randn(1, 4, 6, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the exported weights are exactly of the recorded rank: no warning
+        export(dense, mode, example_inputs=x)
+    with torch.no_grad():
+        dense[2].weight.add_(0.1 * torch.randn_like(dense[2].weight))  # as a fine-tune of the dense export would
+    with pytest.warns(UserWarning, match=r"layer '2' \(dense form, recorded rank 2\).*changes the weight by"):
+        export(dense, mode, example_inputs=x)
+
+
 def test_export_name_is_callable_whatever_the_import_order():
     import dprp_surgery
     import dprp_surgery.export as export_module

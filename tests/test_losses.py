@@ -536,3 +536,30 @@ def test_the_rank_cache_holds_the_rank_sets_of_a_large_model():
     misses = _rank_tensors.cache_info().misses
     reg(layers)
     assert _rank_tensors.cache_info().misses == misses  # the second step builds nothing again
+
+
+def test_a_zero_weighted_term_cannot_make_the_loss_nan():
+    layer = lin(4, 4, [2.0, 1.0])
+    with torch.no_grad():
+        layer.U[0, 0] = float("nan")  # L_orth is NaN; its weight is 0 (e.g. during a warm-up or once frozen)
+    loss, terms = DPRPRegularizer(DPRPConfig(lambda_str=0.0, lambda_comp=1.0))(layer)
+    assert math.isnan(float(terms["orth"])) and math.isfinite(float(loss.detach()))
+    loss.backward()
+    assert torch.isfinite(layer.s.grad).all()
+
+
+def test_standalone_loss_functions_check_their_arguments():
+    layer = lin(4, 4, [2.0, 1.0])
+    for bad in (0.0, 1.0, 2.0, float("nan"), True, "0.1"):
+        with pytest.raises(ValueError, match="epsilon"):
+            keep_counts([layer.s], bad)
+        with pytest.raises(ValueError, match="epsilon"):
+            compression_loss([layer], bad)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="min_rank"):
+            compression_loss([layer], 0.1, min_rank=bad)
+
+
+def test_sorting_counts_are_exact_in_float64():
+    layer = lin(4, 4, [1.0, 2.0, 3.0, 4.0]).double()  # three rises of 1, chi(3) = 1/3: exactly 1
+    assert float(sorting_loss([layer]).detach()) == 1.0

@@ -277,3 +277,9 @@ def test_compression_never_pushes_the_components_min_rank_keeps():
         pruner.step(layer, opt)
     assert layer.rank == 2
     torch.testing.assert_close(layer.s.detach(), torch.tensor([1.0, 0.5]))  # no gradient reached s
+
+
+@pytest.mark.parametrize("bad", [0, 2.5, True, "2"])
+def test_pruner_min_rank_must_be_a_positive_int(bad):
+    with pytest.raises(ValueError, match="min_rank"):
+        RankPruner(min_rank=bad)
