@@ -464,6 +464,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, arch: str | None = N
         "format_version": ARTIFACT_VERSION,
         "dprp_surgery_version": _version(),
         "torch_version": torch.__version__,
+        "arch_library_version": _arch_library_version(arch),
         "arch": arch,
         "num_classes": infer_num_classes(model),
         "dtype": str(floats[0]).removeprefix("torch.") if floats else "float32",
@@ -723,7 +724,7 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
     try:
         model = build_arch(arch, manifest.get("num_classes"))
     except ValueError as exc:
-        raise ValueError(f"{str(mpath)!r}: cannot rebuild arch {arch!r}: {exc}") from None
+        raise ValueError(f"{str(mpath)!r}: cannot rebuild arch {arch!r}: {exc}{_version_hint(manifest)}") from None
     dtype = getattr(torch, str(manifest.get("dtype", "float32")), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"{str(mpath)!r} is corrupt: dtype {manifest.get('dtype')!r} is not a torch floating-point "
@@ -738,7 +739,7 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
             current = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"{str(mpath)!r} lists layer {name!r}, which {arch} does not have; the manifest does "
-                             "not match its architecture.") from None
+                             f"not match its architecture.{_version_hint(manifest)}") from None
         if not isinstance(entry, dict):
             raise ValueError(f"{str(mpath)!r}: layer {name!r} has an invalid entry ({entry!r}; expected a mapping "
                              "with 'form' and 'spec'); re-export the model.")
@@ -771,8 +772,9 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
     missing, unexpected, bad = _fit_report(model, state)
     missing = missing + [k for k in model.state_dict() if k.endswith("num_batches_tracked") and k not in state]
     if missing or unexpected or bad:
+        hint = _version_hint(manifest) or " The artifact is inconsistent; re-export it."
         raise ValueError(f"{str(wpath)!r} does not fit the model described by {MANIFEST_FILE} ({arch}): "
-                         f"{_describe_misfit(missing, unexpected, bad)}. The artifact is inconsistent; re-export it.")
+                         f"{_describe_misfit(missing, unexpected, bad)}.{hint}")
     model.load_state_dict(_with_versions(state, manifest.get("module_versions"), mpath), strict=True)
     object.__setattr__(model, _LAYERS_ATTR, recorded)
     object.__setattr__(model, _ARCH_ATTR, arch)
@@ -780,6 +782,31 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
     if manifest.get("input_size"):
         object.__setattr__(model, "_dprp_input_size", list(manifest["input_size"]))
     return model.eval()
+
+
+def _arch_library_version(arch: str) -> str | None:
+    """The installed version of the library that builds `arch` (timm, torchvision or dprp_surgery)."""
+    kind = arch.split(":", 1)[0]
+    if kind == "cifar":
+        return _version()
+    try:
+        from importlib.metadata import version
+
+        return version(kind)
+    except Exception:  # noqa: BLE001 - not installed: the rebuild itself will say so
+        return None
+
+
+def _version_hint(manifest: dict[str, Any]) -> str:
+    """A sentence naming a changed library version of the architecture, or ''."""
+    arch, saved = str(manifest.get("arch", "")), manifest.get("arch_library_version")
+    now = _arch_library_version(arch)
+    if saved is None or now is None or saved == now:
+        return ""
+    kind = arch.split(":", 1)[0]
+    kind = "dprp_surgery" if kind == "cifar" else kind
+    return (f" It was saved with {kind} {saved} and this is {kind} {now}, whose {arch} may be built differently: "
+            f"load it with {kind} {saved}, or re-export it with this version.")
 
 
 def _match_dtypes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import warnings
 
 import numpy as np
@@ -496,6 +497,31 @@ def test_re_exporting_dense_weights_trained_after_export_warns(mode):
         dense[2].weight.add_(0.1 * torch.randn_like(dense[2].weight))  # as a fine-tune of the dense export would
     with pytest.warns(UserWarning, match=r"layer '2' \(dense form, recorded rank 2\).*changes the weight by"):
         export(dense, mode, example_inputs=x)
+
+
+def test_an_artifact_that_no_longer_fits_names_the_library_version_it_was_saved_with(tmp_path, monkeypatch):
+    import timm
+    from timm.models.resnet import BasicBlock, ResNet
+
+    from dprp_surgery import io as io_module
+
+    export_module = importlib.import_module("dprp_surgery.export")
+    model = timm.create_model("test_resnet", num_classes=3).eval()
+    path = save(export(factorize(model, DPRPConfig(include=("fc",))), "factorized"), tmp_path / "art")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["arch"] == "timm:test_resnet" and manifest["arch_library_version"] == timm.__version__
+    torch.testing.assert_close(load(path)(torch.randn(1, 3, 32, 32)).shape, torch.Size([1, 3]))
+    # a newer timm whose test_resnet is built differently (here: wider), the version the artifact was saved with
+    real_build = io_module.build_arch
+    monkeypatch.setattr(export_module, "_arch_library_version", lambda arch: "99.0")
+    hint = rf"saved with timm {re.escape(timm.__version__)} and this is timm 99\.0.*load it with timm"
+    for rebuilt, words in ((lambda arch, n=None: real_build("timm:test_convnext", n),
+                            "lists layer 'fc', which timm:test_resnet does not have"),
+                           (lambda arch, n=None: ResNet(BasicBlock, [1, 1, 1, 1], num_classes=n),  # wider
+                            "does not fit")):
+        monkeypatch.setattr(io_module, "build_arch", rebuilt)
+        with pytest.raises(ValueError, match=rf"{words}.*{hint}"):
+            load(path)
 
 
 def test_export_name_is_callable_whatever_the_import_order():
