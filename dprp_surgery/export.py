@@ -822,11 +822,20 @@ def _match_dtypes(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 # ----------------------------------------------------------------------------- graph formats
 def _batch_shapes(inputs: tuple) -> tuple[tuple, tuple]:
-    """Inputs with a batch of at least 2 (so the batch stays symbolic) and their dynamic shapes."""
+    """Inputs with a batch of at least 2 (so the batch stays symbolic) and their dynamic shapes.
+
+    The batch is the first tensor input's leading dimension; another input shares it only where its leading
+    dimension has the same size (a mask or table of another size stays static).
+    """
     batch = torch.export.Dim("batch")
-    grown = tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.ndim and x.shape[0] == 1 else x
-                  for x in inputs)
-    dyn = tuple({0: batch} if isinstance(x, torch.Tensor) and x.ndim else None for x in inputs)
+    tensors = [x for x in inputs if isinstance(x, torch.Tensor) and x.ndim]
+    size = int(tensors[0].shape[0]) if tensors else None
+
+    def batched(x: Any) -> bool:
+        return isinstance(x, torch.Tensor) and x.ndim > 0 and int(x.shape[0]) == size
+
+    grown = tuple(torch.cat([x, x]) if batched(x) and size == 1 else x for x in inputs)
+    dyn = tuple({0: batch} if batched(x) else None for x in inputs)
     return grown, dyn
 
 
@@ -864,7 +873,8 @@ def to_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any,
         model: Any model (exported or factorized; SVD layers trace to plain matmuls/convs).
         path: The .onnx file to write.
         example_inputs: A tensor or tuple of inputs.
-        dynamic_batch: Keep the batch dimension symbolic (the model then runs at any batch size).
+        dynamic_batch: Keep the batch dimension symbolic (the model then runs at any batch size): the
+            leading dimension of the first tensor input, and of every other input of that size.
         opset: ONNX opset (None: the exporter's default).
 
     Returns:
@@ -904,7 +914,7 @@ def to_pt2(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any, 
         model: Any model.
         path: The .pt2 file to write.
         example_inputs: A tensor or tuple of inputs.
-        dynamic_batch: Keep the batch dimension symbolic.
+        dynamic_batch: Keep the batch dimension symbolic (as in `to_onnx`).
 
     Returns:
         The written path.

@@ -524,6 +524,33 @@ def test_an_artifact_that_no_longer_fits_names_the_library_version_it_was_saved_
             load(path)
 
 
+class _WithSharedInput(nn.Module):
+    """A second input without a batch dimension of its own (shared by every sample)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x, offset):
+        return self.fc(x) + offset
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_graph_exports_keep_only_the_batched_inputs_dynamic(tmp_path, batch):
+    ort = pytest.importorskip("onnxruntime")
+    model = export(factorize(_WithSharedInput(), DPRPConfig(min_compressible=None)), "factorized").eval()
+    offset = torch.randn(4)
+    example = (torch.randn(batch, 8), offset)
+    session = ort.InferenceSession(str(to_onnx(model, tmp_path / "m.onnx", example_inputs=example)))
+    program = torch.export.load(str(to_pt2(model, tmp_path / "m.pt2", example_inputs=example))).module()
+    for n in (1, 5):  # any batch, the shared input unchanged
+        x = torch.randn(n, 8)
+        want = model(x, offset)
+        feeds = {i.name: v.numpy() for i, v in zip(session.get_inputs(), (x, offset))}
+        torch.testing.assert_close(torch.from_numpy(session.run(None, feeds)[0]), want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(program(x, offset), want, rtol=1e-4, atol=1e-5)
+
+
 def test_export_name_is_callable_whatever_the_import_order():
     import dprp_surgery
     import dprp_surgery.export as export_module
