@@ -578,7 +578,9 @@ class DPRPTrainer:
         self.device = _resolve_device(config)
         seed_everything(config.seed + self.rank)
         self.model = unwrap_model(model).to(self.device)
-        if not svd_layers(self.model):
+        # the SVD layers, found once: pruning truncates them in place, so this list stays the model's
+        self._svd_layers = [m for _, m in svd_layers(self.model)]
+        if not self._svd_layers:
             log.warning("%s has no SVD layers: call factorize() first (compress() does); training it densely",
                         type(self.model).__name__)
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -751,7 +753,7 @@ class DPRPTrainer:
                 kd = distillation_loss(out, target, c.distill_temperature)
                 parts = {"ce": app.detach(), "kd": kd.detach()}
                 app = (1.0 - c.distill) * app + c.distill * kd
-            reg, terms = self.regularizer(self.model, epoch=epoch, stopped=self.compression_stopped)
+            reg, terms = self.regularizer(self._svd_layers or self.model, epoch=epoch, stopped=self.compression_stopped)
             loss = app + reg.to(app.device)
             values = {"loss": loss.detach(), "app": app.detach(), **parts, **terms}
             self._check_finite(values, epoch, i)
