@@ -91,6 +91,9 @@ class RankPruner:
              epsilon: float | None = None) -> dict[str, tuple[int, int]]:
         """Prune every SVD layer of `model` to its keep count and slice `optimizer`'s state alike.
 
+        Call it between optimizer steps (e.g. after ``optimizer.step()``), never between a forward pass and
+        its ``backward()``: a graph built before pruning still holds the old shapes.
+
         Args:
             model: The model (DDP-wrapped or not; the wrapper must be rebuilt when shapes change).
             optimizer: Optimizer over the model's parameters whose per-parameter state is narrowed.
