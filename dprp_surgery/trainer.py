@@ -292,6 +292,11 @@ def _merge_pruned(pruned: dict[str, tuple[int, int]], changes: dict[str, tuple[i
         pruned[name] = (pruned[name][0] if name in pruned else old, new)
 
 
+def _labelled(target: Tensor) -> Tensor:
+    """Samples with a label (not the ignored -100), as a 0-dim device tensor (no host sync)."""
+    return (target != -100).sum().to(torch.float64)
+
+
 def _topk_correct(logits: Tensor, target: Tensor, ks: tuple[int, ...] = (1, 5)) -> list[Tensor]:
     """Number of samples whose target is among the top-k logits, for each k (k capped at the class count)."""
     kmax = min(max(ks), logits.shape[1])
@@ -436,8 +441,10 @@ def _set_epoch(loader: Any, epoch: int, seed: int) -> None:
     if isinstance(loader, DataLoader):
         if isinstance(loader.sampler, DistributedSampler):
             loader.sampler.set_epoch(epoch)
-        if loader.generator is not None:
-            loader.generator.manual_seed(_epoch_seed(seed, epoch))
+        samplers = (loader.sampler, getattr(loader.batch_sampler, "sampler", None))
+        generators = [loader.generator, *(getattr(sm, "generator", None) for sm in samplers)]
+        for gen in {id(g): g for g in generators if isinstance(g, torch.Generator)}.values():  # a sampler's own too
+            gen.manual_seed(_epoch_seed(seed, epoch))
     elif hasattr(loader, "set_epoch"):
         loader.set_epoch(epoch)
 
@@ -535,8 +542,8 @@ class DPRPTrainer:
     (``app``, ``orth``, ``sort``, ``comp``, ``structure``, ``total_reg``; ``reg`` for the ablations),
     ``train_top1``/``train_top5`` (percent), ``val_loss``/``val_top1``/``val_top5`` (with val_data), ``lr`` (of
     the first parameter group, warm-up included) and ``lrs`` (every group), ``epsilon``, ``lambda_str``,
-    ``lambda_comp``, ``mu_orth``, ``mu_sort``, ``ranks`` and ``mean_rank``, ``pruned`` ({layer: [rank at the start
-    of the epoch, rank at its end]} for the layers pruned in it),
+    ``lambda_comp``, ``mu_orth``, ``mu_sort`` (in force at the epoch's last step), ``ranks`` and ``mean_rank``,
+    ``pruned`` ({layer: [rank at the start of the epoch, rank at its end]} for the layers pruned in it),
     ``params``/``macs``/``dense_params``/``dense_macs``/``params_removed``/``macs_removed`` (from `summarize`
     with a batch of one), ``singular_values`` ({layer: list}, for the paper's Fig. 6), ``compression_stopped``
     (`target_compression` reached) and ``time`` (seconds).
@@ -601,6 +608,8 @@ class DPRPTrainer:
             raise ValueError("DPRPTrainer needs train_data (a DataLoader, a TensorLoader or a Dataset)")
         self.train_loader = _make_loader(train_data, config, True, self.device)
         self.val_loader = _make_loader(val_data, config, False, self.device)
+        for which, loader in (("training", self.train_loader), ("validation", self.val_loader)):
+            self._check_has_batches(loader, which)  # before an epoch is spent training
         self.optimizer = build_optimizer(self.model, config)
         self.scheduler = build_scheduler(self.optimizer, config)
         self.use_amp = bool(config.amp) and self.device.type == "cuda"
@@ -616,6 +625,7 @@ class DPRPTrainer:
         self._steps_per_epoch: int | None = None
         path = self._resume_path(resume)
         if path is not None:
+            self._check_resume_target(path)
             self.load_checkpoint(path)
         else:
             self._check_fresh_run_dir(resume)
@@ -662,7 +672,7 @@ class DPRPTrainer:
         model = self.model
         was_training = model.training
         model.eval()
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, top1, top5
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, top1, top5, labelled samples
         count = 0  # samples, counted on the host: no host-to-device copy per batch
         _set_epoch(loader, 0, self.config.seed)
         with torch.no_grad():
@@ -671,12 +681,13 @@ class DPRPTrainer:
                 with self._autocast():
                     out = self._logits_of(model, x, y, "validation").float()
                 c1, c5 = _topk_correct(out, y)
-                sums += torch.stack([F.cross_entropy(out, y, reduction="sum"), c1, c5]).to(sums)
+                sums += torch.stack([F.cross_entropy(out, y, reduction="sum"), c1, c5, _labelled(y)]).to(sums)
                 count += y.shape[0]
         model.train(was_training)
-        loss, top1, top5, n = self._reduce_totals(sums, count)
+        loss, top1, top5, labelled, n = self._reduce_totals(sums, count)
         if n == 0:
             raise ValueError(f"validation data yielded no batches: {self._describe_empty(loader)}")
+        n = max(labelled, 1.0)  # samples labelled -100 are ignored, as by the loss
         return {"val_loss": loss / n, "val_top1": 100.0 * top1 / n, "val_top5": 100.0 * top5 / n}
 
     def summary(self) -> Summary:
@@ -689,8 +700,9 @@ class DPRPTrainer:
         t0 = time.perf_counter()
         c = self.config
         eps = self.regularizer.epsilon_at(epoch)
-        weights = self.regularizer.weights_at(epoch, stopped=self.compression_stopped)
         stats = self._train_epoch(epoch)
+        # the loss weights of the epoch's last step (a target met mid-epoch by step pruning stopped L_comp there)
+        weights = self.regularizer.weights_at(epoch, stopped=self.compression_stopped)
         pruned: dict[str, tuple[int, int]] = dict(stats.pop("_pruned"))
         since = epoch - c.prune_start_epoch
         if c.prune_unit == "epoch" and since >= 0 and since % c.prune_every == 0 and not self._frozen(epoch):
@@ -732,7 +744,7 @@ class DPRPTrainer:
             "loss", "app", "reg", "total_reg")
         if self.teacher is not None:
             keys = (*keys[:2], "ce", "kd", *keys[2:])
-        sums = torch.zeros(len(keys) + 2, dtype=torch.float64, device=self.device)  # + top1, top5
+        sums = torch.zeros(len(keys) + 3, dtype=torch.float64, device=self.device)  # + top1, top5, labelled
         count, n_done = 0, 0  # samples and steps, counted on the host: no host-to-device copy per step
         pruned: dict[str, tuple[int, int]] = {}
         bars = getattr(self, "_bars", None)
@@ -765,7 +777,7 @@ class DPRPTrainer:
             with torch.no_grad():
                 c1, c5 = _topk_correct(out.detach().float(), y)
                 sums += torch.stack([*(values[k].to(self.device, torch.float64) for k in keys), c1.double(),
-                                     c5.double()]).to(sums)
+                                     c5.double(), _labelled(y)]).to(sums)
             count += y.shape[0]
             n_done += 1
             if (c.prune_unit == "step" and epoch >= c.prune_start_epoch and self.global_step % c.prune_every == 0
@@ -780,7 +792,7 @@ class DPRPTrainer:
         *totals, count, n_done = self._reduce_totals(sums, count, n_done)
         if n_done == 0:  # before any scheduler step, history record or checkpoint
             raise ValueError(f"training data yielded no batches in epoch {epoch}: {self._describe_empty(loader)}")
-        steps, count = max(n_done, 1.0), max(count, 1.0)
+        steps, count = max(n_done, 1.0), max(totals[len(keys) + 2], 1.0)  # accuracy over the labelled samples
         stats: dict[str, Any] = {k: totals[j] / steps for j, k in enumerate(keys)}
         stats["train_top1"] = 100.0 * totals[len(keys)] / count
         stats["train_top5"] = 100.0 * totals[len(keys) + 1] / count
@@ -946,6 +958,17 @@ class DPRPTrainer:
             self._example = x[:1].detach().clone()
         return self._example
 
+    def _check_has_batches(self, loader: Any, which: str) -> None:
+        """Raise a ValueError for a loader whose len() says it yields no batches (unsized ones are seen later)."""
+        if loader is None:
+            return
+        try:
+            empty = len(loader) == 0
+        except TypeError:  # an iterable without len(), e.g. over an IterableDataset
+            return
+        if empty:
+            raise ValueError(f"{which} data yields no batches: {self._describe_empty(loader)}")
+
     def _describe_empty(self, loader: Any) -> str:
         """The likely causes of a loader that yields no batches, with what it knows of its size."""
         inner = getattr(loader, "loader", loader)  # _RankShard
@@ -991,7 +1014,7 @@ class DPRPTrainer:
     def _batch_info(self, keys: tuple[str, ...], sums: Tensor, count: int, n_done: int) -> str:
         """The running means of this process's epoch so far, for the progress bar."""
         vals = sums.tolist()
-        steps, count = max(float(n_done), 1.0), max(float(count), 1.0)
+        steps, count = max(float(n_done), 1.0), max(vals[len(keys) + 2], 1.0)
         shown = [(j, k) for j, k in enumerate(keys) if k not in ("total_reg", "structure")]
         terms = " ".join(f"{k} {vals[j] / steps:.3g}" for j, k in shown)
         top1 = 100.0 * vals[len(keys)] / count
@@ -1017,6 +1040,17 @@ class DPRPTrainer:
         if not path.is_file():
             raise ValueError(f"cannot resume: checkpoint {str(path)!r} does not exist")
         return path
+
+    def _check_resume_target(self, path: Path) -> None:
+        """Refuse to continue another folder's checkpoint in a run_dir that holds a run of its own."""
+        if self.run_dir is None or path.resolve() == (self.run_dir / CHECKPOINT_NAME).resolve():
+            return
+        found = run_files(self.run_dir)
+        if found:
+            raise ValueError(f"resume={str(path)!r} is a checkpoint of another folder, but run_dir "
+                             f"{str(self.run_dir)!r} already holds a run ({', '.join(found)}), which continuing "
+                             "there would overwrite; choose an empty run_dir for the continued run, or resume=True "
+                             "to continue the run in run_dir")
 
     def _check_fresh_run_dir(self, resume: Any) -> None:
         """Refuse a fresh start in a run_dir that already holds a run (its checkpoint or history)."""
@@ -1096,6 +1130,12 @@ class DPRPTrainer:
             raise ValueError(f"checkpoint {str(path)!r} has already finished {done} epochs but the config has "
                              f"epochs={self.config.epochs}; resume with epochs >= {done} (CLI: --epochs {done} or "
                              "more), or start a fresh run in another run_dir")
+        if stored.get("lr_schedule", self.config.lr_schedule) != self.config.lr_schedule:
+            raise ValueError(f"checkpoint {str(path)!r} was trained with lr_schedule={stored['lr_schedule']!r} but "
+                             f"the config has lr_schedule={self.config.lr_schedule!r}: one schedule's state cannot "
+                             f"continue another. Resume with lr_schedule={stored['lr_schedule']!r} (lr, "
+                             "factor_lr_scale, sigma_lr_scale, weight decay and momentum may change), or start a "
+                             "fresh run in another run_dir")
         if stored.get("optimizer", self.config.optimizer) != self.config.optimizer:
             raise ValueError(f"checkpoint {str(path)!r} was trained with optimizer={stored['optimizer']!r} but the "
                              f"config has optimizer={self.config.optimizer!r}: the optimizer state cannot carry "
@@ -1108,6 +1148,7 @@ class DPRPTrainer:
         misfit = _checkpoint_misfit(self.model, self.optimizer, ckpt, {n: int(r) for n, r in ranks.items()})
         if misfit:  # found before anything is truncated or loaded: a failed resume leaves the model as it was
             raise ValueError(f"checkpoint {str(path)!r} does not fit this model/optimizer: {misfit}")
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         try:
             for name, r in ranks.items():
                 layers[name].truncate_(int(r))
@@ -1115,6 +1156,8 @@ class DPRPTrainer:
             self.optimizer.load_state_dict(ckpt["optimizer"])
             if self.scheduler is not None and ckpt.get("scheduler") is not None:
                 self.scheduler.load_state_dict(ckpt["scheduler"])
+            self._apply_group_settings(fresh, stored)
+            if self.scheduler is not None and ckpt.get("scheduler") is not None:
                 self._fit_schedule_to_epochs()
             if ckpt.get("scaler"):
                 self.scaler.load_state_dict(ckpt["scaler"])
@@ -1128,10 +1171,42 @@ class DPRPTrainer:
         self.start_epoch = int(ckpt["epoch"]) + 1
         self.global_step = int(ckpt.get("global_step", 0))
         self.compression_stopped = bool(ckpt.get("compression_stopped", False))
+        target = self.config.target_compression
+        if stored.get("target_compression", target) != target:  # a raised, lowered or removed target: decide anew
+            self.compression_stopped = target is not None and self.compression_rate() >= target
         if self.rank == 0 and self.run_dir is not None:  # history.jsonl matches the checkpoint again
             text = "".join(json.dumps(r) + "\n" for r in self.history)
             _atomic_write(self.run_dir / HISTORY_NAME, lambda f: f.write(text.encode()))
         log.info("resumed %s at epoch %d", path, self.start_epoch)
+
+    _GROUP_LR_SCALE = {"factors": "factor_lr_scale", "sigma": "sigma_lr_scale"}  # group name -> its lr scale field
+
+    def _apply_group_settings(self, fresh: list[dict[str, Any]], stored: dict[str, Any]) -> None:
+        """After loading optimizer state: the config's weight decay, momentum etc. again, and its base lrs.
+
+        Every lr keeps its place in the schedule: it is scaled by new base / stored base of its group (lr times
+        the group's factor_lr_scale or sigma_lr_scale), as are the scheduler's base_lrs.
+        """
+        sch = self.scheduler
+        for i, (group, new) in enumerate(zip(self.optimizer.param_groups, fresh)):
+            if group.get("name") != new.get("name"):
+                continue
+            for key, value in new.items():
+                if key not in ("lr", "initial_lr"):
+                    group[key] = value
+            scale = self._GROUP_LR_SCALE.get(str(group.get("name")))
+            old = float(stored.get("lr", self.config.lr)) * float(stored.get(scale, 1.0) if scale else 1.0)
+            base = self.config.lr * (float(getattr(self.config, scale)) if scale else 1.0)
+            ratio = base / old if old > 0 else 1.0
+            group["lr"] = group["lr"] * ratio
+            if "initial_lr" in group:
+                group["initial_lr"] = base
+            if sch is not None and hasattr(sch, "base_lrs") and i < len(sch.base_lrs):
+                sch.base_lrs[i] = sch.base_lrs[i] * ratio
+            if sch is not None and hasattr(sch, "min_lrs") and i < len(sch.min_lrs):
+                sch.min_lrs[i] = sch.min_lrs[i] * ratio
+        if sch is not None:
+            sch._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def _fit_schedule_to_epochs(self) -> None:
         """After a resume with another `epochs`: the restored cosine follows the new length (T_max, current lr)."""

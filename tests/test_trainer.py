@@ -453,14 +453,23 @@ def _no_batches(kind: str):
     return TensorDataset(torch.zeros(0, 3, 16, 16), torch.zeros(0, dtype=torch.long))
 
 
+class _NoBatches:
+    """An iterable without __len__ that yields nothing (an exhausted stream): seen only when iterated."""
+
+    def __iter__(self):
+        return iter(())
+
+
 @pytest.mark.parametrize("with_val", [False, True])
 def test_training_data_without_batches_raises(with_val, tmp_path):
     cfg = DPRPConfig(epochs=2, lr_schedule="cosine", **STRONG)
-    trainer = DPRPTrainer(make_model(), cfg, _no_batches("drop_last"), make_data(16) if with_val else None,
-                          run_dir=tmp_path, progress=False)
-    with pytest.raises(ValueError, match="training data yielded no batches in epoch 0") as err:
-        trainer.fit()
+    val = make_data(16) if with_val else None
+    with pytest.raises(ValueError, match="training data yields no batches") as err:  # sized: before any training
+        DPRPTrainer(make_model(), cfg, _no_batches("drop_last"), val, run_dir=tmp_path, progress=False)
     assert "TensorLoader of 8 samples with batch_size=16, drop_last=True" in str(err.value)
+    trainer = DPRPTrainer(make_model(), cfg, _NoBatches(), val, run_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="training data yielded no batches in epoch 0"):
+        trainer.fit()
     assert trainer.history == [] and trainer.global_step == 0 and trainer.scheduler.last_epoch == 0
     assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "history.jsonl").exists()
 
@@ -474,13 +483,20 @@ def test_empty_dataset_is_refused(role):
 
 
 @pytest.mark.parametrize("role", ["training", "validation"])
-def test_summary_and_evaluate_without_any_batch_raise(role):
-    empty = _no_batches("drop_last")
-    train, val = (empty, None) if role == "training" else (make_data(16), empty)
-    trainer = DPRPTrainer(make_model(), DPRPConfig(epochs=1, **STRONG), train, val, progress=False)
-    with pytest.raises(ValueError, match=f"{role} data yielded no batches"):
-        trainer.summary()
-    if role == "validation":
+def test_data_without_any_batch_is_refused_before_training(role):
+    """A sized loader of length 0 (smaller than one batch with drop_last) is named at construction; an unsized
+    one when summary() or evaluate() first iterates it."""
+    sized = _no_batches("drop_last")
+    train, val = (sized, None) if role == "training" else (make_data(16), sized)
+    with pytest.raises(ValueError, match=f"{role} data yields no batches: TensorLoader of 8 samples"):
+        DPRPTrainer(make_model(), DPRPConfig(epochs=1, **STRONG), train, val, progress=False)
+    train, val = (_NoBatches(), None) if role == "training" else (make_data(16), _NoBatches())
+    trainer = DPRPTrainer(make_model(), DPRPConfig(epochs=1, **STRONG), train, val, progress=False,
+                          **({"example_inputs": torch.zeros(1, 3, 16, 16)} if role == "validation" else {}))
+    if role == "training":
+        with pytest.raises(ValueError, match="training data yielded no batches"):
+            trainer.summary()
+    else:
         with pytest.raises(ValueError, match="validation data yielded no batches"):
             trainer.evaluate()
 
@@ -817,3 +833,106 @@ def test_resume_of_a_model_with_a_shared_layer(tmp_path):
     again = factorize(Shared())
     DPRPTrainer(again, cfg.replace(epochs=2), data, run_dir=tmp_path, resume=True, progress=False).fit()
     assert again.conv is again.again and again.conv.rank <= first.conv.rank
+
+
+# ----------------------------------------------------------------------------- resume with a changed config
+def _run(tmp_path, name: str, **overrides):
+    return DPRPConfig(**{**STRONG, "lambda_comp": 0.0, "epochs": 1, "lr_schedule": "constant", **overrides}), \
+        tmp_path / name
+
+
+def test_resume_applies_changed_optimizer_settings(tmp_path):
+    cfg, run = _run(tmp_path, "run", optimizer="sgd")
+    DPRPTrainer(make_model(), cfg, make_data(32), run_dir=run, progress=False).fit()
+    changed = cfg.replace(epochs=2, lr=1e-3, factor_lr_scale=0.5, sigma_lr_scale=3.0, weight_decay=0.0,
+                          momentum=0.5)
+    trainer = DPRPTrainer(make_model(), changed, make_data(32), run_dir=run, resume=True, progress=False)
+    groups = {g["name"]: g for g in trainer.optimizer.param_groups}
+    assert {n: g["lr"] for n, g in groups.items()} == pytest.approx({"other": 1e-3, "factors": 5e-4, "sigma": 3e-3})
+    assert all(g["weight_decay"] == 0.0 and g["momentum"] == 0.5 for g in groups.values())
+    trainer.fit()
+    assert trainer.history[-1]["lrs"] == pytest.approx({"other": 1e-3, "factors": 5e-4, "sigma": 3e-3})
+
+
+def test_resume_keeps_a_cosine_lr_in_its_place_when_the_base_lr_changes(tmp_path):
+    cfg, run = _run(tmp_path, "cos", lr_schedule="cosine", epochs=4)
+    trainer = DPRPTrainer(make_model(), cfg.replace(epochs=2), make_data(32), run_dir=run, progress=False)
+    trainer.fit()
+    resumed = DPRPTrainer(make_model(), cfg.replace(lr=cfg.lr / 2), make_data(32), run_dir=run, resume=True,
+                          progress=False)
+    # at epoch 2 of a 4-epoch cosine the factor is (1 + cos(pi / 2)) / 2 = 0.5 of the (new) base lr
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.lr / 2 * 0.5)
+    assert resumed.scheduler.base_lrs[0] == pytest.approx(cfg.lr / 2)
+
+
+def test_resume_refuses_another_lr_schedule(tmp_path):
+    cfg, run = _run(tmp_path, "sched", lr_schedule="plateau")
+    DPRPTrainer(make_model(), cfg, make_data(32), run_dir=run, progress=False).fit()
+    with pytest.raises(ValueError, match=r"lr_schedule='plateau' but the config has lr_schedule='cosine'"):
+        DPRPTrainer(make_model(), cfg.replace(epochs=2, lr_schedule="cosine"), make_data(32), run_dir=run,
+                    resume=True, progress=False)
+
+
+def test_resume_decides_again_when_the_compression_target_changed(tmp_path):
+    cfg, run = _run(tmp_path, "target", lambda_comp=10.0, prune_unit="step", prune_every=1,
+                    target_compression=0.02, epochs=3)  # as test_target_compression_stops_compressing...
+    first = DPRPTrainer(make_model(), cfg, make_data(), run_dir=run, progress=False)
+    first.fit()
+    assert first.compression_stopped
+    reached = first.compression_rate()
+    for target, stopped in ((0.9, False), (None, False), (reached / 2, True)):
+        resumed = DPRPTrainer(make_model(), cfg.replace(epochs=4, target_compression=target), make_data(),
+                              run_dir=run, resume=True, progress=False)
+        assert resumed.compression_stopped is stopped, target
+        assert resumed.regularizer.weights_at(2, stopped=resumed.compression_stopped)["lambda_comp"] == (
+            0.0 if stopped else 10.0)
+
+
+def test_resume_from_another_folder_never_overwrites_a_run(tmp_path):
+    cfg, a = _run(tmp_path, "a")
+    _, b = _run(tmp_path, "b")
+    DPRPTrainer(make_model(), cfg, make_data(32), run_dir=a, progress=False).fit()
+    DPRPTrainer(make_model(), cfg, make_data(32), run_dir=b, progress=False).fit()
+    before = (b / "history.jsonl").read_text(), (b / "checkpoint.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"checkpoint of another folder.*already holds a run"):
+        DPRPTrainer(make_model(), cfg.replace(epochs=2), make_data(32), run_dir=b, resume=a / "checkpoint.pt",
+                    progress=False)
+    assert ((b / "history.jsonl").read_text(), (b / "checkpoint.pt").read_bytes()) == before
+    fresh = DPRPTrainer(make_model(), cfg.replace(epochs=2), make_data(32), run_dir=tmp_path / "c",
+                        resume=a / "checkpoint.pt", progress=False)  # an empty run_dir continues it
+    assert fresh.start_epoch == 1
+
+
+def test_ignored_labels_count_in_no_accuracy(tmp_path):
+    from torch.utils.data import TensorDataset as TD
+
+    data = make_data(32)
+    x, y = data.images.float() / 255, data.targets
+    trainer = DPRPTrainer(make_model(), DPRPConfig(**STRONG, epochs=1), data, progress=False)
+    plain = trainer.evaluate(TD(x[:16], y[:16]))
+    ignored = y.clone()
+    ignored[16:] = -100  # documented as allowed: ignored by the loss
+    assert trainer.evaluate(TD(x, ignored)) == pytest.approx(plain)
+
+
+def test_a_sampler_with_its_own_generator_resumes_exactly(tmp_path, stop_in_epoch):
+    from torch.utils.data import DataLoader, RandomSampler
+    from torch.utils.data import TensorDataset as TD
+
+    data = make_data(48)
+    ds = TD(data.images.float() / 255, data.targets)
+
+    def loader():
+        return DataLoader(ds, batch_size=16, sampler=RandomSampler(ds, generator=torch.Generator().manual_seed(0)))
+
+    cfg = DPRPConfig(**STRONG, epochs=2)
+    whole = DPRPTrainer(make_model(), cfg, loader(), run_dir=tmp_path / "whole", progress=False)
+    whole.fit()
+    stop_in_epoch(1)
+    with pytest.raises(KeyboardInterrupt):
+        DPRPTrainer(make_model(), cfg, loader(), run_dir=tmp_path / "cut", progress=False).fit()
+    stop_in_epoch(None)
+    resumed = DPRPTrainer(make_model(), cfg, loader(), run_dir=tmp_path / "cut", resume=True, progress=False)
+    resumed.fit()
+    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
