@@ -132,7 +132,7 @@ class CompressionResult:
     """What `compress` returns.
 
     Attributes:
-        model: The trained, rank-pruned factorized model.
+        model: The trained, rank-pruned factorized model, in eval mode.
         history: One dict per epoch (see `DPRPTrainer` for the fields).
         summary: Parameters and MACs of the final model (`accounting.Summary`).
         run_dir: The run folder (checkpoint.pt, history.jsonl), or None.
@@ -1241,7 +1241,9 @@ def compress(model: nn.Module, config: DPRPConfig | None = None, train_data: Any
             again on resume.
 
     Returns:
-        CompressionResult with the trained model, its history, its Summary and the run folder.
+        CompressionResult with the trained model (in eval mode), its history, its Summary and the run folder.
+        A model that already has SVD layers is trained in place (it is the result's model); any other is
+        left untouched (a factorized copy is trained).
 
     Raises:
         ValueError: No training data, a teacher with ``config.distill == 0`` (it would be ignored), or any of
@@ -1261,5 +1263,6 @@ def compress(model: nn.Module, config: DPRPConfig | None = None, train_data: Any
     trainer = DPRPTrainer(model, config, train_data, val_data, run_dir=run_dir, resume=resume, progress=progress,
                           teacher=teacher)
     history = trainer.fit()
+    trainer.model.eval()  # ready to evaluate or export, like a loaded model
     return CompressionResult(model=trainer.model, history=history, summary=trainer.summary(), run_dir=trainer.run_dir)
 

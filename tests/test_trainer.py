@@ -284,6 +284,7 @@ def test_adamw_cosine_warmup_and_compress():
     result = compress(CifarResNet(8), cfg, make_data(), progress=False)
     assert isinstance(result, CompressionResult) and result.run_dir is None
     assert svd_layers(result.model) and result.summary.params == result.history[-1]["params"]
+    assert not any(m.training for m in result.model.modules())  # ready to evaluate, as a loaded model is
     # warm-up reaches the scheduled lr at the last step of epoch 0; cosine (T_max = 2) halves it for epoch 1
     assert [h["lr"] for h in result.history] == pytest.approx([0.01, 0.005])
 
