@@ -70,9 +70,9 @@ class RankPruner:
     def _decide(self, named: list[tuple[str, SVDLayer]], epsilon: float) -> Tensor:
         """Keep counts (L,) int64 on the CPU; broadcast from rank 0 when torch.distributed is running."""
         layers = [m for _, m in named]
-        finite = torch.stack([torch.isfinite(m.s.detach()).all() for m in layers])
-        if not bool(finite.all()):  # tau of NaN/inf values would cut the finite components and keep the others
-            name, layer = named[int((~finite).to(torch.int64).argmax())]
+        if not bool(torch.isfinite(torch.cat([m.s.detach() for m in layers])).all()):  # one check for all layers
+            # tau of NaN/inf values would cut the finite components and keep the others
+            name, layer = next((n, m) for n, m in named if not bool(torch.isfinite(m.s.detach()).all()))
             raise ValueError(f"cannot prune layer {name!r}: its singular values s are not finite "
                              f"({layer.s.detach().flatten()[:4].tolist()} ...); training diverged. Nothing was "
                              "pruned: lower the learning rate (or sigma_lr_scale) and resume from a checkpoint "
