@@ -295,8 +295,10 @@ class SVDLayer(nn.Module, ABC):
             raise ValueError(f"truncate_({keep}) is out of range: keep must be in [1, {self.rank}]")
         if keep == self.rank:
             return self
-        with torch.inference_mode(False):  # called under inference mode, the clones must stay trainable
-            for p, dim in ((self.U, 1), (self.s, 0), (self.V, 1)):
+        for p, dim in ((self.U, 1), (self.s, 0), (self.V, 1)):
+            # the clone is of the parameter's own kind: an ordinary (trainable) parameter stays one when pruned
+            # under torch.inference_mode, and one made in inference mode stays an inference tensor
+            with torch.inference_mode(p.data.is_inference()):
                 p.data = p.data.narrow(dim, 0, keep).clone()
                 if p.grad is not None:
                     p.grad = p.grad.narrow(dim, 0, keep).clone()

@@ -119,14 +119,13 @@ class RankPruner:
             for name, layer, _ in todo:
                 _check_state(optimizer, name, layer)
         changes: dict[str, tuple[int, int]] = {}
-        with torch.inference_mode(False):  # under inference mode (a validation hook) the new data stays trainable
-            for name, layer, k in todo:
-                old = layer.rank
-                layer.truncate_(k)
-                if optimizer is not None:
-                    for attr, dim in _FACTOR_DIMS:
-                        slice_optimizer_state(optimizer, getattr(layer, attr), dim, old, k)
-                changes[name] = (old, k)
+        for name, layer, k in todo:  # under inference mode (a validation hook) trainable data stays trainable
+            old = layer.rank
+            layer.truncate_(k)
+            if optimizer is not None:
+                for attr, dim in _FACTOR_DIMS:
+                    slice_optimizer_state(optimizer, getattr(layer, attr), dim, old, k)
+            changes[name] = (old, k)
         if changes:
             log.info("rank pruning: %s", ", ".join(f"{n} {a}->{b}" for n, (a, b) in changes.items()))
         return changes
@@ -207,13 +206,6 @@ def slice_optimizer_state(optimizer: torch.optim.Optimizer, param: Tensor, dim: 
     state = optimizer.state.get(param)
     if not state:
         return
-    with torch.inference_mode(False):  # the sliced state stays an ordinary tensor the optimizer can update
-        _slice_state(optimizer, state, param, dim, old_rank, keep)
-
-
-def _slice_state(optimizer: torch.optim.Optimizer, state: dict, param: Tensor, dim: int, old_rank: int,
-                 keep: int) -> None:
-    """`slice_optimizer_state` on one parameter's state dict."""
     for key, value in list(state.items()):
         if isinstance(value, Tensor) and value.ndim > 0:
             shape = list(param.shape)
@@ -221,4 +213,5 @@ def _slice_state(optimizer: torch.optim.Optimizer, state: dict, param: Tensor, d
             if not _sliceable(value, dim, old_rank, tuple(shape)):
                 raise ValueError(f"{type(optimizer).__name__} state {key!r} has shape {tuple(value.shape)}, which "
                                  f"does not match the parameter's shape {tuple(shape)} along dimension {dim}")
-            state[key] = value.narrow(dim, 0, keep).clone()
+            with torch.inference_mode(value.is_inference()):  # an ordinary state tensor stays one (see truncate_)
+                state[key] = value.narrow(dim, 0, keep).clone()

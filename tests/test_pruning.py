@@ -283,3 +283,12 @@ def test_compression_never_pushes_the_components_min_rank_keeps():
 def test_pruner_min_rank_must_be_a_positive_int(bad):
     with pytest.raises(ValueError, match="min_rank"):
         RankPruner(min_rank=bad)
+
+
+def test_a_model_built_and_pruned_under_inference_mode_still_runs():
+    """benchmarks/paired.py loads run directories (and so truncates) inside torch.inference_mode."""
+    with torch.inference_mode():
+        model = make_model()
+        changes = RankPruner(epsilon=0.1).step(model)
+        assert changes == {"0": (6, 3), "2": (5, 4)}
+        assert model(batch(0)[0]).shape == (16, 5)  # was "Inference tensors do not track version counter"
