@@ -29,6 +29,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from pathlib import Path, PurePosixPath
@@ -67,6 +68,8 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 """Per-channel standard deviation (RGB, in [0, 1]) the pretrained CIFAR ResNets were trained with."""
 
 IMG_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+_OTHER_IMAGE_SUFFIXES = (".gif", ".jfif", ".jpe", ".avif", ".heic", ".heif", ".jp2", ".ico", ".tga", ".dib", ".pcx")
+"""Image files ImageFolder does not read either: skipped as they are, but named in a warning."""
 """File extensions (lower case) treated as images, as in ``torchvision.datasets.ImageFolder``."""
 
 AUGMENTATIONS: tuple[str, ...] = ("cifar",)
@@ -209,6 +212,7 @@ def _scan_image_folder(root: Path) -> tuple[list[str], list[str], list[int], str
     prefix = len(str(root)) + 1
     seen: dict[tuple[int, int], str] = {}
     empty: list[str] = []
+    skipped: dict[str, int] = {}  # suffix -> images of another format, left out
     for label, name in enumerate(classes):
         count = 0
         walked = []
@@ -225,6 +229,9 @@ def _scan_image_folder(root: Path) -> tuple[list[str], list[str], list[int], str
         for dirpath, fnames in sorted(walked):
             for fname in sorted(fnames):
                 if fname.startswith(".") or not fname.lower().endswith(IMG_EXTENSIONS):
+                    suffix = os.path.splitext(fname)[1].lower()
+                    if suffix in _OTHER_IMAGE_SUFFIXES and not fname.startswith("."):
+                        skipped[suffix] = skipped.get(suffix, 0) + 1
                     continue
                 path = os.path.join(dirpath, fname)
                 try:
@@ -239,6 +246,11 @@ def _scan_image_folder(root: Path) -> tuple[list[str], list[str], list[int], str
                 count += 1
         if count == 0:
             empty.append(name)
+    if skipped:
+        kinds = ", ".join(f"{n} {suffix}" for suffix, n in sorted(skipped.items()))
+        warnings.warn(f"Image folder {str(root)!r}: skipped {sum(skipped.values())} image(s) of formats it does not "
+                      f"read ({kinds}; read: {', '.join(IMG_EXTENSIONS)}); convert them (e.g. to .png) to use them.",
+                      UserWarning, stacklevel=3)
     if empty:
         shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
         raise ValueError(

@@ -830,3 +830,13 @@ def test_bz2_and_xz_archives_open(tmp_path: Path, name: str, mode: str) -> None:
                 tar.addfile(info, io.BytesIO(payload))
     train, val = open_data(archive, cache_dir=tmp_path / "cache", progress=False)
     assert train.classes == val.classes == ["a", "b"] and len(train) == len(val) == 2
+
+
+def test_images_of_unread_formats_are_named_not_dropped_silently(tiny) -> None:
+    root, _ = tiny
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "cat" / "anim.gif")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "dog" / "photo.jfif", format="JPEG")
+    (root / "dog" / "notes.txt").write_text("not an image: no warning for it")
+    with pytest.warns(UserWarning, match=r"skipped 2 image\(s\).*1 \.gif, 1 \.jfif.*convert them"):
+        ds = load_image_folder(root, progress=False, cache=False)
+    assert len(ds) == 12  # the same images as before: nothing else changes
