@@ -264,6 +264,26 @@ def test_resume_continues_the_run(run_dir, tmp_path):
     assert [r["epoch"] for r in records] == [0, 1]
 
 
+def test_a_refused_resume_leaves_the_run_as_it_was(run_dir, tmp_path, monkeypatch):
+    """Another MODEL or --scheme on --resume is refused by name; a refusal found later (here: the trainer's, for
+    another lr schedule) restores run.json, so a plain --resume still works."""
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    before = {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()}
+    bad("compress", "cifar:resnet32", "--out", copy, "--resume", "--epochs", "2", "-q",
+        words=("MODEL 'cifar:resnet32' differs from the run's", "Leave MODEL out"))
+    bad("compress", "--out", copy, "--resume", "--epochs", "2", "--scheme", "spatial", "-q",
+        words=("--scheme cannot change on --resume", "scheme='paper'", "Drop --scheme"))
+    assert {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()} == before
+    schedule = json.loads((copy / "run.json").read_text())["config"]["lr_schedule"]
+    other = "plateau" if schedule != "plateau" else "cosine"
+    bad("compress", "--out", copy, "--resume", "--epochs", "2", "--lr-schedule", other, "--lr", "0.5", "-q",
+        words=(f"lr_schedule='{schedule}'", f"lr_schedule='{other}'"))
+    assert {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()} == before  # run.json restored
+    result = invoke("compress", "--out", copy, "--resume", "--epochs", "2", "-q")
+    assert result.exit_code == 0, result.output
+
+
 @pytest.mark.parametrize("command", ["compress", "demo"])
 def test_fresh_run_refuses_an_out_that_holds_a_history(command, run_dir, data_dir, tmp_path, monkeypatch):
     from dprp_surgery.cli import commands

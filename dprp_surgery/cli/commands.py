@@ -542,8 +542,13 @@ def _match_classes(model: nn.Module, n_classes: int, pretrained: bool) -> nn.Mod
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
+    _write_bytes_atomic(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` by `data` through a temp file (a reader never sees half a file)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    tmp.write_bytes(data)
     os.replace(tmp, path)
 
 
@@ -584,6 +589,27 @@ def _run_files(out: Path) -> list[str]:
     from ..trainer import run_files
 
     return run_files(out)
+
+
+_FACTORIZATION_FIELDS = ("scheme", "include", "exclude", "min_compressible")
+"""Config fields that decide which layers are factorized and how: a checkpoint holds exactly those layers."""
+
+
+def _check_same_factorization(info: dict[str, Any], model: str | None, base: dict[str, Any] | None,
+                              config: DPRPConfig, run_json: Path) -> None:
+    """Refuse, before anything is loaded or written, a --resume with another MODEL or factorization."""
+    recorded = info.get("model")
+    if model and recorded and _absolute_spec(model) != recorded:
+        raise ValueError(f"MODEL {model!r} differs from the run's ({recorded!r} in {str(run_json)!r}): a run continues "
+                         "with the model it started from. Leave MODEL out to resume, or start a new run in another "
+                         "--out.")
+    new = config.to_dict()
+    for name in _FACTORIZATION_FIELDS:
+        if base is not None and name in base and base[name] != new.get(name):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} cannot change on --resume: the run was factorized with {name}={base[name]!r} "
+                             f"({str(run_json)!r}) and its checkpoint holds those layers, not {name}={new[name]!r}. "
+                             f"Drop {flag} to resume, or start a new run in another --out.")
 
 
 def _remove_failed_start(out: Path, created: bool) -> None:
@@ -632,6 +658,9 @@ def compress_pipeline(*, model: nn.Module, arch: str, model_spec: str, data_spec
         **(extra or {}),
     }
     run_json = out / "run.json"
+    previous = run_json.read_bytes() if resume is not None and run_json.is_file() else None
+    checkpoint = out / "checkpoint.pt"
+    stamp = checkpoint.stat().st_mtime_ns if checkpoint.is_file() else None
     if resume is not None and run_json.is_file():
         old = read_run_info(out)
         info["results"]["before"] = (old.get("results") or {}).get("before") or before
@@ -647,6 +676,8 @@ def compress_pipeline(*, model: nn.Module, arch: str, model_spec: str, data_spec
     except BaseException:
         if resume is None and not _run_files(out):  # nothing recorded: leave no half-made run behind
             _remove_failed_start(out, created)
+        elif previous is not None and (checkpoint.stat().st_mtime_ns if checkpoint.is_file() else None) == stamp:
+            _write_bytes_atomic(run_json, previous)  # a refused resume (no epoch since) leaves the run as it was
         raise
     wall = time.perf_counter() - t0
     trained = result.model.eval()
@@ -733,6 +764,7 @@ def run_compress(*, model: str | None, data: str | None, out: Path | None, confi
         config = build_config(base=base, preset=preset, config_file=config_file, overrides=overrides)
         _check_device(config)
         if resume:
+            _check_same_factorization(info, given["model"], base, config, run_json)
             done = _finished_epochs(out)
             if config.epochs < done:
                 raise ValueError(f"--epochs {config.epochs} is lower than the {done} epochs the run in {str(out)!r} "
