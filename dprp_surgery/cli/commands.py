@@ -228,7 +228,8 @@ def _check_out_suffix(out: Path, fmt: str) -> None:
     if suffix != want:
         named = f"ends in {suffix}" if suffix else "has no suffix"
         raise ValueError(f"--out {str(out)!r} {named}, but --format {fmt} writes a {want} file; use --out "
-                         f"{out.with_suffix(want).name if suffix else out.name + want}, or the --format that "
+                         f"{out.with_suffix(want) if suffix else out.with_name(out.name + want)}, or the --format "
+                         "that "
                          "matches your path (safetensors for an artifact directory).")
 
 
