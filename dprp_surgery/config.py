@@ -437,13 +437,20 @@ def _valid_device(v: Any) -> bool:
         return False
 
 
+_FIELD_ALIASES = {"learning_rate": "lr", "scheduler": "lr_schedule", "lr_scheduler": "lr_schedule",
+                  "schedule": "lr_schedule", "wd": "weight_decay", "num_epochs": "epochs", "n_epochs": "epochs",
+                  "bs": "batch_size", "eps": "epsilon", "lambda": "lambda_comp", "seed_value": "seed"}
+"""Names other tools use for DPRPConfig fields, for the 'did you mean' of an unknown field."""
+
+
 def _check_field_names(names: Any) -> None:
     """Raise a ValueError for the first name that is not a DPRPConfig field, suggesting the closest."""
     known = sorted(f.name for f in fields(DPRPConfig))
     for key in names:
         if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else " See the DPRPConfig attributes for the field names."
+            close = [_FIELD_ALIASES[key]] if key in _FIELD_ALIASES else difflib.get_close_matches(str(key), known, n=1)
+            hint = (f" Did you mean {close[0]!r}?" if close
+                    else f" The fields are: {', '.join(k for k in known if k != 'version')}.")
             raise ValueError(f"unknown DPRPConfig field {key!r}.{hint}")
 
 

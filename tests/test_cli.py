@@ -284,6 +284,28 @@ def test_a_refused_resume_leaves_the_run_as_it_was(run_dir, tmp_path, monkeypatc
     assert result.exit_code == 0, result.output
 
 
+def test_resuming_a_finished_run_says_it_only_exports(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    result = invoke("compress", "--out", copy, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "already finished its 1 epochs: nothing to train" in _flat(result.output)
+    assert "--epochs 2 or more" in _flat(result.output)
+
+
+def test_an_interrupted_command_says_how_to_continue(data_dir, tmp_path, monkeypatch):
+    from dprp_surgery.trainer import DPRPTrainer
+
+    def stopped(self, epoch):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DPRPTrainer, "_run_epoch", stopped)
+    result = invoke("compress", "cifar:resnet20", "--data", data_dir, "--out", tmp_path / "run", "--epochs", "1",
+                    "--batch-size", "8", "--limit-train", "8", "-q")
+    assert result.exit_code == 130
+    assert "interrupted" in result.output and "--resume" in _flat(result.output)
+
+
 @pytest.mark.parametrize("command", ["compress", "demo"])
 def test_fresh_run_refuses_an_out_that_holds_a_history(command, run_dir, data_dir, tmp_path, monkeypatch):
     from dprp_surgery.cli import commands

@@ -256,3 +256,13 @@ def test_empty_config_text(parse):
 def test_load_of_a_directory_says_so(tmp_path):
     with pytest.raises(ValueError, match=r"is a directory; pass a .json, .yaml or .yml file"):
         DPRPConfig.load(tmp_path)
+
+
+@pytest.mark.parametrize(("key", "words"), [
+    ("learning_rate", r"Did you mean 'lr'\?"),  # names of other tools
+    ("wd", r"Did you mean 'weight_decay'\?"),
+    ("zzz_unrelated", r"The fields are: .*\blambda_comp\b.*\blr\b"),  # no close name: the list, for CLI users
+])
+def test_an_unknown_field_gets_the_field_it_probably_means(key, words):
+    with pytest.raises(ValueError, match=rf"unknown DPRPConfig field '{key}'\. {words}"):
+        DPRPConfig.from_dict({key: 1})

@@ -101,7 +101,8 @@ def cli_errors() -> Iterator[None]:
             raise
         _fail(str(exc).strip() or type(exc).__name__, 2)
     except KeyboardInterrupt:
-        _fail("interrupted.", 130)
+        _fail("interrupted (a `dprp compress` run continues from its last finished epoch with `dprp compress --out "
+              "RUN_DIR --resume`; nothing is saved before its first epoch ends).", 130)
     except Exception as exc:  # noqa: BLE001 - the command boundary
         if os.environ.get("DPRP_DEBUG"):
             raise
@@ -771,6 +772,9 @@ def run_compress(*, model: str | None, data: str | None, out: Path | None, confi
                 raise ValueError(f"--epochs {config.epochs} is lower than the {done} epochs the run in {str(out)!r} "
                                  f"has already finished; pass --epochs {done} or more to continue it (--epochs {done} "
                                  "only re-exports it), or start a new run in another --out.")
+            if config.epochs == done and not quiet and not json_out:
+                _note(f"The run in {out} has already finished its {done} epochs: nothing to train, it is only "
+                      f"exported again. Pass --epochs {done + 1} or more to train it further.")
         if teacher and config.distill == 0:
             raise ValueError(f"--teacher {teacher!r} needs distillation: add --distill 0.5 (the weight of the "
                              "teacher's soft targets), or drop --teacher.")
