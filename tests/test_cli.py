@@ -284,6 +284,15 @@ def test_a_refused_resume_leaves_the_run_as_it_was(run_dir, tmp_path, monkeypatc
     assert result.exit_code == 0, result.output
 
 
+def test_compress_refuses_an_out_folder_that_is_not_a_run(data_dir, tmp_path):
+    out = tmp_path / "somedir"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    bad("compress", "cifar:resnet20", "--data", data_dir, "--out", out, "--epochs", "1", "--batch-size", "8",
+        "--limit-train", "8", "-q", words=("--out", "is not a dprp run directory", "notes.txt", "new or empty"))
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
 def test_resuming_a_finished_run_says_it_only_exports(run_dir, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)

@@ -756,6 +756,11 @@ def run_compress(*, model: str | None, data: str | None, out: Path | None, confi
         elif _run_files(out):
             raise ValueError(f"--out {str(out)!r} already holds a run ({', '.join(_run_files(out))}); pass --resume "
                              "to continue it, or choose another --out (or delete that directory) to start afresh.")
+        elif out.is_dir() and any(out.iterdir()):  # the run's files would be mixed into someone's folder
+            shown = ", ".join(sorted(p.name for p in out.iterdir())[:5])
+            raise ValueError(f"--out {str(out)!r} exists and is not a dprp run directory (it holds {shown}); a run "
+                             "writes checkpoint.pt, history.jsonl, run.json and model/ there. Choose a new or empty "
+                             "--out.")
         export_mode = export_mode or "auto"
         objective = objective or "params"
         if not model:
