@@ -76,8 +76,8 @@ def paired_stats(base_right: torch.Tensor, model_right: torch.Tensor, band: floa
 @functools.lru_cache(maxsize=4)
 def _eval_split(data: str, image_size: int | None, limit: int | None):
     """The eval split of `data` (decoded once per image size, shared by every model)."""
-    # the training split is not used: decode one image of it; a limit decodes only the images it keeps
-    _, val = open_data(data, image_size=image_size, progress=False, train_limit=1, eval_limit=limit)
+    # the training split is not used (nor needed); a limit decodes only the images it keeps
+    _, val = open_data(data, image_size=image_size, progress=False, train_limit=0, eval_limit=limit)
     return val
 
 

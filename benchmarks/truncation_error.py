@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     loader = None
     if args.data:
         try:
-            # only the test split is used (one training image decoded); a limit decodes only the images it keeps
-            _, test_ds = open_data(args.data, progress=False, train_limit=1, eval_limit=args.test_limit or None)
+            # only the test split is used (train/ is not even needed); a limit decodes only the images it keeps
+            _, test_ds = open_data(args.data, progress=False, train_limit=0, eval_limit=args.test_limit or None)
         except (OSError, ValueError) as exc:
             _fail(parser, f"--data {args.data}: {exc}")
         loader = TensorLoader(test_ds, 500, mean=IMAGENET_MEAN, std=IMAGENET_STD)  # as benchmarks/cifar10.py

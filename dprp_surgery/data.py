@@ -810,27 +810,49 @@ def resolve_split_dirs(root: str | os.PathLike[str]) -> tuple[Path, Path]:
     Raises:
         ValueError: If ``root`` is not a directory or lacks ``train/`` or both ``val/`` and ``test/``.
     """
-    root_path = Path(root).expanduser()
-    if not root_path.is_dir():
-        raise ValueError(
-            f"Dataset directory {str(root_path)!r} does not exist or is not a directory; expected a "
-            "folder holding train/ and val/ or test/."
-        )
+    root_path = _dataset_dir(root)
     train = root_path / "train"
     if not train.is_dir():
         found = sorted(p.name for p in root_path.iterdir() if p.is_dir())
         raise ValueError(
             f"Dataset directory {str(root_path)!r} has no train/ split (subfolders: "
             f"{', '.join(found[:10]) or 'none'}); expected train/ and val/ or test/, each with one "
-            "subfolder per class."
+            f"subfolder per class.{_split_hint(root_path, found)}"
         )
+    return train, _eval_dir(root_path, "train/ but ")
+
+
+def _dataset_dir(root: str | os.PathLike[str]) -> Path:
+    """`root` as a Path, or a ValueError when it is not a directory."""
+    root_path = Path(root).expanduser()
+    if not root_path.is_dir():
+        raise ValueError(
+            f"Dataset directory {str(root_path)!r} does not exist or is not a directory; expected a "
+            "folder holding train/ and val/ or test/."
+        )
+    return root_path
+
+
+def _eval_dir(root: str | os.PathLike[str], has: str = "") -> Path:
+    """The val/ (else test/) folder of a dataset directory, or a ValueError naming what is there."""
+    root_path = _dataset_dir(root)
     for name in ("val", "test"):
         if (root_path / name).is_dir():
-            return train, root_path / name
-    raise ValueError(
-        f"Dataset directory {str(root_path)!r} has train/ but no val/ or test/ split; add one "
-        "(same class subfolders as train/)."
-    )
+            return root_path / name
+    found = sorted(p.name for p in root_path.iterdir() if p.is_dir())
+    raise ValueError(f"Dataset directory {str(root_path)!r} has {has}no val/ or test/ split (subfolders: "
+                     f"{', '.join(found[:10]) or 'none'}); add one (the same class subfolders as train/)."
+                     f"{_split_hint(root_path, found)}")
+
+
+def _split_hint(root: Path, subfolders: list[str]) -> str:
+    """' Pass its parent ...' when `root`'s subfolders hold images, i.e. `root` is itself a split."""
+    for name in subfolders[:20]:
+        with contextlib.suppress(OSError):
+            if any(e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS) for e in os.scandir(root / name)):
+                return (f" Its subfolders hold images, so {str(root)!r} looks like one split itself: pass the folder "
+                        f"above it (holding {root.name}/ and its sibling split).")
+    return ""
 
 
 def _resize_uint8(images: Tensor, size: int) -> Tensor:
@@ -885,7 +907,7 @@ def open_data(
     train_limit: int | None = None,
     eval_limit: int | None = None,
     seed: int = 0,
-) -> tuple[TensorImageDataset, TensorImageDataset]:
+) -> tuple[TensorImageDataset | None, TensorImageDataset]:
     """Open a dataset given as a directory, an archive or a torchvision CIFAR spec.
 
     Accepted forms of ``spec``:
@@ -904,12 +926,13 @@ def open_data(
             :func:`default_cache_dir`).
         progress: Show progress bars while decoding.
         train_limit: Take only the class-balanced subset of this many training images (`subset` with
-            `seed`; image folders decode only those images); ``None`` takes all.
+            `seed`; image folders decode only those images); ``None`` takes all; ``0`` skips the training
+            split (returned as None; a directory then needs only ``val/`` or ``test/``), for evaluation.
         eval_limit: The same for the evaluation split.
         seed: Selects the subsets' images.
 
     Returns:
-        ``(train, eval)`` datasets with the same classes.
+        ``(train, eval)`` datasets with the same classes (train None for ``train_limit=0``).
 
     Raises:
         ValueError: For an unknown prefix or missing path (the message lists the accepted
@@ -923,7 +946,8 @@ def open_data(
         prefix = m.group(1).lower()
         if prefix in ("cifar10", "cifar100"):
             train, evals = _open_torchvision_cifar(prefix, m.group(2), download, image_size)
-            return (train if train_limit is None else subset(train, min(train_limit, len(train)), seed),
+            return (None if train_limit == 0 else train if train_limit is None
+                    else subset(train, min(train_limit, len(train)), seed),
                     evals if eval_limit is None else subset(evals, min(eval_limit, len(evals)), seed))
         raise ValueError(f"Unknown dataset prefix {m.group(1)!r} in {text!r}; accepted forms: {forms}.")
     path = Path(text).expanduser()
@@ -945,6 +969,10 @@ def open_data(
             raise ValueError(f"Cannot extract {text!r}: the cache directory {str(cache_root)!r} (DPRP_CACHE or "
                              f"cache_dir) lies under the file {str(blocker)!r}; point DPRP_CACHE at a directory.")
         path = extract_archive(resolved, cache_root / "extracted" / f"{stem}-{digest}")
+    if train_limit == 0:  # evaluation only: train/ is neither needed nor decoded
+        evals = load_image_folder(_eval_dir(path), image_size=image_size, cache_dir=cache_root, progress=progress,
+                                  limit=eval_limit, seed=seed)
+        return None, evals
     train_dir, eval_dir = resolve_split_dirs(path)
     train = load_image_folder(train_dir, image_size=image_size, cache_dir=cache_root, progress=progress,
                               limit=train_limit, seed=seed)

@@ -180,6 +180,14 @@ def test_eval_json(run_dir, data_dir):
     assert data["params"] > 0 and data["macs"] > 0 and data["latency_ms_b1"] > 0 and data["latency_ms_b64"] > 0
 
 
+def test_eval_needs_no_training_split(run_dir, data_dir, tmp_path):
+    split = next(name for name in ("val", "test") if (pathlib.Path(data_dir) / name).is_dir())
+    shutil.copytree(pathlib.Path(data_dir) / split, tmp_path / "only" / split)  # no train/
+    result = invoke("eval", run_dir, "--data", tmp_path / "only", "--json", "--latency-runs", "1")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["images"] == 16
+
+
 def test_report(run_dir):
     result = invoke("report", run_dir)
     assert result.exit_code == 0, result.output

@@ -840,3 +840,22 @@ def test_images_of_unread_formats_are_named_not_dropped_silently(tiny) -> None:
     with pytest.warns(UserWarning, match=r"skipped 2 image\(s\).*1 \.gif, 1 \.jfif.*convert them"):
         ds = load_image_folder(root, progress=False, cache=False)
     assert len(ds) == 12  # the same images as before: nothing else changes
+
+
+def test_evaluation_needs_only_a_val_or_test_split(tmp_path: Path, cache: Path) -> None:
+    _make_folder(tmp_path / "d" / "test")
+    train, evals = open_data(tmp_path / "d", cache_dir=cache, progress=False, train_limit=0)
+    assert train is None and len(evals) == 12
+    with pytest.raises(ValueError, match="has no train/ split"):  # training still needs train/
+        open_data(tmp_path / "d", cache_dir=cache, progress=False)
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(ValueError, match=r"has no val/ or test/ split \(subfolders: none\)"):
+        open_data(tmp_path / "empty_dir", cache_dir=cache, progress=False, train_limit=0)
+
+
+def test_a_split_given_for_the_dataset_is_named_as_one(tmp_path: Path, cache: Path) -> None:
+    _make_folder(tmp_path / "d" / "train")
+    _make_folder(tmp_path / "d" / "val")
+    for limit in (None, 0):  # training, and evaluation only
+        with pytest.raises(ValueError, match=r"looks like one split itself: pass the folder above it"):
+            open_data(tmp_path / "d" / "train", cache_dir=cache, progress=False, train_limit=limit)

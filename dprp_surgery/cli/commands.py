@@ -900,7 +900,7 @@ def run_eval(*, model: str, data: str, limit: int | None, batch_size: int, laten
         trained = getattr(net, "_dprp_input_size", None)  # the size an artifact was compressed at
         size = image_size or (int(trained[-1]) if trained else recipe.image_size)
         _, val = open_data(data, image_size=size, progress=not json_out, download=download, eval_limit=limit,
-                           train_limit=1)  # the training split is not evaluated: decode one image of it
+                           train_limit=0)  # the training split is not evaluated (nor needed)
         outputs = infer_num_classes(net)
         if outputs is not None and outputs < val.num_classes:
             raise ValueError(f"the model has {outputs} outputs but {data!r} has {val.num_classes} classes; evaluate it "
