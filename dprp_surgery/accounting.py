@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ._format import si as _si
+from ._format import size_change
 from .config import require_module
 from .layers import TWINS, SVDLayer, layer_from_spec
 from .surgery import UNSUPPORTED, surgery_report
@@ -160,9 +162,11 @@ class Summary:
         table.add_column("M (h x w)", justify="right")
         table.add_column("rank", justify="right", footer=f"mean {self.mean_rank:.1f}")
         table.add_column("params", justify="right",
-                         footer=f"{_si(self.dense_params)} -> {_si(self.params)} ({self.params_removed:+.1%})")
+                         footer=f"{_si(self.dense_params)} -> {_si(self.params)} "
+                                f"({size_change(self.dense_params, self.params)})")
         table.add_column("MACs", justify="right",
-                         footer=f"{_si(self.dense_macs)} -> {_si(self.macs)} ({self.macs_removed:+.1%})")
+                         footer=f"{_si(self.dense_macs)} -> {_si(self.macs)} "
+                                f"({size_change(self.dense_macs, self.macs)})")
         table.add_column("R(r) eq.4/7", justify="right")
         table.add_column("R(1) max", justify="right")
         table.add_column("note")
@@ -195,14 +199,6 @@ class _NullFile:
 
     def flush(self) -> None:
         pass
-
-
-def _si(n: float) -> str:
-    """Compact number: 1.2K, 3.4M, 5.6G."""
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return str(int(n))
 
 
 def count_params(model: nn.Module) -> int:

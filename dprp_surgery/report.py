@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._format import si as _si
+from ._format import size_change
+
 __all__ = ["Report", "make_report", "read_history"]
 
 _SPECIAL = ("ranks", "singular_values")
@@ -146,13 +149,6 @@ def _unfinished(root: Path, info: dict[str, Any], records: list[dict[str, Any]])
     return None
 
 
-def _si(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:.0f}"
-
-
 def _figure(width: float, height: float):
     from matplotlib.figure import Figure
 
@@ -185,15 +181,19 @@ def _plot_ranks(path: Path, names: list[str], initial: list[int], final: list[in
 
 
 def _plot_params_macs(path: Path, epochs: list[float], params: list[float], macs: list[float],
-                      dense: dict[str, float]) -> None:
+                      dense: dict[str, float], exported: dict[str, float]) -> None:
     fig = _figure(10, 4)
     axes = fig.subplots(1, 2)
+    lines = {"params": "training model (U, s, V; eqs. 4/7)", "macs": "training model, factorized realisation"}
     for ax, values, label, key in ((axes[0], params, "parameters", "params"), (axes[1], macs, "MACs", "macs")):
         pts = [(e, v) for e, v in zip(epochs, values) if v is not None]
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label="compressed")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=lines[key])
         if dense.get(key):
             ax.axhline(dense[key], color="grey", ls="--", label="dense")
+        if exported.get(key) and pts:  # what ships: the export keeps a layer dense where that is smaller
+            ax.plot([pts[-1][0]], [exported[key]], marker="*", ms=12, ls="none", color="tab:green",
+                    label="exported model")
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(_epoch_locator())
         ax.set_ylabel(label)
@@ -319,7 +319,8 @@ def make_report(run_dir: str | os.PathLike[str]) -> Report:
     params = _series(flat, "params")
     macs = _series(flat, "macs")
     if any(v is not None for v in params + macs):
-        _plot_params_macs(root / "params_macs.png", epochs, params, macs, dense)
+        exported = (info.get("results") or {}).get("after") or {}
+        _plot_params_macs(root / "params_macs.png", epochs, params, macs, dense, exported)
         written.append(("params_macs.png", "Parameters and MACs over the epochs (paper Fig. 4)"))
 
     # singular values (Fig. 6)
@@ -384,7 +385,7 @@ def make_report(run_dir: str | os.PathLike[str]) -> Report:
         now = after.get(key) or last.get(key)
         if ref and now is not None:
             origin = "dense" if dense.get(key) else f"epoch {epochs[0]:g}"
-            lines.append(f"- {label}: {_si(ref)} ({origin}) -> {_si(now)} ({1 - now / ref:+.1%} removed)")
+            lines.append(f"- {label}: {_si(ref)} ({origin}) -> {_si(now)} ({size_change(ref, now)})")
     if before.get("top1") is not None and after.get("top1") is not None:
         lines.append(f"- top-1: {before['top1']:.2f}% (dense model, as given) -> {after['top1']:.2f}% (exported "
                      "model)")

@@ -1009,7 +1009,7 @@ class DPRPTrainer:
         params = sum(p.numel() for p in self.model.parameters())
         rank = sum(m.rank for _, m in layers) / len(layers) if layers else 0.0
         macs = f"{self.last_summary.macs / 1e6:.2f}M" if self.last_summary is not None else "-"
-        return f"params {params / 1e6:.3f}M MACs {macs} mean rank {rank:.2f}"
+        return f"params (U, s, V) {params / 1e6:.3f}M MACs {macs} mean rank {rank:.2f}"  # the training form
 
     def _batch_info(self, keys: tuple[str, ...], sums: Tensor, count: int, n_done: int) -> str:
         """The running means of this process's epoch so far, for the progress bar."""

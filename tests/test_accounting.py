@@ -221,3 +221,25 @@ def test_summary_of_a_model_in_another_dtype(dtype):
 def test_summarize_of_a_non_module_is_a_type_error():
     with pytest.raises(TypeError, match=r"summarize\(\) takes an nn.Module as its model, got str"):
         summarize("m", torch.randn(1, 3))
+
+
+@pytest.mark.parametrize(("reference", "now", "text"), [
+    (100, 80, "20.0% smaller"), (100, 101, "1.0% larger"), (100, 100, "unchanged"), (0, 5, "-"),
+])
+def test_size_changes_are_said_in_words(reference, now, text):
+    from dprp_surgery._format import size_change
+
+    assert size_change(reference, now) == text
+
+
+def test_the_summary_table_says_whether_the_model_grew_or_shrank():
+    import io
+
+    from rich.console import Console
+
+    model = factorize(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 4)),
+                      DPRPConfig(scheme="channel", min_compressible=None))
+    buf = io.StringIO()
+    Console(file=buf, width=250).print(summarize(model, torch.randn(1, 3, 6, 6)).to_table())  # full rank: larger
+    footer = next(line for line in buf.getvalue().splitlines() if "total" in line)
+    assert "larger)" in footer and "%" in footer and "+" not in footer and "-0" not in footer

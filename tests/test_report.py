@@ -127,3 +127,16 @@ def test_the_report_is_path_like(tmp_path):
     with open(written) as f:
         assert f.readline().startswith("# DPRP compression report")
     assert os.fspath(written) == str(written.path)
+
+
+def test_the_parameter_plot_marks_the_exported_model_and_names_what_it_counts(tmp_path, figures):
+    """The training model counts U, s and V (it can be larger than dense); the exported model is what ships."""
+    info = {"model": "m", "arch": "a", "status": "done", "config": {"epochs": 2},
+            "results": {"before": {"params": 1200, "macs": 6000}, "after": {"params": 900, "macs": 4000}}}
+    text = make_report(write_run(tmp_path / "run", RECORDS, info)).path.read_text()
+    ax = axes_titled(figures, "parameters over training (cf. paper Fig. 4)")
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["training model (U, s, V; eqs. 4/7)", "dense", "exported model"]
+    star = ax.get_lines()[-1]
+    assert list(star.get_xdata()) == [1] and list(star.get_ydata()) == [900]
+    assert "1.20K (dense) -> 900 (25.0% smaller)" in text  # in words: no sign to misread
