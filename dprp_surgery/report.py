@@ -389,6 +389,9 @@ def make_report(run_dir: str | os.PathLike[str]) -> Report:
     if before.get("top1") is not None and after.get("top1") is not None:
         lines.append(f"- top-1: {before['top1']:.2f}% (dense model, as given) -> {after['top1']:.2f}% (exported "
                      "model)")
+    elif after.get("top1") is not None and info.get("new_head"):
+        lines.append(f"- top-1: {after['top1']:.2f}% (exported model); not measured before training, where the model "
+                     "had a new, untrained classifier for the data's classes (compare with a dense fine-tune)")
     lines.append("")
     for fname, caption in written:
         lines += [f"## {caption}", "", f"![{caption}]({fname})", ""]

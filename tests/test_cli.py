@@ -703,8 +703,10 @@ def test_report_of_a_one_epoch_run_has_integer_epoch_ticks(run_dir, monkeypatch)
         shown = [float(t) for t in ax.get_xticks() if lo <= t <= hi]
         assert shown == [0.0], (ax.get_title(), shown)
     text = (run_dir / "report.md").read_text()
-    assert "(dense model, as given) ->" in text and "(exported model)" in text
-    assert "top-1 of the exported model" not in text
+    # the run's model got a new 2-way classifier: no "before" top-1 (it would be chance), and the report says why
+    assert "(exported model); not measured before training, where the model had a new, untrained classifier" in text
+    assert "(dense model, as given)" not in text and "top-1 of the exported model" not in text
+    assert json.loads((run_dir / "run.json").read_text())["results"]["before"]["top1"] is None
 
 
 def test_demo_json_lists_the_report(tmp_path, monkeypatch):

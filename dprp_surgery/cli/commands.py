@@ -649,7 +649,10 @@ def compress_pipeline(*, model: nn.Module, arch: str, model_spec: str, data_spec
     full_ranks = {n: m.full_rank for n, m in svd_layers(factorized)}
     if config.distill > 0 and teacher is None:
         teacher = model  # the model as given, as `compress` would use (it gets the factorized copy)
-    top1_b, top5_b = evaluate(model, val_loader, progress and not json_out, "evaluating the model as given")
+    if (extra or {}).get("new_head"):  # a new, untrained classifier: its top-1 before training is chance
+        top1_b = top5_b = None
+    else:
+        top1_b, top5_b = evaluate(model, val_loader, progress and not json_out, "evaluating the model as given")
     before = {"params": dense_summary.params, "macs": dense_summary.macs, "top1": top1_b, "top5": top5_b}
     info: dict[str, Any] = {
         "format": RUN_FORMAT, "version": RUN_VERSION, "model": model_spec, "arch": arch,
@@ -815,6 +818,7 @@ def run_compress(*, model: str | None, data: str | None, out: Path | None, confi
                              f"MODEL's {outputs}-way classifier gets replaced by a new (random) "
                              f"{train.num_classes}-way head for the {train.num_classes} classes of the data; "
                              "pass --teacher MODEL, the dense model fine-tuned on DATA, or --distill 0.")
+        new_head = outputs is not None and outputs != train.num_classes  # its accuracy before training means nothing
         net = _match_classes(net, train.num_classes, pretrained and num_classes is None)
         teacher_outputs = infer_num_classes(teacher_net) if teacher_net is not None else None
         if teacher_outputs is not None and teacher_outputs != train.num_classes:
@@ -827,7 +831,7 @@ def run_compress(*, model: str | None, data: str | None, out: Path | None, confi
                           resume=resume_path, progress=not quiet and not json_out, json_out=json_out,
                           extra={"limit_train": limit_train, "limit_val": limit_val, "image_size": image_size,
                                  "arch_flag": arch, "num_classes_flag": num_classes,
-                                 "teacher": _absolute_spec(teacher)}, teacher=teacher_net)
+                                 "teacher": _absolute_spec(teacher), "new_head": new_head}, teacher=teacher_net)
 
 
 def _load_teacher(spec: str, trust_pickle: bool) -> nn.Module:
