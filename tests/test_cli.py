@@ -188,6 +188,23 @@ def test_eval_needs_no_training_split(run_dir, data_dir, tmp_path):
     assert json.loads(result.stdout)["images"] == 16
 
 
+def test_eval_notes_data_whose_classes_differ_from_the_trained_ones(run_dir, data_dir, tmp_path):
+    split = next(name for name in ("val", "test") if (pathlib.Path(data_dir) / name).is_dir())
+    shutil.copytree(pathlib.Path(data_dir) / split, tmp_path / "same" / split)
+    for model in (run_dir, run_dir / "model"):  # the run directory and its artifact
+        result = invoke("eval", model, "--data", tmp_path / "same", "--latency-runs", "1")
+        assert result.exit_code == 0 and "differ from those" not in _flat(result.output), result.output
+    renamed = tmp_path / "renamed" / split
+    shutil.copytree(pathlib.Path(data_dir) / split, renamed)
+    first = sorted(p.name for p in renamed.iterdir())[0]
+    (renamed / first).rename(renamed / f"zz_{first}")  # same images, another name: a position shifts
+    for model in (run_dir, run_dir / "model"):
+        result = invoke("eval", model, "--data", tmp_path / "renamed", "--latency-runs", "1")
+        assert result.exit_code == 0, result.output
+        assert "classes of" in _flat(result.output) and "differ from those" in _flat(result.output)
+        assert "first at position 0" in _flat(result.output)
+
+
 def test_report(run_dir):
     result = invoke("report", run_dir)
     assert result.exit_code == 0, result.output

@@ -834,6 +834,23 @@ def run_compress(*, model: str | None, data: str | None, out: Path | None, confi
                                  "teacher": _absolute_spec(teacher), "new_head": new_head}, teacher=teacher_net)
 
 
+def _check_trained_classes(model: str, classes: list[str], data: str) -> None:
+    """Note when a run's recorded class names differ from the data's (the labels are then matched by position)."""
+    run = Path(model)
+    if not (run / "run.json").is_file() and (run.parent / "run.json").is_file() and run.name == "model":
+        run = run.parent  # RUN_DIR/model: the run's artifact
+    if not (run / "run.json").is_file():
+        return
+    with contextlib.suppress(ValueError, OSError):
+        trained = read_run_info(run).get("classes")
+        if isinstance(trained, list) and trained and list(trained) != list(classes):
+            differ = next(i for i, (a, b) in enumerate(zip([*trained, None], [*classes, None])) if a != b)
+            _note(f"The classes of {data} differ from those {run} was trained on (first at position {differ}: "
+                  f"{classes[differ] if differ < len(classes) else '-'!r} against "
+                  f"{trained[differ] if differ < len(trained) else '-'!r}): label i is the data's i-th class folder "
+                  "in sorted order, so renamed or reordered classes are scored against the wrong outputs.")
+
+
 def _load_teacher(spec: str, trust_pickle: bool) -> nn.Module:
     """The --teacher model (any MODEL form but a .pt2 program)."""
     if spec.endswith(".pt2"):  # torch.export programs cannot be put in eval mode or copied like modules
@@ -915,6 +932,7 @@ def run_eval(*, model: str, data: str, limit: int | None, batch_size: int, laten
                   f"i-th class folder in sorted order ({shown}), "
                   f"and a prediction of any of the other {outputs - val.num_classes} outputs counts as wrong. "
                   "Check the model was trained with this class order.")
+        _check_trained_classes(model, val.classes, data)
         loader = TensorLoader(val, batch_size, mean=recipe.mean, std=recipe.std)
         top1, top5 = evaluate(net, loader, progress=not json_out)
         example = torch.zeros(1, *val.image_shape)
