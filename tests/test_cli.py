@@ -309,6 +309,12 @@ def test_a_refused_resume_leaves_the_run_as_it_was(run_dir, tmp_path, monkeypatc
     assert result.exit_code == 0, result.output
 
 
+def test_a_training_limit_below_the_class_count_is_noted(data_dir, tmp_path):
+    result = invoke("compress", "cifar:resnet20", "--data", data_dir, "--out", tmp_path / "run", "--epochs", "1",
+                    "--batch-size", "8", "--limit-train", "1", "--limit-val", "4")
+    assert "--limit-train 1 leaves 1 of the 2 classes without a training image" in _flat(result.output), result.output
+
+
 def test_compress_refuses_an_out_folder_that_is_not_a_run(data_dir, tmp_path):
     out = tmp_path / "somedir"
     out.mkdir()

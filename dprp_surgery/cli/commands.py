@@ -806,6 +806,11 @@ def run_compress(*, model: str | None, data: str | None, out: Path | None, confi
             train, val = open_data(data, image_size=recipe.image_size, progress=not quiet and not json_out,
                                    download=download, train_limit=limit_train, eval_limit=limit_val,
                                    seed=config.seed)  # only the chosen images of a folder are decoded
+        missing = sorted(set(range(train.num_classes)) - set(train.targets.tolist()))
+        if missing and limit_train:  # a class-balanced subset smaller than the class count
+            names = ", ".join(train.classes[i] for i in missing[:5]) + (" ..." if len(missing) > 5 else "")
+            _note(f"--limit-train {limit_train} leaves {len(missing)} of the {train.num_classes} classes without a "
+                  f"training image ({names}); pass at least --limit-train {train.num_classes}.")
         if train.num_classes < 2:
             raise ValueError(f"--data {data!r} has only one class ({', '.join(map(repr, train.classes))}): a "
                              "classifier trained on it predicts that class for everything and scores 100%. Give "
