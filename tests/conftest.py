@@ -70,3 +70,20 @@ def without_manifest_hash():
         return artifact
 
     return strip
+
+
+@pytest.fixture
+def decode_counter(monkeypatch, tmp_path):
+    """The number of images of every decode call (`data._decode_files`), with a fresh DPRP_CACHE."""
+    from dprp_surgery import data
+
+    monkeypatch.setenv("DPRP_CACHE", str(tmp_path / "cache"))
+    counts: list[int] = []
+    real = data._decode_files
+
+    def counting(files, *args, **kwargs):
+        counts.append(len(files))
+        return real(files, *args, **kwargs)
+
+    monkeypatch.setattr(data, "_decode_files", counting)
+    return counts

@@ -387,23 +387,6 @@ def test_cifar10_epsilon_ramp_needs_a_start(capsys):
     assert "--epsilon-ramp-epochs needs --epsilon-start" in capsys.readouterr().err
 
 
-@pytest.fixture
-def decode_counter(monkeypatch, tmp_path):
-    """Count the images each benchmark decodes (fresh cache, so nothing is loaded from an earlier run)."""
-    from dprp_surgery import data
-
-    monkeypatch.setenv("DPRP_CACHE", str(tmp_path / "cache"))
-    counts: list[int] = []
-    real = data._decode_files
-
-    def counting(files, *args, **kwargs):
-        counts.append(len(files))
-        return real(files, *args, **kwargs)
-
-    monkeypatch.setattr(data, "_decode_files", counting)
-    return counts
-
-
 def _small_folder(cifar10_dir: Path, dest: Path, per_class: int) -> Path:
     """A train/ + test/ ImageFolder of `per_class` CIFAR-10 test images per class in each split."""
     import shutil

@@ -790,17 +790,11 @@ def test_two_processes_extracting_one_archive_do_not_pull_it_from_under_each_oth
 
 @pytest.mark.parametrize(("limit", "seed"), [(5, 0), (7, 3), (12, 1), (50, 0)])
 def test_a_limit_decodes_only_the_subset_it_keeps(tiny, cache: Path, limit: int, seed: int,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+                                                  decode_counter: list[int]) -> None:
     root, _ = tiny
     full = load_image_folder(root, cache_dir=cache, progress=False, cache=False)
-    decoded: list[int] = []
-    real = data._decode_files
-
-    def counting(files, *args, **kwargs):
-        decoded.append(len(files))
-        return real(files, *args, **kwargs)
-
-    monkeypatch.setattr(data, "_decode_files", counting)
+    decoded = decode_counter
+    decoded.clear()  # count from here: the limited loads only
     limited = load_image_folder(root, cache_dir=cache, progress=False, limit=limit, seed=seed)
     expected = subset(full, min(limit, len(full)), seed=seed)
     assert torch.equal(limited.images, expected.images) and torch.equal(limited.targets, expected.targets)
