@@ -27,7 +27,6 @@ import re
 import shutil
 import sys
 import tarfile
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -40,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
+
+from ._files import give_umask_mode, unique_name
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
@@ -513,11 +514,11 @@ def _save_cache(path: Path, ds: TensorImageDataset, root: Path, selection: str) 
     tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
+        tmp = str(unique_name(path))
         meta = {"classes": json.dumps(ds.classes), "root": str(root), "version": _CACHE_VERSION,
                 "sha256": _content_hash(ds.images, ds.targets), "selection": selection}
         save_file({"images": ds.images.contiguous(), "targets": ds.targets.contiguous()}, tmp, metadata=meta)
+        give_umask_mode(tmp)
         os.replace(tmp, path)
         tmp = None
         _remove_stale_caches(path, root, selection)

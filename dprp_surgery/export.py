@@ -42,6 +42,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ._files import give_umask_mode, new_dir
 from .accounting import example_tuple, layer_input, run_example
 from .config import require_module
 from .layers import MATRICIZATIONS, TWINS, SVDLayer, _realised_factors, layer_from_spec
@@ -478,11 +479,12 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, arch: str | None = N
     from safetensors.torch import save_file
 
     _make_parent(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = new_dir(path.parent, f".{path.name}.tmp-")
     try:
         state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
         save_file(state, str(tmp / WEIGHTS_FILE),
                   metadata={"format": "pt", "arch": arch, _MANIFEST_HASH_KEY: _manifest_hash(manifest)})
+        give_umask_mode(tmp / WEIGHTS_FILE)
         manifest["sha256"] = _sha256(tmp / WEIGHTS_FILE)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         if path.exists():

@@ -853,3 +853,17 @@ def test_a_split_given_for_the_dataset_is_named_as_one(tmp_path: Path, cache: Pa
     for limit in (None, 0):  # training, and evaluation only
         with pytest.raises(ValueError, match=r"looks like one split itself: pass the folder above it"):
             open_data(tmp_path / "d" / "train", cache_dir=cache, progress=False, train_limit=limit)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_the_image_cache_file_gets_the_umask_mode(tiny, cache: Path, umask: int) -> None:
+    import stat
+
+    root, _ = tiny
+    old = os.umask(umask)
+    try:
+        load_image_folder(root, cache_dir=cache, progress=False)
+    finally:
+        os.umask(old)
+    files = [f for f in cache.rglob("*") if f.is_file()]
+    assert files and {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o666 & ~umask}  # mkstemp gave 0600

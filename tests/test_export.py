@@ -867,3 +867,18 @@ def test_example_inputs_the_model_cannot_take_are_named(call, tmp_path):
 def test_example_inputs_of_the_wrong_type_are_type_errors(call, bad, tmp_path):
     with pytest.raises(TypeError, match=r"example_inputs must be a tensor or a tuple of positional inputs, got"):
         call(_tiny(), bad, tmp_path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_a_saved_artifact_gets_the_umask_mode_like_any_new_file(tmp_path, umask):
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        art = save(resnet20().eval(), tmp_path / "art")
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(art) == 0o777 & ~umask  # was 0700 (tempfile.mkdtemp) whatever the umask
+    assert {mode(f) for f in art.iterdir()} == {0o666 & ~umask}
