@@ -177,8 +177,26 @@ class SVDLayer(nn.Module, ABC):
     dense_type: ClassVar[type[nn.Module]]
     weight_shape: tuple[int, ...]
 
+    @classmethod
+    def _check_dense(cls, module: nn.Module) -> None:
+        """Raise a TypeError unless `module` is exactly this twin's dense layer type."""
+        if type(module) is cls.dense_type:
+            return
+        want = f"nn.{cls.dense_type.__name__}"
+        got = f"{type(module).__module__}.{type(module).__qualname__}"
+        if isinstance(module, cls.dense_type):
+            fix = (f"it subclasses {want} and may compute something else (e.g. timm's Conv2dSame, StdConv2d, or a "
+                   "parametrized weight); leave it dense (factorize skips such layers)")
+        else:
+            twin = TWINS.get(type(module))
+            fix = (f"use {twin.__name__}.from_dense" if twin is not None else
+                   f"dprp_surgery factorizes {', '.join(f'nn.{t.__name__}' for t in TWINS)} only; leave it dense")
+        raise TypeError(f"{cls.__name__}.from_dense takes an {want}, got {got}: {fix}")
+
     def _init_factors(self, scheme: str, rank: int | None, bias: bool, device, dtype) -> None:
         """Allocate U, s, V (uninitialised) and the bias for the given rank."""
+        if scheme not in MATRICIZATIONS:
+            raise ValueError(f"unknown scheme {scheme!r}; use one of {', '.join(MATRICIZATIONS)}")
         self.scheme = scheme
         h, w = MATRICIZATIONS[scheme].matrix_shape(self.weight_shape)
         self.full_rank = min(h, w)
@@ -351,6 +369,10 @@ class SVDLinear(SVDLayer):
 
     @classmethod
     def from_dense(cls, module: nn.Linear, scheme: str = "channel", rank: int | None = None) -> SVDLinear:
+        cls._check_dense(module)
+        if scheme != "channel":
+            raise ValueError(f"SVDLinear factorizes the out x in matrix ('channel' scheme); got scheme={scheme!r}: "
+                             "pass scheme='channel' or leave it out")
         layer = cls(module.in_features, module.out_features, module.bias is not None, rank=rank, device="meta",
                     dtype=module.weight.dtype).to_empty(device=module.weight.device)
         layer._copy_from(module)
@@ -417,11 +439,18 @@ class _SVDConvNd(SVDLayer):
         else:
             self.padding = ntuple(padding)
         self.padding_mode = padding_mode
+        if groups > 1 and scheme != "paper":
+            raise ValueError(f"scheme={scheme!r} with groups={groups}: only the paper scheme keeps groups apart; "
+                             "pass scheme='paper' (factorize picks it for grouped convs)")
+        if scheme == "spatial" and self._ndim != 2:
+            raise ValueError(f"scheme='spatial' needs a 2-D kernel, and {type(self).__name__} has a "
+                             f"{self._ndim}-D one; pass scheme='paper' or 'channel'")
         self.weight_shape = (out_channels, in_channels // groups, *self.kernel_size)
         self._init_factors(scheme, rank, bias, device, dtype)
 
     @classmethod
     def from_dense(cls, module, scheme: str = "paper", rank: int | None = None):
+        cls._check_dense(module)
         layer = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
                     module.dilation, module.groups, module.bias is not None, module.padding_mode, scheme=scheme,
                     rank=rank, device="meta", dtype=module.weight.dtype).to_empty(device=module.weight.device)

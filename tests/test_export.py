@@ -831,7 +831,8 @@ def test_malformed_manifest_values_of_an_older_artifact(key, value, words, tmp_p
 def test_an_unknown_scheme_in_an_older_artifact_names_the_layer(tmp_path, without_manifest_hash):
     art = without_manifest_hash(save(factorize(resnet20()), tmp_path / "art"))
     _edit_manifest(art, lambda m: m["layers"]["conv1"]["spec"].__setitem__("scheme", "magic"))
-    with pytest.raises(ValueError, match=r"layer 'conv1' has an invalid spec \(KeyError: 'magic'\); re-export"):
+    with pytest.raises(ValueError, match=r"layer 'conv1' has an invalid spec \(ValueError: unknown scheme 'magic'; "
+                       r"use one of paper, channel, spatial\); re-export"):
         load(art)
 
 

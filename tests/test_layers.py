@@ -194,6 +194,40 @@ def test_resolve_scheme_explains_fallbacks():
         resolve_scheme(nn.Conv2d(4, 4, 3), "tucker")
 
 
+class _OwnForwardConv(nn.Conv2d):
+    def forward(self, x):  # computes something else than nn.Conv2d
+        return super().forward(x).relu()
+
+
+@pytest.mark.parametrize(("twin", "dense", "words"), [
+    (SVDConv2d, nn.ConvTranspose2d(6, 6, 3, padding=1), r"takes an nn.Conv2d, got torch.nn.modules.conv.ConvTranspose2d"
+     r": dprp_surgery factorizes nn.Linear, nn.Conv1d, nn.Conv2d only; leave it dense"),
+    (SVDConv2d, nn.Conv3d(4, 6, 3), r"got torch.nn.modules.conv.Conv3d: .*leave it dense"),
+    (SVDConv2d, nn.Conv1d(4, 6, 3), r"got torch.nn.modules.conv.Conv1d: use SVDConv1d.from_dense"),
+    (SVDConv1d, nn.Conv2d(4, 6, 3), r"got torch.nn.modules.conv.Conv2d: use SVDConv2d.from_dense"),
+    (SVDLinear, nn.Conv2d(4, 6, 1), r"SVDLinear.from_dense takes an nn.Linear, .*use SVDConv2d.from_dense"),
+    (SVDConv2d, _OwnForwardConv(4, 6, 3), r"got .*_OwnForwardConv: it subclasses nn.Conv2d and may compute something "
+     r"else .*leave it dense"),
+])
+def test_from_dense_refuses_a_layer_it_cannot_represent(twin, dense, words):
+    # these were accepted and gave a twin with another function (ConvTranspose2d: off by 2 at the same shape)
+    with pytest.raises(TypeError, match=words):
+        twin.from_dense(dense)
+
+
+@pytest.mark.parametrize(("dense", "scheme", "words"), [
+    (nn.Conv2d(4, 8, 3, padding=1, groups=2), "channel", r"scheme='channel' with groups=2: only the paper scheme"),
+    (nn.Conv2d(4, 4, 3, padding=1, groups=4), "spatial", r"scheme='spatial' with groups=4: .*pass scheme='paper'"),
+    (nn.Conv1d(4, 6, 3), "spatial", r"scheme='spatial' needs a 2-D kernel, and SVDConv1d has a 1-D one"),
+    (nn.Linear(4, 6), "paper", r"SVDLinear factorizes the out x in matrix \('channel' scheme\); got scheme='paper'"),
+    (nn.Conv2d(4, 6, 3), "tucker", r"unknown scheme 'tucker'; use one of paper, channel, spatial"),
+])
+def test_from_dense_refuses_a_scheme_the_layer_cannot_use(dense, scheme, words):
+    # grouped convs built with 'channel'/'spatial' failed only later, in to_factorized, with a bare reshape error
+    with pytest.raises(ValueError, match=words):
+        TWINS[type(dense)].from_dense(dense, scheme=scheme)
+
+
 def test_linear_forward_paths_agree():
     # the thin two-matmul path (few rows, low rank) and the rebuild path compute the same function
     dense = nn.Linear(64, 48)
