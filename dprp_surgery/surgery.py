@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .config import DPRPConfig, as_config, require_module
 from .layers import MATRICIZATIONS, TWINS, SVDLayer, resolve_scheme
@@ -234,6 +235,11 @@ def _plan(model: nn.Module, called: dict[str, str | None], config: DPRPConfig):
     names = {n for n, _ in model.named_modules()}
     candidates = []
     for name, module in model.named_modules():
+        if isinstance(module, torch.jit.ScriptModule):
+            if _selected(name, config) and getattr(module, "original_name", "") in {t.__name__ for t in TWINS}:
+                report.skipped[name] = (f"it is a scripted (torch.jit) {module.original_name}; left dense: factorize "
+                                        "the eager model, then script the result")
+            continue
         if isinstance(module, UNSUPPORTED) and not isinstance(module, tuple(TWINS)):
             if _selected(name, config):
                 kinds = [t.__name__ for t in TWINS]
@@ -243,8 +249,7 @@ def _plan(model: nn.Module, called: dict[str, str | None], config: DPRPConfig):
         if not isinstance(module, tuple(TWINS)):
             continue
         if type(module) not in TWINS:
-            report.skipped[name] = (f"{type(module).__name__} subclasses nn.{_base_name(module)} with its own "
-                                    "forward; left dense to keep its function")
+            report.skipped[name] = _subclass_reason(module)
             continue
         if type(module).__name__ not in config.layer_types:
             continue
@@ -270,12 +275,17 @@ def _plan(model: nn.Module, called: dict[str, str | None], config: DPRPConfig):
                                     "keep its function (remove them before factorize and register them on the "
                                     "factorized model)")
             continue
-        if id(module.weight) in shared:
-            report.skipped[name] = "its weight is shared with another module (tied weights)"
+        tied = [n for n, p in module.named_parameters(recurse=False) if id(p) in shared]
+        if tied:
+            what = f"its {' and '.join(tied)} {'is' if len(tied) == 1 else 'are'}"
+            report.skipped[name] = f"{what} shared with another module (tied weights)"
             continue
         scheme, note = resolve_scheme(module, config.scheme)
+        h, w = MATRICIZATIONS[scheme].matrix_shape(tuple(module.weight.shape))
+        if h * w == 0:
+            report.skipped[name] = f"it has no weights (weight shape {tuple(module.weight.shape)})"
+            continue
         if config.min_compressible is not None:
-            h, w = MATRICIZATIONS[scheme].matrix_shape(tuple(module.weight.shape))
             best = 1.0 - (h + w + 1) / (h * w)
             if best <= config.min_compressible:
                 report.skipped[name] = (f"incompressible: even rank 1 keeps {h + w + 1} of {h * w} weights "
@@ -297,7 +307,27 @@ def _plan(model: nn.Module, called: dict[str, str | None], config: DPRPConfig):
 
 
 _HOOK_DICTS = {"_forward_pre_hooks": "forward pre-hooks", "_forward_hooks": "forward hooks",
-               "_backward_pre_hooks": "backward pre-hooks", "_backward_hooks": "backward hooks"}
+               "_backward_pre_hooks": "backward pre-hooks", "_backward_hooks": "backward hooks",
+               "_state_dict_pre_hooks": "state-dict pre-hooks", "_state_dict_hooks": "state-dict hooks",
+               "_load_state_dict_pre_hooks": "load-state-dict pre-hooks",
+               "_load_state_dict_post_hooks": "load-state-dict post-hooks"}
+
+
+def _subclass_reason(module: nn.Module) -> str:
+    """Why a subclass of a factorizable layer type is left dense, with the fix where there is one."""
+    base = _base_name(module)
+    kind = type(module).__name__
+    if parametrize.is_parametrized(module):
+        names = ", ".join(repr(n) for n in module.parametrizations)
+        return (f"its {names} {'is' if len(module.parametrizations) == 1 else 'are'} parametrized "
+                "(torch.nn.utils.parametrize, e.g. weight_norm or spectral_norm); left dense. To factorize it, bake "
+                "the parametrization in first: torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight')")
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        return f"{kind} is not initialised yet; run one forward pass through the model before factorize"
+    if type(module).forward is next(t for t in TWINS if isinstance(module, t)).forward:
+        return (f"{kind} subclasses nn.{base} without a forward of its own; left dense, since code may rely on the "
+                f"subclass (nn.MultiheadAttention reads its out_proj's weight itself)")
+    return f"{kind} subclasses nn.{base} with its own forward; left dense to keep its function"
 
 
 def _hooks_on(module: nn.Module) -> str:
@@ -341,9 +371,26 @@ def _shared_weights(model: nn.Module) -> set[int]:
 
 
 # ----------------------------------------------------------------------------- applying
+def _deepcopy(model: nn.Module) -> nn.Module:
+    """copy.deepcopy(model); a FactorizationError naming the module that holds a computed (non-leaf) tensor."""
+    try:
+        return copy.deepcopy(model)
+    except RuntimeError as exc:
+        if "deepcopy" not in str(exc):
+            raise
+        holder = next(((n, a) for n, m in model.named_modules() for a, v in vars(m).items()
+                       if isinstance(v, torch.Tensor) and v.grad_fn is not None), None)
+        where = (f"module {holder[0] or type(model).__name__!r} holds {holder[1]!r}, a tensor computed from its "
+                 "parameters (the old torch.nn.utils.weight_norm does this)") if holder else str(exc).splitlines()[0]
+        raise FactorizationError(
+            f"cannot copy {type(model).__name__} to factorize it: {where}. Remove it first "
+            "(torch.nn.utils.remove_weight_norm(layer)), or use torch.nn.utils.parametrizations.weight_norm"
+        ) from exc
+
+
 def _apply(model: nn.Module, plan: dict[str, str], report: SurgeryReport) -> nn.Module:
     """Deep-copy the model and swap each planned layer for its twin (shared modules stay shared)."""
-    new = copy.deepcopy(model)
+    new = _deepcopy(model)
     twins: dict[int, SVDLayer] = {}
     aliases: dict[int, list[str]] = {}
     for name, m in new.named_modules(remove_duplicate=False):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -468,3 +469,82 @@ def test_factorizing_a_factorized_model_says_it_already_is():
     once = factorize(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)))
     with pytest.raises(FactorizationError, match=r"Sequential is already factorized \(2 SVD layers\).*train it"):
         factorize(once)
+
+
+class _TiedBias(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.b.bias = self.a.bias
+
+    def forward(self, x):
+        return self.c(self.b(self.a(x)))
+
+
+def test_a_tied_bias_keeps_both_layers_dense():
+    # only the weight was checked: both layers were factorized with two separate copies of the one bias
+    model = _TiedBias()
+    out = factorize(model)
+    report = surgery_report(out)
+    assert report.skipped == {"a": "its bias is shared with another module (tied weights)",
+                              "b": "its bias is shared with another module (tied weights)"}
+    assert out.a.bias is out.b.bias and list(report.factorized) == ["c"]
+
+
+@pytest.mark.parametrize(("register", "kind"), [
+    (lambda m: m._register_state_dict_hook(lambda mod, sd, p, local: sd.__setitem__(p + "extra", torch.zeros(1))),
+     "state-dict hooks"),
+    (lambda m: m.register_state_dict_pre_hook(lambda mod, p, keep: None), "state-dict pre-hooks"),
+    (lambda m: m._register_load_state_dict_pre_hook(lambda *a: None), "load-state-dict pre-hooks"),
+    (lambda m: m.register_load_state_dict_post_hook(lambda mod, keys: None), "load-state-dict post-hooks"),
+])
+def test_layers_with_state_dict_hooks_stay_dense(register, kind):
+    # these hooks vanished with the replaced layer (no skip entry, no warning)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    register(model[2])
+    out = factorize(model)
+    assert f"it has {kind} registered on it" in surgery_report(out).skipped["2"]
+    assert out[2] is not model[2] and type(out[2]) is nn.Conv2d and out[2]._state_dict_hooks.keys() == \
+        model[2]._state_dict_hooks.keys()
+
+
+class _WithAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.attn = nn.Linear(8, 8), nn.MultiheadAttention(8, 2)
+
+    def forward(self, x):
+        x = self.proj(x)
+        return self.attn(x, x, x)[0]
+
+
+@pytest.mark.parametrize(("build", "name", "reason"), [
+    (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(),
+                           torch.nn.utils.parametrizations.weight_norm(nn.Conv2d(8, 8, 3))), "2",
+     r"its 'weight' is parametrized .*torch.nn.utils.parametrize.remove_parametrizations\(layer, 'weight'\)"),
+    (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.LazyConv2d(8, 3)), "2",
+     r"LazyConv2d is not initialised yet; run one forward pass through the model before factorize"),
+    (_WithAttention, "attn.out_proj", r"NonDynamicallyQuantizableLinear subclasses nn.Linear without a forward of its"
+     r" own; left dense"),
+    (lambda: nn.Sequential(torch.jit.script(nn.Conv2d(3, 8, 3)), nn.ReLU(), nn.Conv2d(8, 8, 3)), "0",
+     r"it is a scripted \(torch.jit\) Conv2d; left dense: factorize the eager model, then script the result"),
+    (lambda: nn.Sequential(nn.Linear(8, 0), nn.Linear(0, 4), nn.Linear(4, 8), nn.Linear(8, 8)), "1",
+     r"it has no weights \(weight shape \(4, 0\)\)"),
+])
+def test_skipped_layers_say_why_and_what_to_do(build, name, reason):
+    # parametrized and lazy layers were "subclasses with their own forward"; a scripted conv was missing from the
+    # report; a zero-size Linear raised ZeroDivisionError
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = surgery_report(factorize(build()))
+    assert re.fullmatch(f".*{reason}.*", report.skipped[name])
+
+
+def test_a_model_holding_a_computed_tensor_names_it_and_the_fix():
+    # the old torch.nn.utils.weight_norm: factorize crashed in deepcopy with torch's message and no layer named
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = nn.Sequential(torch.nn.utils.weight_norm(nn.Conv1d(4, 8, 3)), nn.ReLU(), nn.Conv1d(8, 8, 3))
+        with pytest.raises(FactorizationError, match=r"module '0' holds 'weight', a tensor computed from its "
+                           r"parameters .*torch.nn.utils.remove_weight_norm\(layer\)"):
+            factorize(model)
