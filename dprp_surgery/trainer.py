@@ -366,16 +366,27 @@ def _check_batch(x: Any, y: Any, where: str) -> None:
                          f"{tuple(y.shape)}{hint}")
 
 
-def _check_labels(y: Tensor, classes: int, where: str) -> None:
+def _check_labels(y: Tensor, classes: int, where: str, at: str = "") -> None:
     """Raise a ValueError when labels fall outside the model's `classes` outputs (-100, ignored, is allowed)."""
     kept = y[y != -100]
     if kept.numel() == 0:
         return
     lo, hi = int(kept.min()), int(kept.max())
     if lo < 0 or hi >= classes:
-        raise ValueError(f"the {where} labels run from {lo} to {hi}, but the model has {classes} outputs: labels must "
-                         f"be class indices in [0, {classes - 1}]. Give the model as many outputs as the data has "
+        at = f" ({at})" if at else ""
+        raise ValueError(f"the {where} labels run from {lo} to {hi}{at}, but the model has {classes} outputs: labels "
+                         f"must be class indices in [0, {classes - 1}]. Give the model as many outputs as the data has "
                          "classes (dprp_surgery.io.set_num_classes(model, n); CLI --num-classes)")
+
+
+def _cross_entropy(out: Tensor, y: Tensor, where: str, at: str, **kwargs: Any) -> Tensor:
+    """F.cross_entropy; where torch raises on a label outside the outputs, the ValueError of `_check_labels`."""
+    try:
+        return F.cross_entropy(out, y, **kwargs)
+    except (IndexError, RuntimeError):  # CPU: "Target 12 is out of bounds" (CUDA asserts on the device instead)
+        if out.ndim == 2 and y.ndim == 1:
+            _check_labels(y, out.shape[1], where, at)
+        raise
 
 
 # ----------------------------------------------------------------------------- data
@@ -673,7 +684,7 @@ class DPRPTrainer:
         was_training = model.training
         model.eval()
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, top1, top5, labelled samples
-        count = 0  # samples, counted on the host: no host-to-device copy per batch
+        count, n_batches = 0, 0  # samples and batches, counted on the host: no host-to-device copy per batch
         _set_epoch(loader, 0, self.config.seed)
         with torch.no_grad():
             for batch in loader:
@@ -681,8 +692,10 @@ class DPRPTrainer:
                 with self._autocast():
                     out = self._logits_of(model, x, y, "validation").float()
                 c1, c5 = _topk_correct(out, y)
-                sums += torch.stack([F.cross_entropy(out, y, reduction="sum"), c1, c5, _labelled(y)]).to(sums)
+                loss = _cross_entropy(out, y, "validation", f"batch {n_batches}", reduction="sum")
+                sums += torch.stack([loss, c1, c5, _labelled(y)]).to(sums)
                 count += y.shape[0]
+                n_batches += 1
         model.train(was_training)
         loss, top1, top5, labelled, n = self._reduce_totals(sums, count)
         if n == 0:
@@ -757,7 +770,8 @@ class DPRPTrainer:
                 self._example = x[:1].detach().clone()
             with self._autocast():
                 out = self._logits_of(self._net, x, y, "training")
-            app = F.cross_entropy(out.float(), y, label_smoothing=c.label_smoothing)
+            app = _cross_entropy(out.float(), y, "training", f"batch {i} of epoch {epoch}",
+                                 label_smoothing=c.label_smoothing)
             parts: dict[str, Tensor] = {}
             if self.teacher is not None:
                 with torch.no_grad(), self._autocast():
@@ -809,6 +823,11 @@ class DPRPTrainer:
                              "DPRPTrainer(..., teacher=dense_model), or use compress(), which distils from the model "
                              "it was given; or set distill=0")
         frozen = copy.deepcopy(unwrap_model(teacher)).to(self.device).eval()
+        student = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
+        theirs = next((p.dtype for p in frozen.parameters() if p.is_floating_point()), None)
+        if student is not None and theirs is not None and theirs != student:  # it is fed the student's inputs
+            log.info("distillation teacher cast from %s to the student's %s", theirs, student)
+            frozen.to(student)
         return frozen.requires_grad_(False)
 
     def _logits_of(self, net: nn.Module, x: Any, y: Tensor, where: str) -> Tensor:

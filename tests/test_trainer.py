@@ -327,6 +327,29 @@ def test_compress_distils_from_the_given_teacher():
         compress(dense, cfg.replace(distill=0.0), make_data(), progress=False, teacher=other)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_teacher_of_another_dtype_is_cast_to_the_students(dtype):
+    # it was fed the student's float32 inputs as it was: "Input type (float) and bias type (double) should be the same"
+    cfg = DPRPConfig(epochs=1, batch_size=16, lr=0.1, momentum=0.0, weight_decay=0.0, regularizer="none",
+                     distill=1.0, distill_temperature=2.0, device="cpu")
+    teacher = _mlp().to(dtype)
+    result = compress(_mlp(), cfg, make_data(), progress=False, teacher=teacher)
+    assert result.history[-1]["kd"] < 1e-2  # the student starts as the teacher's (rounded) function
+    assert all(p.dtype == dtype for p in teacher.parameters())  # the user's teacher is not cast
+
+
+def test_labels_out_of_range_in_a_later_batch_are_named():
+    # only the first batch is checked up front; a later one reached torch's "Target 12 is out of bounds"
+    cfg = DPRPConfig(**{**STRONG, "epochs": 1})
+    bad = _batches(_X, _Y) + _batches(_X, torch.full((8,), 12), n=1)
+    with pytest.raises(ValueError, match=r"the training labels run from 12 to 12 \(batch 2 of epoch 0\), but the "
+                       r"model has 10 outputs"):
+        DPRPTrainer(make_model(), cfg, bad, progress=False).fit()
+    trainer = DPRPTrainer(make_model(), cfg, _batches(_X, _Y), val_data=_batches(_X, _Y) + bad[-1:], progress=False)
+    with pytest.raises(ValueError, match=r"the validation labels run from 12 to 12 \(batch 2\)"):
+        trainer.fit()
+
+
 def test_distillation_needs_a_teacher():
     with pytest.raises(ValueError, match="distill=0.5 needs a teacher"):
         DPRPTrainer(make_model(), DPRPConfig(distill=0.5, device="cpu"), make_data(), progress=False)
