@@ -59,7 +59,10 @@ class RankPruner:
         self.min_rank = value
 
     def keep_counts(self, model: nn.Module, epsilon: float | None = None) -> dict[str, int]:
-        """Components each layer would keep: min(r_l, max(tau_l, min_rank)), identical on every rank."""
+        """Components each layer would keep: min(r_l, max(tau_l, min_rank)), identical on every rank.
+
+        A frozen layer (U, s and V all with ``requires_grad=False``) keeps its rank: it could not adapt to a cut.
+        """
         named = _layers_of(model, "keep_counts")
         if not named:
             return {}
@@ -80,6 +83,9 @@ class RankPruner:
         tau = keep_counts([m.s for m in layers], epsilon)
         ranks = torch.tensor([m.rank for m in layers], dtype=torch.int64, device=tau.device)
         keep = torch.minimum(ranks, tau.clamp_min(self.min_rank))
+        frozen = [i for i, m in enumerate(layers) if not any(p.requires_grad for p in (m.U, m.s, m.V))]
+        if frozen:  # a frozen layer cannot re-learn after a cut: its rank is the user's, not the pruner's
+            keep[frozen] = ranks[frozen]
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
             keep = keep.to(device)

@@ -292,3 +292,16 @@ def test_a_model_built_and_pruned_under_inference_mode_still_runs():
         changes = RankPruner(epsilon=0.1).step(model)
         assert changes == {"0": (6, 3), "2": (5, 4)}
         assert model(batch(0)[0]).shape == (16, 5)  # was "Inference tensors do not track version counter"
+
+
+@pytest.mark.parametrize("frozen", [("U", "s", "V"), ("s",)])
+def test_a_frozen_layer_keeps_its_rank(frozen):
+    # a layer the user froze (all of U, s, V) was cut like any other and could not re-learn; a partly frozen one is
+    # still pruned
+    model = make_model()
+    for attr in frozen:
+        getattr(model[0], attr).requires_grad_(False)
+    pruner = RankPruner(epsilon=0.1)
+    expected = {"2": (5, 4)} if len(frozen) == 3 else {"0": (6, 3), "2": (5, 4)}
+    assert pruner.keep_counts(model) == {"0": 6 if len(frozen) == 3 else 3, "2": 4}
+    assert pruner.step(model) == expected
