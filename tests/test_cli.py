@@ -806,8 +806,15 @@ def test_image_size_a_fixed_size_model_cannot_take_exits_2_before_the_data(tmp_p
     torch.save(timm.create_model("vit_tiny_patch16_224", num_classes=2).state_dict(), weights)
     monkeypatch.setattr(commands, "open_data", lambda *a, **k: pytest.fail("data decoded before the check"))
     bad("compress", f"timm:vit_tiny_patch16_224@{weights}", "--data", tmp_path, "--out", tmp_path / "run",
-        "--image-size", "64", words=("--image-size '64'", "does not fit", "leave --image-size out"))
+        "--image-size", "64", words=("--image-size '64'", "does not fit", "(its own is 224)", "leave --image-size out"))
     assert not (tmp_path / "run").exists()
+
+
+def test_an_input_size_a_fixed_size_model_cannot_take_suggests_the_models_own(tmp_path):
+    # the fix suggested 3,32,32, which fails again for a 224px ViT
+    bad("inspect", "timm:vit_tiny_patch16_224", "--input-size", "3,64,64",
+        words=("--input-size '3,64,64'", "does not fit", "e.g. 3,224,224, this model's own size"))
+    bad("inspect", "cifar:resnet20", "--input-size", "1,32,32", words=("e.g. 3,32,32, this model's own size",))
 
 
 # ----------------------------------------------------------------------------- outputs that cannot be written
@@ -981,3 +988,8 @@ def test_help_lists_pt2_only_where_it_works():
     for command in ("inspect", "compress"):
         assert ".pt2" not in _flat(invoke(command, "--help").output).split("--input-size")[0]
     assert ".pt2 file" in _flat(invoke("eval", "--help").output)
+
+
+def test_the_help_lists_the_exit_codes_the_commands_use():
+    out = _flat(invoke("--help").output)
+    assert "Exit codes: 0 success, 2 bad usage or input, 1 failure during the work" in out and "130 interrupted" in out

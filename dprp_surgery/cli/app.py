@@ -24,7 +24,9 @@ app = typer.Typer(
     help=(
         "Compress PyTorch CNNs by Dynamic Parameter Rank Pruning (DPRP): SVD surgery, training with rank "
         "pruning, and export to dense/factorized models, safetensors artifacts, ONNX and .pt2.\n\n"
-        "Start with `dprp demo`, or `dprp inspect cifar:resnet20`."
+        "Start with `dprp demo`, or `dprp inspect cifar:resnet20`.\n\n"
+        "Exit codes: 0 success, 2 bad usage or input, 1 failure during the work (DPRP_DEBUG=1 shows the "
+        "traceback), 130 interrupted (Ctrl-C)."
     ),
     no_args_is_help=True,
     add_completion=False,

@@ -178,14 +178,28 @@ def _input_size(model: nn.Module, recipe: DataRecipe, given: str | None) -> tupl
     return recipe.input_size()
 
 
+def _own_size(model: nn.Module, recipe: DataRecipe) -> tuple[int, ...] | None:
+    """The model's own input size: recorded by an artifact, else its data recipe's (None when unknown)."""
+    recorded = getattr(model, "_dprp_input_size", None)
+    if recorded:
+        return tuple(int(v) for v in recorded)
+    return recipe.input_size() if recipe.image_size is not None else None
+
+
 def _check_input_size(model: nn.Module, arch: str, size: tuple[int, ...], given: str | None,
-                      flag: str = "--input-size") -> None:
-    """Raise a ValueError naming `flag` unless one no-grad forward on zeros(1, *size) runs."""
+                      flag: str = "--input-size", own: tuple[int, ...] | None = None) -> None:
+    """Raise a ValueError naming `flag` unless one no-grad forward on zeros(1, *size) runs.
+
+    `own` is the model's own input size (C, H, W) where its recipe knows it: the fix then suggests it.
+    """
     what = f"{flag} {given!r}" if given is not None else f"the input size {','.join(map(str, size))}"
+    own = tuple(own) if own and tuple(own) != tuple(size) else None
     if flag == "--image-size":
-        fix = "choose an image size this model takes, or leave --image-size out to use the model's own"
+        fix = (f"choose an image size this model takes{f' (its own is {own[-1]})' if own else ''}, or leave "
+               "--image-size out to use the model's own")
     elif given is not None:
-        fix = "give the C,H,W of one input image (e.g. 3,32,32)"
+        example = f"{','.join(map(str, own))}, this model's own size" if own else "3,32,32"
+        fix = f"give the C,H,W of one input image (e.g. {example})"
     else:
         fix = "pass --input-size C,H,W (e.g. 3,224,224)"
     if arch.split(":", 1)[0] in ARCH_KINDS and len(size) != 3:
@@ -484,7 +498,7 @@ def run_inspect(*, model: str, input_size: str | None, scheme: str | None, inclu
         net, net_arch = _load(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle)
         recipe = data_recipe(net_arch, net)
         size = _input_size(net, recipe, input_size)
-        _check_input_size(net, net_arch, size, input_size)
+        _check_input_size(net, net_arch, size, input_size, own=_own_size(net, recipe))
         fields: dict[str, Any] = {}
         if scheme is not None:
             fields["scheme"] = scheme
@@ -800,7 +814,8 @@ def run_compress(*, model: str | None, data: str | None, out: Path | None, confi
                              "with --resume.")
         recipe = data_recipe(net_arch, net)
         if image_size is not None:
-            _check_input_size(net, net_arch, (3, image_size, image_size), str(image_size), flag="--image-size")
+            _check_input_size(net, net_arch, (3, image_size, image_size), str(image_size), flag="--image-size",
+                              own=_own_size(net, recipe))
             recipe = DataRecipe(recipe.mean, recipe.std, image_size, recipe.augment, "--image-size")
         with _recorded("--data", data, source if "data" in recorded else None, "--data"):
             train, val = open_data(data, image_size=recipe.image_size, progress=not quiet and not json_out,
@@ -880,7 +895,7 @@ def run_export(*, source: str, out: Path, mode: str, fmt: str, objective: str, i
         if input_size is None and Path(source).is_dir() and (Path(source) / "run.json").is_file():
             recorded = read_run_info(source).get("input_size")
             size = tuple(recorded) if recorded else size
-        _check_input_size(net, net_arch, size, input_size)
+        _check_input_size(net, net_arch, size, input_size, own=_own_size(net, recipe))
         example = torch.zeros(1, *size)
         if mode != "dense" and not _is_factorized(net):
             _note(f"{source} has no factorized layers (it was not compressed), so --mode {mode} writes it "
