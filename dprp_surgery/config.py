@@ -11,6 +11,7 @@ import difflib
 import json
 import logging
 import math
+import numbers
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -192,6 +193,13 @@ class DPRPConfig:
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # numpy scalars (np.float64 subclasses float) as plain numbers: JSON/YAML, resume
+            v = getattr(self, f.name)
+            if isinstance(v, numbers.Number) and not isinstance(v, bool) and type(v) not in (int, float):
+                if isinstance(v, numbers.Integral):
+                    object.__setattr__(self, f.name, int(v))
+                elif isinstance(v, numbers.Real):
+                    object.__setattr__(self, f.name, float(v))
         for name in ("include", "exclude", "layer_types"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -219,6 +227,8 @@ class DPRPConfig:
                      "prune_start_epoch", "seed"):
             v = getattr(self, name)
             _check(_is_int(v) and v >= 0, name, v, "must be an integer >= 0")
+        _check(self.seed < 2**63, "seed", self.seed, "must be below 2**63 (torch generators take 64-bit seeds, and "
+               "the trainer adds the epoch and the process rank)")
         for name in ("lr", "sigma_lr_scale", "factor_lr_scale", "delta"):
             v = getattr(self, name)
             _check(_finite(v) and v > 0, name, v, "must be a finite number > 0")
@@ -353,9 +363,7 @@ class DPRPConfig:
         """
         yaml = _yaml()
         data = _parse(text_or_path, "YAML", yaml.safe_load, yaml.YAMLError)
-        if isinstance(data, dict):
-            data = _yaml_floats(data)
-        return cls.from_dict(data or {})
+        return cls.from_dict(_yaml_floats(data))
 
     @classmethod
     def load(cls, path: str | Path) -> DPRPConfig:
@@ -365,9 +373,9 @@ class DPRPConfig:
             raise ValueError(f"config file {str(p)!r} is a directory; pass a .json, .yaml or .yml file")
         if not p.is_file():
             raise ValueError(f"config file {str(p)!r} does not exist")
-        if p.suffix == ".json":
+        if p.suffix.lower() == ".json":
             return cls.from_json(p)
-        if p.suffix in (".yaml", ".yml"):
+        if p.suffix.lower() in (".yaml", ".yml"):
             return cls.from_yaml(p)
         raise ValueError(f"config file {str(p)!r}: use a .json, .yaml or .yml file")
 
@@ -379,11 +387,16 @@ class DPRPConfig:
         Presets:
             "paper": the paper's "proposed 2" CIFAR-10 ResNet-20 setting (Table I), from scratch.
             "paper-proposed1": "proposed 1" of Sec. IV-C (lambda_comp 0.5, epsilon 0.01).
-            "finetune": the paper's losses for a pretrained model: 10 epochs, lr 0.01, cosine.
+            "finetune": the paper's losses and optimizer on a short schedule (10 epochs, lr 0.01, cosine,
+                batch 128): the base of the others and of the benchmark rows. Its factors train at the full
+                lr, which loses about 20 points of a pretrained model in two epochs; use "tuned" for one.
             "tuned": "finetune" with the settings the CIFAR-10 reproduction found best for
                 pretrained models: factors at 1/20 of the lr, singular values at 10x, a stronger
                 L_comp (lambda_comp 2), epsilon 0.1, pruning every 25 steps, and a last epoch
-                without L_comp or pruning (docs/benchmarks.md).
+                without L_comp or pruning (docs/benchmarks.md). Measured over 3 epochs (27% of the
+                parameters removed for about one point of top-1 on ResNet-20); over its default 10 epochs it
+                keeps pruning (about 50% after five) and costs more accuracy, so for a chosen size add
+                ``target_compression`` (or use "tuned-target50").
             "tuned-target50": "tuned" for a chosen size: L_comp weighted by each layer's share of the
                 parameters (``comp_weighting="params"``) and compression stopped once half of the
                 parameters are gone (``target_compression=0.5``); override ``target_compression`` for
@@ -414,8 +427,13 @@ PRESETS["tuned-target50"] = {**PRESETS["tuned"], "comp_weighting": "params", "ta
 
 
 def _finite(v: Any) -> bool:
-    """True for a real finite number (bools excluded)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """True for a real finite number (bools excluded; an int too large for a float is not finite)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def _is_int(v: Any) -> bool:
@@ -448,10 +466,21 @@ def _check_field_names(names: Any) -> None:
     known = sorted(f.name for f in fields(DPRPConfig))
     for key in names:
         if key not in known:
-            close = [_FIELD_ALIASES[key]] if key in _FIELD_ALIASES else difflib.get_close_matches(str(key), known, n=1)
+            close = _suggest_field(str(key), known)
             hint = (f" Did you mean {close[0]!r}?" if close
                     else f" The fields are: {', '.join(k for k in known if k != 'version')}.")
             raise ValueError(f"unknown DPRPConfig field {key!r}.{hint}")
+
+
+def _suggest_field(key: str, known: list[str]) -> list[str]:
+    """The field an unknown name most likely means: an alias, a case or near-miss of a field or an alias."""
+    folded = key.lower().replace("-", "_")
+    if folded in known:
+        return [folded]
+    if folded in _FIELD_ALIASES:
+        return [_FIELD_ALIASES[folded]]
+    close = difflib.get_close_matches(folded, [*known, *_FIELD_ALIASES], n=1)
+    return [_FIELD_ALIASES.get(close[0], close[0])] if close else []
 
 
 def _yaml_floats(data: dict[str, Any]) -> dict[str, Any]:
@@ -513,7 +542,7 @@ def _read_if_path(text_or_path: str | os.PathLike[str], kind: str) -> str:
     if path.is_dir():
         raise ValueError(f"config file {str(path)!r} is a directory; pass a {kind} file or the {kind} text itself")
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not part of the text
     except FileNotFoundError:
         raise ValueError(f"config file {str(path)!r} does not exist; check the path, or pass the {kind} "
                          "text itself") from None
@@ -527,12 +556,18 @@ def _read_if_path(text_or_path: str | os.PathLike[str], kind: str) -> str:
 def _parse(text_or_path: str | os.PathLike[str], kind: str, parse: Any, error: type[Exception]) -> Any:
     """Parse config text or a config file; a syntax error names the file (or says it was the text)."""
     text = _read_if_path(text_or_path, kind)
+    source = f"config file {str(text_or_path)!r}" if text != text_or_path else f"the {kind} text"
     try:
-        return parse(text)
+        data = parse(text)
     except error as exc:
-        source = f"config file {str(text_or_path)!r}" if text != text_or_path else f"the {kind} text"
         raise ValueError(f"{source} is not valid {kind} ({' '.join(str(exc).split())}); fix it, or write the "
                          f"config with DPRPConfig.to_{kind.lower()}") from None
+    if not isinstance(data, dict):
+        kind_of = type(data).__name__
+        got = ("nothing (it is empty or only comments)" if data is None else
+               f"{'an' if kind_of[0] in 'aeiou' else 'a'} {kind_of} ({data!r:.40})")
+        raise ValueError(f"{source} must hold a mapping of DPRPConfig fields (e.g. {{\"lr\": 0.01}}), but holds {got}")
+    return data
 
 
 def _yaml():

@@ -3,8 +3,9 @@
 `DPRPTrainer` runs the paper's recipe: L_total = cross-entropy + the `DPRPRegularizer` terms (eq. (8)),
 SGD with momentum 0.9, weight decay 1e-4, lr 0.1 and ReduceLROnPlateau (factor 0.1, patience 10) on the
 epoch's mean classification loss (Sec. IV-B), and rank pruning by `RankPruner` every `prune_every` epochs
-(or steps). `DPRPConfig.preset("finetune")` gives the short recipe for a pretrained model (10 epochs,
-lr 0.01, cosine schedule, batch 128). `compress` composes `factorize` and the trainer.
+(or steps). For a pretrained model use `DPRPConfig.preset("tuned")`: the `finetune` recipe (10 epochs,
+lr 0.01, cosine schedule, batch 128) with the factors at 1/20 of the lr, without which a pretrained model loses
+about 20 points in two epochs (docs/benchmarks.md, learnt 1). `compress` composes `factorize` and the trainer.
 
 Runs are resumable: every epoch writes ``run_dir/checkpoint.pt`` atomically (model, ranks, optimizer,
 scheduler, GradScaler, RNG states, history, config) and appends a line to ``run_dir/history.jsonl``;
@@ -19,7 +20,7 @@ identically on every process, each taking its contiguous share of every global b
 progress; pruning decisions are broadcast from rank 0.
 
 Example:
-    >>> result = compress(resnet20(), DPRPConfig.preset("finetune"), train, test, run_dir="runs/r20")  # doctest: +SKIP
+    >>> result = compress(resnet20(), DPRPConfig.preset("tuned"), train, test, run_dir="runs/r20")  # doctest: +SKIP
     >>> result.summary.to_table()                                                                 # doctest: +SKIP
 """
 
@@ -543,7 +544,8 @@ class DPRPTrainer:
     Defaults (`DPRPConfig()`) reproduce Sec. IV-B: SGD, momentum 0.9, weight decay 1e-4, lr 0.1,
     ReduceLROnPlateau on the epoch's mean classification loss (factor 0.1, patience 10), lambda_str 1,
     mu_orth 1000, mu_sort 1, lambda_comp 0.1 and epsilon 0.1 (Table I), pruning every epoch.
-    `DPRPConfig.preset("finetune")` is the short recipe for pretrained models (10 epochs, lr 0.01, cosine).
+    For pretrained models use `DPRPConfig.preset("tuned")` (the `finetune` recipe, 10 epochs, lr 0.01, cosine,
+    with the factors at 1/20 of the lr).
     ``warmup_epochs`` = w ramps every lr linearly per step over the first w epochs; for training data without
     ``len()`` the number of steps is unknown, so the factor is one per epoch, (epoch + 0.5) / w (the step-wise
     ramp's mean over that epoch).
@@ -1252,7 +1254,7 @@ def compress(model: nn.Module, config: DPRPConfig | None = None, train_data: Any
              progress: bool = True, teacher: nn.Module | None = None) -> CompressionResult:
     """Factorize `model` (unless it already has SVD layers) and train it with DPRP (`DPRPTrainer`).
 
-    Use `DPRPConfig.preset("finetune")` for a pretrained model, `DPRPConfig()` for the paper's recipe.
+    Use `DPRPConfig.preset("tuned")` for a pretrained model, `DPRPConfig()` for the paper's recipe from scratch.
 
     Args:
         teacher: The distillation teacher when ``config.distill > 0`` (e.g. the dense model fine-tuned on

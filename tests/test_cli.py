@@ -903,6 +903,9 @@ def test_an_out_suffix_of_another_format_exits_2(fmt, name, words, tmp_path):
     ("c.json", b'{"epsilon": 0.1,', ("cannot be parsed", "JSONDecodeError", "line 1")),
     ("c.yaml", b"epsilon: [0.1\n", ("cannot be parsed",)),
     ("c.json", b'{"epsilon": "\xff"}', ("is not UTF-8 text", "byte 13")),
+    ("c.yaml", b"# nothing set\n", ("must hold a mapping of DPRPConfig fields", "holds nothing (it is empty")),
+    ("c.yaml", b"- lr: 0.1\n", ("must hold a mapping", "holds a list")),
+    ("c.yaml", b"0\n", ("must hold a mapping", "holds an int")),
 ])
 def test_a_config_file_that_cannot_be_read_is_named(name, content, words, data_dir, tmp_path):
     cfg = tmp_path / name
@@ -910,6 +913,26 @@ def test_a_config_file_that_cannot_be_read_is_named(name, content, words, data_d
     bad("compress", "cifar:resnet20", "--data", data_dir, "--out", tmp_path / "r", "--config", cfg,
         words=("--config file", str(cfg), *words))
     assert not (tmp_path / "r").exists()
+
+
+def test_a_yaml_config_reads_exponent_floats_as_the_api_does(data_dir, tmp_path, monkeypatch):
+    # `lr: 5e-3` (a string to YAML 1.1) loaded through DPRPConfig.load but was refused by --config
+    import dprp_surgery.cli.commands as commands
+
+    cfg = tmp_path / "c.YAML"  # an upper-case suffix was refused too
+    cfg.write_text("lr: 5e-3\nweight_decay: 1e-4\nepochs: 1\n")
+    seen = {}
+    real = commands.build_config
+
+    def spy(*args, **kwargs):
+        seen["config"] = real(*args, **kwargs)
+        return seen["config"]
+
+    monkeypatch.setattr(commands, "build_config", spy)
+    monkeypatch.setattr(commands, "open_data", lambda *a, **k: (_ for _ in ()).throw(ValueError("stop here")))
+    bad("compress", "cifar:resnet20", "--data", data_dir, "--out", tmp_path / "r", "--config", cfg,
+        words=("stop here",))
+    assert (seen["config"].lr, seen["config"].weight_decay) == (0.005, 1e-4)
 
 
 def test_a_config_directory_is_not_called_missing(data_dir, tmp_path):

@@ -246,11 +246,59 @@ def test_values_that_would_silently_break_training_are_refused(kwargs, words):
 
 @pytest.mark.parametrize("parse", ["from_json", "from_yaml"])
 def test_empty_config_text(parse):
-    if parse == "from_yaml":
-        assert DPRPConfig.from_yaml("") == DPRPConfig()  # an empty YAML document is an empty mapping
+    if parse == "from_yaml":  # an empty or comment-only YAML file gave the paper's defaults (300 epochs) silently
+        for text in ("", "# only a comment\n"):
+            with pytest.raises(ValueError, match=r"^the YAML text must hold a mapping of DPRPConfig fields .* but "
+                               r"holds nothing \(it is empty or only comments\)"):
+                DPRPConfig.from_yaml(text)
     else:
         with pytest.raises(ValueError, match=r"^the JSON text is not valid JSON"):
             DPRPConfig.from_json("")
+
+
+@pytest.mark.parametrize(("text", "got"), [("[]", r"a list \(\[\]\)"), ("0", r"an int \(0\)"),
+                                           ("false", r"a bool \(False\)"), ("''", r"a str \(''\)")])
+def test_yaml_that_is_not_a_mapping_is_refused(text, got, tmp_path):
+    # these all gave DPRPConfig() (`data or {}`)
+    with pytest.raises(ValueError, match=rf"^the YAML text must hold a mapping .* but holds {got}"):
+        DPRPConfig.from_yaml(text)
+    path = tmp_path / "c.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(ValueError, match=rf"^config file '.*c.yaml' must hold a mapping .* but holds {got}"):
+        DPRPConfig.load(path)
+
+
+def test_numpy_scalars_become_plain_numbers():
+    # np.float64 passed validation, then broke to_yaml and the resume of its checkpoint; np.float32/np.int64 were
+    # refused as "not a finite number"
+    import numpy as np
+
+    config = DPRPConfig(lr=np.float64(0.01), momentum=np.float32(0.5), epochs=np.int64(3), seed=np.uint8(7))
+    assert (type(config.lr), type(config.momentum), type(config.epochs), type(config.seed)) == (float, float, int, int)
+    assert DPRPConfig.from_yaml(config.to_yaml()) == config == DPRPConfig.from_json(config.to_json())
+
+
+@pytest.mark.parametrize(("kwargs", "words"), [
+    ({"lr": 10**400}, r"DPRPConfig.lr=1000.* is invalid: must be a finite number > 0"),  # was OverflowError
+    ({"seed": 2**64}, r"DPRPConfig.seed=18446744073709551616 is invalid: must be below 2\*\*63"),
+])
+def test_numbers_too_large_are_a_value_error_naming_the_field(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        DPRPConfig(**kwargs)
+
+
+@pytest.mark.parametrize(("key", "field"), [("learnig_rate", "lr"), ("LR", "lr"), ("Epochs", "epochs"),
+                                            ("batch-size", "batch_size"), ("Weight_Decay", "weight_decay")])
+def test_unknown_fields_suggest_through_case_and_aliases(key, field):
+    with pytest.raises(ValueError, match=rf"unknown DPRPConfig field '{key}'. Did you mean '{field}'\?"):
+        DPRPConfig.from_dict({key: 1})
+
+
+def test_config_files_with_upper_case_suffixes_and_a_byte_order_mark_load(tmp_path):
+    for name, text in (("UP.YAML", "lr: 0.05\n"), ("bom.json", '{"lr": 0.05}')):
+        path = tmp_path / name
+        path.write_bytes((b"\xef\xbb\xbf" if name.endswith("json") else b"") + text.encode())
+        assert DPRPConfig.load(path).lr == 0.05  # UP.YAML: "use a .json, .yaml or .yml file"; BOM: invalid JSON
 
 
 def test_load_of_a_directory_says_so(tmp_path):

@@ -28,7 +28,7 @@ from rich.table import Table
 from torch import nn
 
 from ..accounting import count_params, summarize
-from ..config import DPRPConfig
+from ..config import DPRPConfig, _yaml_floats
 from ..data import TensorImageDataset, TensorLoader, open_data, progress_bar
 from ..io import (
     ARCH_KINDS,
@@ -402,27 +402,31 @@ def _read_config_file(path: Path) -> dict[str, Any]:
         raise ValueError(f"--config {str(path)!r} is a directory; pass a .json, .yaml or .yml file.")
     if not path.is_file():
         raise ValueError(f"--config file {str(path)!r} does not exist.")
-    if path.suffix not in (".json", ".yaml", ".yml"):
+    if path.suffix.lower() not in (".json", ".yaml", ".yml"):
         raise ValueError(f"--config file {str(path)!r}: use a .json, .yaml or .yml file.")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ValueError(f"--config file {str(path)!r} is not UTF-8 text (byte {exc.start} cannot be decoded); "
                          "save it as UTF-8 JSON or YAML.") from None
     except OSError as exc:
         raise ValueError(f"--config file {str(path)!r} cannot be read ({exc.strerror or exc}).") from None
     try:
-        if path.suffix == ".json":
+        if path.suffix.lower() == ".json":
             data = json.loads(text)
         else:
             import yaml
 
-            data = yaml.safe_load(text) or {}
+            data = yaml.safe_load(text)
     except Exception as exc:  # noqa: BLE001 - json and yaml parse errors
         raise ValueError(f"--config file {str(path)!r} cannot be parsed ({type(exc).__name__}: {exc}).") from None
     if not isinstance(data, dict):
-        raise ValueError(f"--config file {str(path)!r} must hold a mapping of DPRPConfig fields.")
-    return data
+        kind_of = type(data).__name__
+        got = "nothing (it is empty or only comments)" if data is None else \
+            f"{'an' if kind_of[0] in 'aeiou' else 'a'} {kind_of}"
+        raise ValueError(f"--config file {str(path)!r} must hold a mapping of DPRPConfig fields (e.g. 'lr: 0.01'), "
+                         f"but holds {got}.")
+    return data if path.suffix.lower() == ".json" else _yaml_floats(data)  # YAML 1.1 reads 5e-3 as a string
 
 
 def _coerce(name: str, kind: str, value: Any) -> Any:
