@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -141,8 +142,9 @@ class CifarResNet(nn.Module):
             raise ValueError(
                 f"CifarResNet depth must be 6n+2 with n >= 1 (e.g. 20, 32, 44, 56, 110), got {depth!r}."
             )
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
             raise ValueError(f"CifarResNet num_classes must be a positive int, got {num_classes!r}.")
+        num_classes = int(num_classes)  # np.int64 from a label array
         self.depth = depth
         self.num_blocks = (depth - 2) // 6
         self.num_classes = num_classes
@@ -278,7 +280,14 @@ def _read_state_dict(path: Path, model_name: str) -> dict[str, Tensor]:
             f"{where[0].upper()}{where[1:]} holds a {type(obj).__name__}, not a state dict of tensors "
             "(expected {'state_dict': {...}} or a bare {name: tensor} mapping)."
         )
-    return {str(k).removeprefix("module."): v for k, v in obj.items()}
+    out: dict[str, Tensor] = {}
+    for k, v in obj.items():
+        key = str(k).removeprefix("module.")
+        if key in out:
+            raise ValueError(f"{where[0].upper()}{where[1:]} holds both {key!r} and 'module.{key}', which are the "
+                             "same entry once the DataParallel prefix is stripped; keep one of them and re-save.")
+        out[key] = v
+    return out
 
 
 def _depth_hint(model: nn.Module, state: Mapping[str, Tensor]) -> str:
@@ -323,6 +332,9 @@ def load_cifar_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> nn.
             the message names the file, the model, the first offending keys and the likely fix.
     """
     path = Path(path).expanduser()
+    wrapper = model
+    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):  # its keys lack 'module.'
+        model = model.module
     name = _model_name(model)
     if not path.is_file():
         raise ValueError(
@@ -362,4 +374,4 @@ def load_cifar_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> nn.
             state[k] = v
     model.load_state_dict(state, strict=True)
     logger.info("Loaded %d tensors from %s into %s", len(state), path, name)
-    return model
+    return wrapper

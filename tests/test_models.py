@@ -153,6 +153,36 @@ def test_load_bare_state_dict_with_and_without_prefix(tmp_path: Path) -> None:
             assert torch.equal(dst.state_dict()[k], v), k
 
 
+def test_load_into_a_data_parallel_model(tmp_path: Path) -> None:
+    # the prefix was stripped from the file but not looked for in the model: "97 missing keys (module.conv1.weight"
+    torch.manual_seed(1)
+    src = resnet20()
+    for prefix in ("", "module."):
+        path = tmp_path / f"dp{prefix or '-'}.pth"
+        torch.save({prefix + k: v for k, v in src.state_dict().items()}, path)
+        wrapped = nn.DataParallel(resnet20())
+        assert load_cifar_checkpoint(wrapped, path) is wrapped
+        for k, v in src.state_dict().items():
+            assert torch.equal(wrapped.module.state_dict()[k], v), k
+
+
+def test_keys_that_collide_once_the_prefix_is_stripped_are_refused(tmp_path: Path) -> None:
+    # {k: good, "module." + k: zeros} loaded whichever came last, silently
+    good = resnet20().state_dict()
+    path = tmp_path / "both.pth"
+    torch.save({**good, **{"module." + k: torch.zeros_like(v) for k, v in good.items()}}, path)
+    with pytest.raises(ValueError, match=r"holds both 'conv1.weight' and 'module.conv1.weight', which are the same "
+                       r"entry once the DataParallel prefix is stripped"):
+        load_cifar_checkpoint(resnet20(), path)
+
+
+def test_num_classes_may_be_a_numpy_integer() -> None:
+    import numpy as np
+
+    model = resnet20(num_classes=np.int64(100))  # was "must be a positive int, got np.int64(100)"
+    assert model.num_classes == 100 and type(model.num_classes) is int and model.linear.out_features == 100
+
+
 def test_load_safetensors(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
