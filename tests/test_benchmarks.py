@@ -380,6 +380,22 @@ def test_cifar10_init_from_a_dense_artifact(tmp_path):
         initial("resnet20", Namespace(init=tmp_path / "missing", weights_dir=None, from_scratch=True))
 
 
+def refused(name: str, argv: list[str], capsys, *words: str):
+    """Run benchmarks/NAME with bad input: argparse's exit 2 with `words` in its error line, no traceback.
+
+    Returns:
+        What the run printed (capsys's captured out and err).
+    """
+    with pytest.raises(SystemExit) as exc:
+        run_main(name, argv)
+    assert exc.value.code == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err, captured.err
+    last = captured.err.strip().splitlines()[-1]
+    assert "error: " in last and all(w in last for w in words), (words, captured.err)
+    return captured
+
+
 def test_cifar10_epsilon_ramp_needs_a_start(capsys):
     with pytest.raises(SystemExit) as exc:
         run_main("cifar10.py", ["--smoke", "--epsilon-ramp-epochs", "3"])
@@ -434,3 +450,41 @@ def test_training_benchmarks_decode_only_their_subsets(cifar10_dir, tmp_path, mo
             run_main(script, argv)
     assert [(len(train), len(test)) for train, test in seen] == [(20, 10), (20, 10)]
     assert decode_counter == [20, 10]  # the second script loads both subsets from the first one's cache
+
+
+def _common():
+    return runpy.run_path(str(BENCHMARKS / "_bench_common.py"))
+
+
+def test_load_ranks_formats(tmp_path):
+    """{layer: rank}, a run.json-style {"ranks": {...}} and a history.jsonl (its last record) are all read."""
+    load_ranks = _common()["load_ranks"]
+    plain, run_json, history = tmp_path / "r.json", tmp_path / "run.json", tmp_path / "history.jsonl"
+    plain.write_text(json.dumps({"conv1": 3, "fc": 2}))
+    run_json.write_text(json.dumps({"arch": "cifar:resnet20", "ranks": {"conv1": 3, "fc": 2},
+                                    "full_ranks": {"conv1": 16, "fc": 10}}))
+    history.write_text("\n".join(json.dumps({"epoch": e, "ranks": {"conv1": 9 - e, "fc": 2}}) for e in range(7)) + "\n")
+    assert load_ranks(plain) == load_ranks(run_json) == load_ranks(history) == {"conv1": 3, "fc": 2}
+    for text, words in (("", "is empty"), ("{", "not valid JSON"), ("[1, 2]", "holds no ranks"),
+                        ('{"conv1": 0}', "not a positive integer"), ('{"conv1": "3"}', "not a positive integer")):
+        plain.write_text(text)
+        with pytest.raises(ValueError, match=words):
+            load_ranks(plain)
+
+
+@pytest.mark.parametrize(("flags", "words"), [
+    (["--schemes", "chanel"], ("--schemes", "invalid choice: 'chanel'")),
+    (["--steps", "0"], ("--steps 0", "at least 1 step")),
+    (["--ranks", "TMP/ranks.json"], ("--ranks", "none of its 1 layer names")),
+], ids=["scheme", "steps", "ranks-of-another-model"])
+def test_train_step_bad_input_exits_2(flags, words, tmp_path, capsys):
+    (tmp_path / "ranks.json").write_text(json.dumps({"head.fc": 3}))
+    refused("train_step.py", ["--smoke", *(f.replace("TMP", str(tmp_path)) for f in flags)], capsys, *words)
+
+
+def test_train_step_reads_a_history(tmp_path, capsys):
+    history = tmp_path / "history.jsonl"
+    history.write_text(json.dumps({"epoch": 0, "ranks": {"conv1": 5}}) + "\n"
+                       + json.dumps({"epoch": 1, "ranks": {"conv1": 2}}) + "\n")
+    run_main("train_step.py", ["--smoke", "--schemes", "channel", "--ranks", str(history)])
+    assert f"every layer cut to ranks of {history}" in capsys.readouterr().out
