@@ -120,8 +120,8 @@ def test_latency_cases(tmp_path, capsys):
     assert {r["model"] for r in rows} == {"resnet20 channel 0.25"} and {r["scheme"] for r in rows} == {"channel"}
     auto = next(r for r in rows if r["form"] == "auto")
     assert auto["params"] > 0 and auto["layers"] == 20
-    with pytest.raises(SystemExit, match="--case 'timm:resnet18'"):
-        run_main("latency.py", ["--smoke", "--case", "timm:resnet18"])
+    refused("latency.py", ["--smoke", "--case", "timm:resnet18"], capsys, "--case 'timm:resnet18'",
+            "timm:NAME:SCHEME:KEEP[:SIZE]")
 
 
 @pytest.mark.parametrize("scheme", ["paper", "channel", "spatial"])
@@ -380,6 +380,16 @@ def test_cifar10_init_from_a_dense_artifact(tmp_path):
         initial("resnet20", Namespace(init=tmp_path / "missing", weights_dir=None, from_scratch=True))
 
 
+def dense_run_dir(path: Path, model: torch.nn.Module) -> Path:
+    """A run directory as the dense row of cifar10.py leaves it: run.json and the exported model/."""
+    from dprp_surgery import save
+
+    save(model, path / "model", arch="cifar:resnet20")
+    (path / "run.json").write_text(json.dumps({"format": "dprp-run", "arch": "cifar:resnet20", "num_classes": 10,
+                                               "status": "done"}))
+    return path
+
+
 def refused(name: str, argv: list[str], capsys, *words: str):
     """Run benchmarks/NAME with bad input: argparse's exit 2 with `words` in its error line, no traceback.
 
@@ -452,6 +462,78 @@ def test_training_benchmarks_decode_only_their_subsets(cifar10_dir, tmp_path, mo
     assert decode_counter == [20, 10]  # the second script loads both subsets from the first one's cache
 
 
+def test_latency_md_replaces_only_the_generated_block(tmp_path, monkeypatch, capsys):
+    """--md keeps the hand-written analysis after the table of docs/benchmarks.md (the generated text sits
+    between marker comments) and replaces the file atomically."""
+    import os
+
+    bench = runpy.run_path(str(BENCHMARKS / "latency.py"), run_name="benchmark_latency")
+    start, end, section = bench["START"], bench["END"], bench["SECTION"]
+    docs = (BENCHMARKS.parent / "docs" / "benchmarks.md").read_text()
+    before, rest = docs.split(start + "\n")
+    generated, after = rest.split(end + "\n")
+    assert before.endswith(section + "\n\n") and generated.startswith("CPU inference latency of exported")
+    assert generated.endswith("Total wall time of the benchmark: 506 s.\n")
+    assert "Where this leaves the target" in after and "\n## " in after  # the analysis, then later sections
+    md = tmp_path / "benchmarks.md"
+    md.write_text(docs)
+    replaced, real_replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (replaced.append(Path(dst)), real_replace(src, dst)))
+    assert bench["write_section"](md, "NEW TABLE\n\nTotal wall time of the benchmark: 1 s.\n") == ""
+    assert md.read_text() == f"{before}{start}\nNEW TABLE\n\nTotal wall time of the benchmark: 1 s.\n{end}\n{after}"
+    assert replaced == [md] and [p.name for p in tmp_path.iterdir()] == ["benchmarks.md"]
+
+    # a section written before the markers: the new block goes after the heading, the old text stays below it
+    old = f"# Benchmarks\n\n{section}\n\nold table\n\nanalysis\n\n## Next\n\nkept\n"
+    md.write_text(old)
+    note = bench["write_section"](md, "NEW\n")
+    assert "had no" in note and "old text kept" in note
+    assert md.read_text() == (f"# Benchmarks\n\n{section}\n\n{start}\nNEW\n{end}\n\nold table\n\nanalysis\n\n"
+                              "## Next\n\nkept\n")
+    assert bench["write_section"](md, "NEWER\n") == ""  # now with markers: only the block changes
+    assert md.read_text() == old.replace("old table", f"{start}\nNEWER\n{end}\n\nold table")
+
+    md.write_text("# Benchmarks\n\n## Other\n\ntext\n")  # no section yet: appended
+    bench["write_section"](md, "NEW\n")
+    assert md.read_text() == f"# Benchmarks\n\n## Other\n\ntext\n\n{section}\n\n{start}\nNEW\n{end}\n"
+
+
+def test_latency_json_into_a_new_folder(tmp_path, capsys):
+    """--json DIR/x.json creates DIR (as --md does), and writes atomically."""
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "new" / "logs" / "rows.json"
+    assert run_main("latency.py", ["--smoke", "--skip-timm", "--skip-onnx", "--json", str(out)]) == 0
+    assert len(json.loads(out.read_text())) == 3 and [p.name for p in out.parent.iterdir()] == ["rows.json"]
+
+
+@pytest.mark.parametrize("flag", ["--json", "--md"])
+def test_latency_unwritable_output_exits_2_before_timing(flag, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    argv = [flag, str(tmp_path / "file" / "x.out"), "--skip-timm", "--skip-onnx", "--runs", "1", "--batches", "1"]
+    refused("latency.py", argv, capsys, flag, "is a file, not a directory")
+
+
+@pytest.mark.parametrize(("case", "words"), [
+    ("cifar:resnet20:chanel:0.25", ("unknown SCHEME 'chanel'", "paper, channel, spatial")),
+    ("cifar:resnet20:paper:2", ("KEEP '2' is not a number in (0, 1]",)),
+    ("cifar:resnet20:paper:nan", ("KEEP 'nan'",)),
+    ("cifar:resnet20:paper:0", ("KEEP '0'",)),
+    ("cifar:resnet20:paper:-1", ("KEEP '-1'",)),
+    ("cifar:resnet20:paper:half", ("KEEP 'half'",)),
+    ("cifar:resnet32:paper:0.5", ("only cifar:resnet20",)),
+    ("timm:resnet18:paper:0.5:0", ("SIZE '0'",)),
+    ("run:TMP/missing_dir", ("run directory", "missing_dir", "does not exist")),
+    ("run:TMP", ("is neither a dprp artifact",)),
+    ("timm:not_a_model:channel:0.5", ("unknown timm model 'not_a_model'",)),
+], ids=["scheme", "keep-2", "keep-nan", "keep-0", "keep-negative", "keep-word", "model", "size", "run-missing",
+        "run-not-a-run", "timm-name"])
+def test_latency_bad_case_exits_2_before_timing(case, words, tmp_path, capsys):
+    """Every --case is checked before any is timed (a good first case is not measured either)."""
+    case = case.replace("TMP", str(tmp_path))
+    argv = ["--smoke", "--skip-onnx", "--case", "cifar:resnet20:channel:0.25", "--case", case]
+    assert "eager" not in refused("latency.py", argv, capsys, f"--case {case!r}", *words).out
+
+
 def _common():
     return runpy.run_path(str(BENCHMARKS / "_bench_common.py"))
 
@@ -470,6 +552,37 @@ def test_load_ranks_formats(tmp_path):
         plain.write_text(text)
         with pytest.raises(ValueError, match=words):
             load_ranks(plain)
+
+
+def test_latency_ranks_file_formats(tmp_path):
+    """--ranks of latency.py reads what train_step.py reads (a run.json's "ranks", a history.jsonl)."""
+    cifar_model = runpy.run_path(str(BENCHMARKS / "latency.py"), run_name="benchmark_latency")["cifar_model"]
+    run_json, history = tmp_path / "run.json", tmp_path / "history.jsonl"
+    run_json.write_text(json.dumps({"ranks": {"conv1": 3, "linear": 2}, "status": "done"}))
+    history.write_text(json.dumps({"ranks": {"conv1": 9}}) + "\n" + json.dumps({"ranks": {"conv1": 3, "linear": 2}}))
+    for path in (run_json, history):
+        model, _, desc = cifar_model("paper", 0.5, str(path))
+        layers = dict(svd_layers(model))
+        assert layers["conv1"].rank == 3 and layers["linear"].rank == 2 and str(path) in desc
+        assert all(m.rank == m.full_rank for n, m in layers.items() if n not in ("conv1", "linear"))
+
+
+def test_latency_refuses_ignored_or_mismatched_ranks(tmp_path, capsys):
+    from dprp_surgery.models import resnet20
+
+    ranks = tmp_path / "ranks.json"
+    ranks.write_text(json.dumps({"ranks": {"blocks.0.attn": 3}}))
+    refused("latency.py", ["--smoke", "--skip-timm", "--ranks", str(ranks)], capsys, "--ranks", "none of its 1 layer "
+            "names", "'blocks.0.attn'", "'conv1'")
+    run_dir = dense_run_dir(tmp_path / "run", resnet20())
+    ranks.write_text(json.dumps({"conv1": 3}))
+    refused("latency.py", ["--smoke", "--run-dir", str(run_dir), "--ranks", str(ranks)], capsys,
+            "--run-dir", "--ranks", "would be ignored")
+    refused("latency.py", ["--smoke", "--skip-timm", "--run-dir", str(run_dir), "--keep", "0.25"], capsys,
+            "--run-dir", "--keep 0.25 would change nothing")
+    refused("latency.py", ["--smoke", "--case", "cifar:resnet20:paper:0.5", "--keep", "0.25"], capsys,
+            "--case replaces --keep")
+    refused("latency.py", ["--smoke", "--skip-timm", "--keep", "nan"], capsys, "--keep nan", "(0, 1]")
 
 
 @pytest.mark.parametrize(("flags", "words"), [
