@@ -753,3 +753,19 @@ def test_train_step_reads_a_history(tmp_path, capsys):
                        + json.dumps({"epoch": 1, "ranks": {"conv1": 2}}) + "\n")
     run_main("train_step.py", ["--smoke", "--schemes", "channel", "--ranks", str(history)])
     assert f"every layer cut to ranks of {history}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("flags", "words"), [
+    (["--baseline", "TMP/typo", "--model", "cifar:resnet20"], ("--baseline", "typo")),
+    (["--baseline", "cifar:resnet20", "--model", "cifar:resnet20", "--model", "TMP/typo"], ("--model", "typo")),
+    (["--baseline", "cifar:resnet20", "--model", "timm:not_a_model"], ("--model timm:not_a_model",
+                                                                       "unknown timm model")),
+    (["--baseline", "cifar:resnet20", "--model", "cifar:resnet20", "--data", "TMP/nodata"],
+     ("--data", "nodata", "does not exist")),
+], ids=["baseline", "second-model", "timm-name", "data"])
+def test_paired_bad_input_exits_2_before_evaluating(flags, words, tmp_path, capsys, monkeypatch):
+    data = image_folder(tmp_path / "d")
+    if "--data" not in flags:
+        flags = [*flags, "--data", str(data)]
+    refused("paired.py", [f.replace("TMP", str(tmp_path)) for f in flags], capsys,
+            *(w.replace("TMP", str(tmp_path)) for w in words))
