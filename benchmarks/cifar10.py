@@ -21,13 +21,21 @@ Usage:
     python benchmarks/cifar10.py --models resnet32 resnet56 --epochs 10 --out runs/cifar10-deep
     python benchmarks/cifar10.py --smoke            # tiny slice, one epoch: keeps the script alive in tests
 
-Writes RESULTS.md and results.json under --out, plus one run directory (history, checkpoints) per row.
+Writes RESULTS.md and results.json under --out, plus one run directory (history, checkpoints) per row. A later
+command with the same --out adds its rows to those already there (a row run again replaces its old entry; the
+table keeps the order of the rows above); every row records its command, and RESULTS.md lists the rows that
+came from another command than the one in its header. So the distill row can follow the dense row:
+
+    python benchmarks/cifar10.py --rows dense tuned --out runs/r20
+    python benchmarks/cifar10.py --rows distill --out runs/r20     # distils from runs/r20/resnet20/dense/model
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -38,9 +46,13 @@ from dprp_surgery import DPRPConfig, export, factorize, load, save, summarize
 from dprp_surgery.cli.commands import RUN_FORMAT, RUN_VERSION
 from dprp_surgery.config import COMP_WEIGHTINGS, FACTOR_STEPS, SCHEMES
 from dprp_surgery.data import IMAGENET_MEAN, IMAGENET_STD, TensorLoader, open_data
+from dprp_surgery.io import load_model
 from dprp_surgery.models import CIFAR_MODELS, load_cifar_checkpoint
 from dprp_surgery.surgery import svd_layers
 from dprp_surgery.trainer import CHECKPOINT_NAME, DPRPTrainer, run_files
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _bench_common.py beside this script (runpy too)
+from _bench_common import write_text_atomic  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -55,10 +67,23 @@ ABLATIONS = ("none", "l1", "l2", "funnel")
 ALL_ROWS = ("dense", "paper2", "paper1", "tuned", "distill", *ABLATIONS)
 PAPER_ROWS = tuple(r for r in ALL_ROWS if r != "distill")
 DEFAULT_ROWS = {"resnet20": PAPER_ROWS, "resnet32": PAPER_ROWS, "resnet56": ("dense", "tuned")}
+# --smoke: the tuned preset's cool-down epoch and 25-step pruning would never prune in one short epoch
+SMOKE_TUNED = {"reg_cooldown_epochs": 0, "prune_every": 1}
 
 
-def row_config(row: str, model_name: str, base: DPRPConfig) -> DPRPConfig:
-    """The DPRPConfig of one table row (the shared schedule in `base`)."""
+def row_config(row: str, model_name: str, base: DPRPConfig, smoke: bool = False) -> DPRPConfig:
+    """The DPRPConfig of one table row.
+
+    Args:
+        row: The row (one of ALL_ROWS).
+        model_name: The CIFAR ResNet (its paper settings).
+        base: The shared schedule (epochs, lr, batch size, seed, ...).
+        smoke: The tuned and distill rows drop the preset's cool-down and prune every step (SMOKE_TUNED), so that
+            a one-epoch smoke run compresses.
+
+    Raises:
+        ValueError: An unknown row.
+    """
     base = base if row in ("tuned", "distill") else base.replace(target_compression=None, comp_weighting="layers")
     if row == "dense":
         return base.replace(regularizer="none", distill=0.0)
@@ -70,38 +95,69 @@ def row_config(row: str, model_name: str, base: DPRPConfig) -> DPRPConfig:
         keep = {f: getattr(base, f) for f in ("epochs", "batch_size", "lr", "lr_schedule", "seed", "device",
                                                 "momentum", "weight_decay", "warmup_epochs", "factor_lr_scale",
                                                 "distill", "target_compression", "comp_weighting")}
-        return tuned.replace(**keep)
+        return tuned.replace(**keep, **(SMOKE_TUNED if smoke else {}))  # one replace: no cool-down warning
     if row in ABLATIONS:
         return base.replace(scheme="paper", regularizer=row, lambda_comp=0.1, epsilon=0.001, distill=0.0)
     raise ValueError(f"unknown row {row!r}; use one of {', '.join(ALL_ROWS)}")
 
 
 def pretrained(model_name: str, weights_dir: Path | None, from_scratch: bool) -> torch.nn.Module:
-    """A CIFAR ResNet with the shared pretrained weights (random init with --from-scratch)."""
+    """A CIFAR ResNet with the shared pretrained weights (random init with --from-scratch).
+
+    Raises:
+        ValueError: The weights file is missing or does not fit.
+    """
     model = CIFAR_MODELS[model_name]()
     if from_scratch:
         return model
     path = (weights_dir or SHARED / "models") / f"cifar10_{model_name}.th"
     if not path.is_file():
-        raise SystemExit(f"pretrained weights {path} not found: pass --weights-dir or --from-scratch")
-    return load_cifar_checkpoint(model, path)
+        where = f"--weights-dir {weights_dir}" if weights_dir else f"the default folder {path.parent}"
+        raise ValueError(f"pretrained weights {path} not found in {where}: pass --weights-dir (a folder with "
+                         f"cifar10_{model_name}.th) or --from-scratch")
+    try:
+        return load_cifar_checkpoint(model, path)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"pretrained weights {path}: {exc}") from None
+
+
+def load_given(flag: str, value: Path, model_name: str) -> torch.nn.Module:
+    """The model of --init or --teacher: anything `dprp eval` takes (dprp artifact, run directory, model spec).
+
+    Raises:
+        ValueError: Naming the flag and the value: a path that does not exist or a model that cannot be loaded.
+    """
+    text = str(value)
+    if not re.match(r"^[A-Za-z][A-Za-z0-9_-]+:", text) and not Path(text).expanduser().exists():
+        raise ValueError(f"{flag} {text} does not exist: give a dprp artifact or run directory (e.g. "
+                         f"RUN/{model_name}/dense/model or RUN/{model_name}/dense) or a model spec "
+                         f"(e.g. cifar:{model_name}@WEIGHTS.th)")
+    try:
+        return load_model(text)[0]
+    except (OSError, ValueError) as exc:  # ModelSpecError and UntrustedPickleError too
+        raise ValueError(f"{flag} {text}: {' '.join(str(exc).split())}") from None
 
 
 def initial(model_name: str, args) -> torch.nn.Module:
-    """The weights a row starts from: --init's dense artifact, else the pretrained (or random) weights."""
+    """The weights a row starts from: --init's dense model, else the pretrained (or random) weights.
+
+    --init takes what `dprp eval` takes: a dprp artifact, a run directory (e.g. the dense row's RUN/resnet20/dense)
+    or a model spec; the model must be dense.
+
+    Raises:
+        ValueError: --init is missing, factorized or not a CIFAR `model_name`; or the pretrained weights are.
+    """
     if args.init is None:
         return pretrained(model_name, args.weights_dir, args.from_scratch)
-    if not args.init.exists():
-        raise SystemExit(f"--init {args.init} does not exist: give a dprp artifact (e.g. RUN/{model_name}/dense/model)")
-    source = load(args.init)
+    source = load_given("--init", args.init, model_name)
     if svd_layers(source):
-        raise SystemExit(f"--init {args.init} is a factorized model: give a dense artifact "
-                         "(e.g. the dense row's model)")
+        raise ValueError(f"--init {args.init} is a factorized model: give a dense artifact or run directory "
+                         "(e.g. the dense row's)")
     model = CIFAR_MODELS[model_name]()
     try:
         model.load_state_dict(source.state_dict(), strict=True)
     except RuntimeError as err:
-        raise SystemExit(f"--init {args.init} is not a CIFAR {model_name}: {str(err).splitlines()[0]}") from None
+        raise ValueError(f"--init {args.init} is not a CIFAR {model_name}: {str(err).splitlines()[0]}") from None
     return model
 
 
@@ -120,13 +176,19 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device) -> tuple[floa
 
 
 def teacher_for(model_name: str, args) -> tuple[torch.nn.Module, str]:
-    """The distillation teacher of the distill row and where it came from."""
-    path = args.teacher or args.out / model_name / "dense" / "model"
-    if Path(path).exists():
-        return load(path), str(path)
+    """The distillation teacher of the distill row and where it came from.
+
+    --teacher takes what `dprp eval` takes (a dprp artifact, a run directory or a model spec); without it, the
+    dense row's model in --out when it exists, else the pretrained weights.
+
+    Raises:
+        ValueError: --teacher cannot be loaded.
+    """
     if args.teacher:
-        raise SystemExit(f"--teacher {args.teacher} does not exist: give a dprp artifact "
-                         "(e.g. RUN/resnet20/dense/model)")
+        return load_given("--teacher", args.teacher, model_name), str(args.teacher)
+    path = args.out / model_name / "dense" / "model"
+    if path.exists():
+        return load(path), str(path)
     return pretrained(model_name, args.weights_dir, args.from_scratch), "pretrained weights"
 
 
@@ -138,13 +200,13 @@ def run_row(row: str, model_name: str, args, train_ds, test_ds, base: DPRPConfig
     """Train one row and measure it."""
     config = row_config(row, model_name, base.replace(distill=args.distill if row == "distill" else 0.0,
                                                       target_compression=args.target_compression,
-                                                      comp_weighting=args.comp_weighting))
+                                                      comp_weighting=args.comp_weighting), smoke=args.smoke)
     if args.sigma_lr_scale is not None and row not in ("dense", "tuned", "distill"):
         config = config.replace(sigma_lr_scale=args.sigma_lr_scale)
     if row in ("tuned", "distill"):
         overrides = {field: getattr(args, field) for field in TUNED_FLAGS if getattr(args, field) is not None}
         if args.epsilon_start is not None:
-            overrides["epsilon_ramp_epochs"] = args.epsilon_ramp_epochs or 0
+            overrides["epsilon_ramp_epochs"] = args.epsilon_ramp_epochs
         if args.no_structure_when_frozen:
             overrides["structure_when_frozen"] = False
         config = config.replace(**overrides)
@@ -185,6 +247,7 @@ def run_row(row: str, model_name: str, args, train_ds, test_ds, base: DPRPConfig
         result["init"] = str(args.init)
     if resumed:
         result["resumed_at_epoch"] = start_epoch
+    result["command"] = args.command
     return {**result, **ship(model, model_name, config, run_dir, dense_summary, result)}
 
 
@@ -214,33 +277,93 @@ def ship(model: torch.nn.Module, model_name: str, config: DPRPConfig, run_dir: P
             "shipped_macs_removed": 100.0 * (1 - s.macs / dense_summary.macs)}
 
 
+def read_results(out: Path) -> list[dict]:
+    """The rows of ``out/results.json`` ([] when there is none).
+
+    Raises:
+        ValueError: The file is unreadable or not a list of result rows.
+    """
+    path = out / "results.json"
+    if not path.is_file():
+        return []
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {path} ({exc}): fix or move it away, or choose another --out") from None
+    if not isinstance(results, list) or not all(isinstance(r, dict) and "model" in r and "row" in r
+                                                for r in results):
+        raise ValueError(f"{path} is not a list of result rows (with 'model' and 'row'): move it away or choose "
+                         "another --out")
+    return results
+
+
+def row_order(result: dict) -> tuple[int, int, str, str]:
+    """The table's order: models as in PAPER_SETTINGS, rows as in ALL_ROWS (unknown ones last)."""
+    models, rows = list(PAPER_SETTINGS), list(ALL_ROWS)
+    model, row = result["model"], result["row"]
+    return (models.index(model) if model in models else len(models), rows.index(row) if row in rows else len(rows),
+            str(model), str(row))
+
+
+def merge_results(old: list[dict], new: list[dict]) -> list[dict]:
+    """`old` with the rows of `new` added; a row in both (same model and row) takes its entry from `new`."""
+    merged = {(r["model"], r["row"]): r for r in old}
+    merged.update({(r["model"], r["row"]): r for r in new})
+    return sorted(merged.values(), key=row_order)
+
+
+def header_command(header: str) -> str | None:
+    """The command recorded at the end of a RESULTS.md header line (None if there is none)."""
+    match = re.search(r", command: (python benchmarks/cifar10\.py.*)$", header)
+    return match.group(1) if match else None
+
+
+def write_results(out: Path, results: list[dict], header: str, command: str | None) -> None:
+    """Write results.json and RESULTS.md atomically (temporary file + os.replace each)."""
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2))
+    write_text_atomic(out / "RESULTS.md", markdown(results, header, command))
+
+
 def rescore(out: Path) -> int:
-    """Re-export every row of ``out/results.json`` from its checkpoint and rewrite the results."""
+    """Re-export every row of ``out/results.json`` from its checkpoint and rewrite the results.
+
+    Raises:
+        ValueError: There is no results.json in `out` (or it is unreadable).
+    """
     from dprp_surgery.io import load_run
 
-    results = json.loads((out / "results.json").read_text())
+    if not (out / "results.json").is_file():
+        raise ValueError(f"--rescore: --out {out} holds no results.json; give the --out of an earlier run of this "
+                         "script")
+    results = read_results(out)
     for r in results:
         run_dir = out / r["model"] / r["row"]
         config = DPRPConfig.from_dict(r["config"])
         if not (run_dir / "run.json").is_file():  # rows written before run directories carried run.json
-            (run_dir / "run.json").write_text(json.dumps({"format": RUN_FORMAT, "version": RUN_VERSION,
-                                                          "arch": f"cifar:{r['model']}", "num_classes": 10,
-                                                          "config": r["config"], "status": "done"}))
+            write_text_atomic(run_dir / "run.json", json.dumps({"format": RUN_FORMAT, "version": RUN_VERSION,
+                                                                "arch": f"cifar:{r['model']}", "num_classes": 10,
+                                                                "config": r["config"], "status": "done"}))
         model, _ = load_run(run_dir)
         ranks = {n: m.rank for n, m in svd_layers(model)}
         if ranks != r["ranks"]:
             raise SystemExit(f"{run_dir}: checkpoint ranks differ from results.json; was the row re-run?")
         dense_summary = summarize(CIFAR_MODELS[r["model"]](), torch.zeros(1, 3, 32, 32))
         r.update(ship(model.eval(), r["model"], config, run_dir, dense_summary, r))
-    (out / "results.json").write_text(json.dumps(results, indent=2))
     md = (out / "RESULTS.md").read_text().split("\n", 1)[0] if (out / "RESULTS.md").is_file() else ""
-    (out / "RESULTS.md").write_text(markdown(results, md))
-    print(markdown(results, md))
+    write_results(out, results, md, header_command(md))
+    print(markdown(results, md, header_command(md)))
     return 0
 
 
-def markdown(results: list[dict], header: str) -> str:
-    """The results as a markdown table, deltas against each model's dense row."""
+def markdown(results: list[dict], header: str, command: str | None = None) -> str:
+    """The results as a markdown table, deltas against each model's dense row.
+
+    Args:
+        results: The rows.
+        header: The first line (the data, schedule and command of the run).
+        command: The command of the header: rows recorded with another command (or with none, written before
+            rows recorded theirs) are listed under the table. None lists nothing.
+    """
     lines = [header, "",
              "| model | row | top-1 | delta top-1 | top-5 | params removed | MACs removed | shipped: params removed "
              "| shipped: MACs removed | wall (min) | final ranks |",
@@ -254,6 +377,14 @@ def markdown(results: list[dict], header: str) -> str:
         lines.append(f"| {r['model']} | {r['row']} | {r['top1']:.2f} | {delta} | {r['top5']:.2f} | "
                      f"{r['params_removed']:.1f}% | {r['macs_removed']:.1f}% | {shipped} | {r['wall_s'] / 60:.1f} | "
                      f"{ranks} |")
+    if command is not None:
+        other = [r for r in results if r.get("command") != command]
+        if other:
+            lines += ["", "Rows from another command than the header's (their data, schedule and flags are that "
+                          "command's):", ""]
+            lines += [f"- {r['model']} {r['row']}: " + (f"`{r['command']}`" if r.get("command")
+                                                        else "an earlier run (its command was not recorded)")
+                      for r in other]
     return "\n".join(lines) + "\n"
 
 
@@ -265,9 +396,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=["resnet20"], choices=sorted(PAPER_SETTINGS))
     parser.add_argument("--rows", nargs="+", default=None, choices=ALL_ROWS,
                         help="rows to run (default: all for resnet20/32, dense+tuned for resnet56)")
-    parser.add_argument("--epochs", type=int, default=3,
-                        help="epochs of every row (3: the R20 table of docs/benchmarks.md took 59 min on 2 cores)")
-    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs of every row (default 3: the R20 table of docs/benchmarks.md took 59 min on 2 "
+                             "cores; --smoke: 1)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="initial learning rate of the cosine schedule (default 0.01, fine-tuning the pretrained "
+                             "weights; 0.1, the paper's, with --from-scratch)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--factor-lr-scale", type=float, default=None,
                         help="lr multiplier of U and V in every factorized row (default: the tuned preset's)")
@@ -285,8 +419,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="tuned and distill rows: epsilon grows geometrically from this value to --epsilon over "
                              "--epsilon-ramp-epochs epochs (DPRPConfig.epsilon_start; default: fixed epsilon)")
     parser.add_argument("--epsilon-ramp-epochs", type=int, default=None,
-                        help="length of the epsilon schedule in epochs (DPRPConfig.epsilon_ramp_epochs); needs "
-                             "--epsilon-start")
+                        help="length of the epsilon schedule in epochs (DPRPConfig.epsilon_ramp_epochs); goes "
+                             "with --epsilon-start (each needs the other)")
     parser.add_argument("--prune-every", type=int, default=None,
                         help="steps between pruning checks in the tuned and distill rows (default: the tuned "
                              "preset's 25). L_comp pushes down the smallest kept singular value until it falls under "
@@ -313,16 +447,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distill", type=float, default=0.5,
                         help="distillation weight alpha of the distill row (DPRPConfig.distill)")
     parser.add_argument("--teacher", type=Path, default=None,
-                        help="dprp artifact the distill row distils from (default: the dense row's model in --out)")
+                        help="model the distill row distils from: a dprp artifact or run directory (e.g. RUN/resnet20/"
+                             "dense), anything `dprp eval` takes (default: the dense row's model in --out)")
     parser.add_argument("--init", type=Path, default=None,
-                        help="start every row from this dense dprp artifact of the model (e.g. RUN/resnet56/dense/"
-                             "model, a finished dense fine-tune) instead of the pretrained weights")
+                        help="start every row from this dense model of the architecture, a dprp artifact or run "
+                             "directory (e.g. RUN/resnet56/dense, a finished dense fine-tune) instead of the "
+                             "pretrained weights")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--train-limit", type=int, default=None, help="class-balanced training subset")
     parser.add_argument("--test-limit", type=int, default=None, help="class-balanced test subset")
     parser.add_argument("--from-scratch", action="store_true", help="random init (the paper's setting; slow)")
-    parser.add_argument("--smoke", action="store_true", help="256 train / 128 test images, 1 epoch")
+    parser.add_argument("--smoke", action="store_true",
+                        help="256 train / 128 test images, 1 epoch; the tuned and distill rows prune every step and "
+                             "have no cool-down epoch, so the one short epoch compresses")
     parser.add_argument("--out", type=Path, default=Path("runs/cifar10"))
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--resume", action="store_true",
@@ -332,43 +470,72 @@ def main(argv: list[str] | None = None) -> int:
                         help="train nothing: re-export and re-measure the rows of --out/results.json from their "
                              "checkpoints (adds the shipped columns to tables of older runs)")
     args = parser.parse_args(argv)
+    args.command = "python benchmarks/cifar10.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     if args.rescore:
-        return rescore(args.out)
+        try:
+            return rescore(args.out)
+        except ValueError as exc:
+            parser.error(str(exc))
     if args.epsilon_ramp_epochs is not None and args.epsilon_start is None:
         parser.error("--epsilon-ramp-epochs needs --epsilon-start (the epsilon the schedule starts from)")
+    if args.epsilon_start is not None and args.epsilon_ramp_epochs is None:
+        parser.error(f"--epsilon-start {args.epsilon_start} needs --epsilon-ramp-epochs (the epochs over which "
+                     "epsilon moves to --epsilon, e.g. --epsilon-ramp-epochs 3); without it epsilon would stay fixed")
+    if args.epsilon_ramp_epochs is not None and args.epsilon_ramp_epochs < 1:
+        parser.error(f"--epsilon-ramp-epochs {args.epsilon_ramp_epochs}: the schedule needs at least 1 epoch (or drop "
+                     "it and --epsilon-start for a fixed epsilon)")
+    if args.epochs is not None and args.epochs < 1:
+        parser.error(f"--epochs {args.epochs}: train at least 1 epoch")
     if args.smoke:
+        if args.epochs not in (None, 1):
+            print(f"note: --smoke trains 1 epoch; --epochs {args.epochs} is ignored (drop --smoke to train "
+                  f"{args.epochs} epochs)", flush=True)
         args.epochs, args.train_limit, args.test_limit = 1, args.train_limit or 256, args.test_limit or 128
-    if args.from_scratch and args.lr == 0.01:
-        args.lr = 0.1  # the paper's from-scratch learning rate
+    args.epochs = 3 if args.epochs is None else args.epochs
+    if args.lr is None:
+        args.lr = 0.1 if args.from_scratch else 0.01  # the paper's from-scratch lr; fine-tuning takes 0.01
+    rows = {m: args.rows or DEFAULT_ROWS[m] for m in args.models}
     if not args.resume:  # the trainer refuses a fresh row in a used run directory: say so before any row trains
-        taken = [f"{m}/{row}" for m in args.models for row in args.rows or DEFAULT_ROWS[m]
-                 if run_files(args.out / m / row)]
+        taken = [f"{m}/{row}" for m in args.models for row in rows[m] if run_files(args.out / m / row)]
         if taken:
             parser.error(f"--out {args.out} already holds the rows {', '.join(taken)}: pass --resume to continue "
                          "them, or choose another --out (or delete those row directories) to train them afresh")
+    try:  # every input is checked before any row trains (a typo would otherwise cost all rows before it)
+        earlier = read_results(args.out)
+        for model_name in args.models:
+            initial(model_name, args)
+            if "distill" in rows[model_name] and args.teacher is not None:
+                teacher_for(model_name, args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if not re.match(r"^cifar100?:", args.data) and not Path(args.data).expanduser().exists():
+        parser.error(f"--data {args.data} does not exist: give an ImageFolder dir with train/ and test/ (or val/), "
+                     "a .tar.gz of one, or cifar10:DIR")
 
     # limits decode only the images they keep (the same class-balanced subsets as data.subset)
-    train_ds, test_ds = open_data(args.data, progress=not args.quiet, train_limit=args.train_limit or None,
-                                  eval_limit=args.test_limit or None, seed=args.seed)
+    try:
+        train_ds, test_ds = open_data(args.data, progress=not args.quiet, train_limit=args.train_limit or None,
+                                      eval_limit=args.test_limit or None, seed=args.seed)
+    except (OSError, ValueError) as exc:
+        parser.error(f"--data {args.data}: {' '.join(str(exc).split())}")
     if args.factor_lr_scale is None:
         args.factor_lr_scale = DPRPConfig.preset("tuned").factor_lr_scale
     base = DPRPConfig.preset("finetune").replace(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                                  seed=args.seed, device=args.device,
                                                  factor_lr_scale=args.factor_lr_scale)
     args.out.mkdir(parents=True, exist_ok=True)
-    results: list[dict] = []
+    results: list[dict] = earlier
     where = "CUDA" if torch.cuda.is_available() and args.device != "cpu" else f"{torch.get_num_threads()} CPU threads"
     header = (f"CIFAR-10 ({len(train_ds)} train / {len(test_ds)} test images), {args.epochs} epochs, lr {args.lr} "
               f"cosine (factors x{args.factor_lr_scale}), batch {args.batch_size}, seed {args.seed}, "
-              f"torch {torch.__version__}, {where}"
-              f", command: python benchmarks/cifar10.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+              f"torch {torch.__version__}, {where}, command: {args.command}")
     for model_name in args.models:
-        for row in args.rows or DEFAULT_ROWS[model_name]:
-            results.append(run_row(row, model_name, args, train_ds, test_ds, base))
-            (args.out / "results.json").write_text(json.dumps(results, indent=2))
-            (args.out / "RESULTS.md").write_text(markdown(results, header))
-            print(markdown(results[-1:], ""), flush=True)
-    print(markdown(results, header))
+        for row in rows[model_name]:
+            result = run_row(row, model_name, args, train_ds, test_ds, base)
+            results = merge_results(results, [result])  # rows of earlier commands stay; a re-run row is replaced
+            write_results(args.out, results, header, args.command)
+            print(markdown([result], ""), flush=True)
+    print(markdown(results, header, args.command))
     return 0
 
 

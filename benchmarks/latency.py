@@ -24,7 +24,10 @@ Usage:
     python benchmarks/latency.py --smoke          # seconds, meaningless timings: keeps the script alive in tests
 
 ``--md FILE`` writes the table with the command, machine and versions into FILE under
-``## Inference latency (issue 4)`` (replacing only that section; other sections are kept).
+``## Inference latency (issue 4)``, between the marker comments ``<!-- latency.py: generated start -->`` and
+``<!-- latency.py: generated end -->``: only that block is replaced, so the hand-written text around it (and every
+other section) is kept. A section without the markers gets the new block right after its heading, the old text
+below it (a note says so). ``--md`` and ``--json`` files are replaced atomically (temporary file + rename).
 """
 
 from __future__ import annotations
@@ -47,10 +50,23 @@ from torch import nn
 
 from dprp_surgery import DPRPConfig, factorize, svd_layers
 from dprp_surgery.accounting import count_params, summarize
+from dprp_surgery.config import SCHEMES
 from dprp_surgery.export import export, to_onnx
+from dprp_surgery.io import check_writable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _bench_common.py beside this script (runpy too)
+from _bench_common import RANKS_FORMATS, check_ranks_match, load_ranks, write_text_atomic  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Inference latency (issue 4)"
+START = "<!-- latency.py: generated start -->"
+END = "<!-- latency.py: generated end -->"
+CASE_FORMS = ("use cifar:resnet20:SCHEME:KEEP, timm:NAME:SCHEME:KEEP[:SIZE] or run:DIR (SCHEME paper|channel|spatial, "
+              "KEEP in (0, 1], SIZE a positive image size)")
+
+
+class CaseError(ValueError):
+    """A --case (or single-model flag) that cannot be measured; the message names it and the fix."""
 
 
 def interleaved_medians(fns: list, runs: int, warmup_s: float = 0.5, min_block_s: float = 0.02) -> list[float]:
@@ -104,7 +120,13 @@ def truncate(model: nn.Module, keep: float | None, ranks: dict[str, int] | None)
 
 
 def cifar_model(scheme: str, keep: float, ranks_file: str | None = None) -> tuple[nn.Module, tuple[int, ...], str]:
-    """The compressed CIFAR ResNet-20 (SVD form, shared pretrained weights when present), input size, description."""
+    """The compressed CIFAR ResNet-20 (SVD form, shared pretrained weights when present), input size, description.
+
+    Args:
+        scheme: The matricization of every layer.
+        keep: The fraction of every layer's rank kept (without `ranks_file`).
+        ranks_file: A ranks file (see `_bench_common.load_ranks`): every layer it names is cut to its rank.
+    """
     from dprp_surgery.models import load_cifar_checkpoint, resnet20
 
     model = resnet20()
@@ -112,7 +134,7 @@ def cifar_model(scheme: str, keep: float, ranks_file: str | None = None) -> tupl
     if weights.is_file():
         load_cifar_checkpoint(model, weights)
     f = factorize(model, DPRPConfig(scheme=scheme))
-    ranks = json.loads(Path(ranks_file).read_text()) if ranks_file else None
+    ranks = load_ranks(ranks_file) if ranks_file else None
     truncate(f, keep, ranks)
     how = f"ranks from {ranks_file}" if ranks_file else f"keep {keep:g} of each rank"
     return f.eval(), (3, 32, 32), f"cifar:resnet20, {scheme} scheme, {how}"
@@ -137,24 +159,94 @@ def timm_model(name: str, scheme: str, keep: float, size: int) -> tuple[nn.Modul
     return f.eval(), (3, size, size), f"timm:{name} at {size}px, {scheme} scheme, keep {keep:g} of each rank"
 
 
+def _keep(spec: str, text: str) -> float:
+    """KEEP of a --case: a number in (0, 1]."""
+    try:
+        keep = float(text)
+    except ValueError:
+        keep = math.nan
+    if not 0 < keep <= 1:  # also nan
+        raise CaseError(f"--case {spec!r}: KEEP {text!r} is not a number in (0, 1] (the fraction of every layer's "
+                        "rank kept, e.g. 0.25); " + CASE_FORMS)
+    return keep
+
+
+def _scheme(spec: str, scheme: str) -> str:
+    if scheme not in SCHEMES:
+        raise CaseError(f"--case {spec!r}: unknown SCHEME {scheme!r}; use one of {', '.join(SCHEMES)}")
+    return scheme
+
+
+def check_timm_name(name: str, what: str) -> None:
+    """Refuse a timm architecture that timm does not know (before anything is timed)."""
+    from dprp_surgery.io import ModelSpecError, _check_name
+
+    try:
+        _check_name("timm", name)  # the message suggests close names
+    except ModelSpecError as exc:
+        raise CaseError(f"{what}: {exc}") from None
+
+
+def check_ranks_file(path: str, scheme: str) -> None:
+    """Refuse a --ranks file that cannot be read or names no layer of the factorized CIFAR ResNet-20."""
+    from dprp_surgery.models import resnet20
+
+    try:
+        ranks = load_ranks(path)
+        check_ranks_match(ranks, [n for n, _ in svd_layers(factorize(resnet20(), DPRPConfig(scheme=scheme)))], path)
+    except ValueError as exc:
+        raise CaseError(f"--ranks: {exc}") from None
+
+
+def check_run(path: str, what: str) -> tuple[nn.Module, tuple[int, ...], str]:
+    """Load the model of a run directory (or dprp artifact) now, so a bad path is refused before any timing."""
+    from dprp_surgery.io import parse_model_spec
+
+    if not Path(path).expanduser().exists():
+        raise CaseError(f"{what} {path!r} does not exist: give a dprp run directory (run.json, checkpoint.pt; e.g. "
+                        "from `dprp compress --out DIR` or benchmarks/cifar10.py) or a dprp artifact")
+    try:
+        if parse_model_spec(path).kind not in ("run", "artifact"):
+            raise ValueError(f"{path!r} is not a dprp run directory (run.json, checkpoint.pt) nor a dprp artifact")
+        return run_model(path)
+    except (OSError, ValueError) as exc:  # ModelSpecError too
+        raise CaseError(f"{what} {path!r}: {exc}") from None
+
+
 def parse_case(spec: str, timm_size: int):
-    """(row name, builder) of one --case: cifar:resnet20:SCHEME:KEEP, timm:NAME:SCHEME:KEEP[:SIZE] or run:DIR."""
+    """(row name, builder) of one --case: cifar:resnet20:SCHEME:KEEP, timm:NAME:SCHEME:KEEP[:SIZE] or run:DIR.
+
+    Everything is checked here, before any case is timed: the form, SCHEME, KEEP in (0, 1], SIZE, that timm
+    knows NAME, and that DIR holds a loadable run (its model is loaded now and kept for the builder).
+
+    Raises:
+        CaseError: Naming the spec, what is wrong and the accepted forms.
+    """
     kind, _, rest = spec.partition(":")
     parts = rest.split(":")
-    try:
-        if kind == "run" and rest:
-            return f"run:{rest.rstrip('/')}", lambda: run_model(rest)  # the whole path: rows are often all "distill"
-        if kind == "cifar" and len(parts) == 3 and parts[0] == "resnet20":
-            scheme, keep = parts[1], float(parts[2])
-            return f"resnet20 {scheme} {keep:g}", lambda: cifar_model(scheme, keep)
-        if kind == "timm" and len(parts) in (3, 4):
-            name, scheme, keep = parts[0], parts[1], float(parts[2])
-            size = int(parts[3]) if len(parts) == 4 else timm_size
-            return f"{name} {scheme} {keep:g}", lambda: timm_model(name, scheme, keep, size)
-    except ValueError:
-        pass
-    raise SystemExit(f"--case {spec!r}: use cifar:resnet20:SCHEME:KEEP, timm:NAME:SCHEME:KEEP[:SIZE] or run:DIR "
-                     "(SCHEME paper|channel|spatial, KEEP in (0, 1])")
+    if kind == "run" and rest:
+        loaded = check_run(rest, f"--case {spec!r}: run directory")
+        return f"run:{rest.rstrip('/')}", lambda: loaded  # the whole path: rows are often all "distill"
+    if kind == "cifar" and len(parts) == 3:
+        if parts[0] != "resnet20":
+            raise CaseError(f"--case {spec!r}: only cifar:resnet20 is measured (got cifar:{parts[0]}); "
+                            "for another trained model use run:DIR")
+        scheme, keep = _scheme(spec, parts[1]), _keep(spec, parts[2])
+        return f"resnet20 {scheme} {keep:g}", lambda: cifar_model(scheme, keep)
+    if kind == "timm" and len(parts) in (3, 4):
+        name, scheme, keep = parts[0], _scheme(spec, parts[1]), _keep(spec, parts[2])
+        size = timm_size
+        if len(parts) == 4:
+            try:
+                size = int(parts[3])
+            except ValueError:
+                size = 0
+            if size < 1:
+                raise CaseError(f"--case {spec!r}: SIZE {parts[3]!r} is not a positive image size in pixels "
+                                "(e.g. 224)")
+        check_timm_name(name, f"--case {spec!r}")
+        return f"{name} {scheme} {keep:g}", lambda: timm_model(name, scheme, keep, size)
+    raise CaseError(f"--case {spec!r}: {CASE_FORMS}")
 
 
 def ort_session(model: nn.Module, example: torch.Tensor, threads: int, workdir: Path, tag: str):
@@ -239,7 +331,6 @@ def markdown(rows: list[dict], models: dict[str, str], command: str) -> str:
     except OSError:
         pass
     lines = [
-        SECTION, "",
         "CPU inference latency of exported compressed models (`benchmarks/latency.py`): the three forms of "
         "a row timed in interleaved rounds (one block of calls of about 20 ms per form per round), median over "
         f"{rows[0].get('runs', '?')} rounds of the per-call time after a warm-up (>= 2 calls and 0.5 s), PyTorch eager "
@@ -309,39 +400,75 @@ def notes(rows: list[dict]) -> list[str]:
     return out
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace (or append) the latency section of a markdown file, keeping every other section."""
+def write_section(path: Path, text: str) -> str:
+    """Write the generated block `text` into the latency section of a markdown file, keeping everything else.
+
+    The block sits between the START and END marker comments under the SECTION heading; only what lies between
+    the markers is replaced, so hand-written text before or after them stays. A file without the section gets it
+    appended (a missing file is created); a section without markers (written before they existed) gets the
+    block right after its heading, with its old text kept below it. The file is replaced atomically.
+
+    Args:
+        path: The markdown file.
+        text: The generated block (without the heading and the markers).
+
+    Returns:
+        A note for the user when the old text was kept beside the new block, else "".
+    """
     old = path.read_text() if path.is_file() else "# Benchmarks\n"
-    lines = old.splitlines()
+    lines = old.rstrip("\n").splitlines()
+    block = [START, *text.rstrip("\n").splitlines(), END]
     start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
+    note = ""
     if start is None:
-        new = old.rstrip("\n") + "\n\n" + text
+        new_lines = [*lines, "", SECTION, "", *block] if old.strip() else [SECTION, "", *block]
     else:
         end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
-        new = "\n".join(lines[:start]) + ("\n" if start else "") + text + (
-            "\n" + "\n".join(lines[end:]) + "\n" if end < len(lines) else "")
+        first = next((i for i in range(start + 1, end) if lines[i].strip() == START), None)
+        last = None if first is None else next((i for i in range(first + 1, end) if lines[i].strip() == END), None)
+        if first is not None and last is not None:
+            new_lines = lines[:first] + block + lines[last + 1:]
+        else:
+            new_lines = lines[:start + 1] + ["", *block] + lines[start + 1:]
+            note = (f"note: the section {SECTION!r} of {path} had no {START} / {END} markers: the new table was "
+                    "inserted after its heading and the old text kept below it; delete what is outdated by hand")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(new)
+    write_text_atomic(path, "\n".join(new_lines) + "\n")
+    return note
 
 
 def cases(args) -> list[tuple[str, object]]:
-    """(row name, builder) of every model to measure: the --case specs, else the single-model flags."""
+    """(row name, builder) of every model to measure: the --case specs, else the single-model flags.
+
+    Every spec, file and name is checked here, before anything is timed.
+
+    Raises:
+        CaseError: A spec, run directory, ranks file or timm name that cannot be measured.
+    """
     if args.case:
         return [parse_case(spec, args.timm_size) for spec in args.case]
     if args.run_dir:
-        first = ("resnet20", lambda: run_model(args.run_dir))
+        loaded = check_run(args.run_dir, "--run-dir")
+        first = ("resnet20", lambda: loaded)
     else:
+        if args.ranks:
+            check_ranks_file(args.ranks, args.scheme)
         first = ("resnet20", lambda: cifar_model(args.scheme, args.keep, args.ranks))
-    timm_case = (args.timm, lambda: timm_model(args.timm, args.scheme, args.keep, args.timm_size))
-    return [first] + ([] if args.skip_timm else [timm_case])
+    if args.skip_timm:
+        return [first]
+    check_timm_name(args.timm, f"--timm {args.timm}")
+    return [first, (args.timm, lambda: timm_model(args.timm, args.scheme, args.keep, args.timm_size))]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--keep", type=float, default=0.5, help="fraction of every layer's rank kept (default 0.5)")
-    parser.add_argument("--ranks", help="JSON file {layer: rank} for the CIFAR ResNet-20")
-    parser.add_argument("--run-dir", help="a dprp compress run directory (its model replaces the CIFAR ResNet-20)")
-    parser.add_argument("--scheme", default="paper", choices=("paper", "channel", "spatial"))
+    parser.add_argument("--keep", type=float, default=None,
+                        help="fraction of every layer's rank kept, in (0, 1] (default 0.5; with --run-dir it applies "
+                             "to the timm model only)")
+    parser.add_argument("--ranks", help=f"ranks of the CIFAR ResNet-20: {RANKS_FORMATS} (not with --run-dir)")
+    parser.add_argument("--run-dir", help="a dprp compress run directory (its model, at its trained ranks, replaces "
+                                          "the CIFAR ResNet-20; not with --ranks)")
+    parser.add_argument("--scheme", default="paper", choices=SCHEMES)
     parser.add_argument("--timm", default="convnext_atto", help="timm architecture (random init)")
     parser.add_argument("--timm-size", type=int, default=224)
     parser.add_argument("--skip-timm", action="store_true")
@@ -363,8 +490,31 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds, not minutes (batch 1, 1 run, no warm-ups, timm model at 32 px): keeps the "
                              "script alive in tests; the timings mean nothing")
     args = parser.parse_args(argv)
-    if not 0 < args.keep <= 1:
-        parser.error("--keep must lie in (0, 1]")
+    if args.keep is not None and not 0 < args.keep <= 1:
+        parser.error(f"--keep {args.keep}: give the fraction of every layer's rank kept, in (0, 1] (e.g. 0.5)")
+    if args.case:
+        given = [flag for flag, value in (("--keep", args.keep), ("--ranks", args.ranks), ("--run-dir", args.run_dir))
+                 if value is not None]
+        if given:
+            parser.error(f"--case replaces {', '.join(given)}: put the model into the --case spec instead "
+                         "(cifar:resnet20:SCHEME:KEEP, run:DIR)")
+    if args.run_dir and args.ranks:
+        parser.error(f"--run-dir {args.run_dir} keeps the run's trained ranks: --ranks {args.ranks} would be ignored; "
+                     "drop one of them")
+    if args.run_dir and args.keep is not None:
+        if args.skip_timm:
+            parser.error(f"--run-dir {args.run_dir} keeps the run's trained ranks and --skip-timm drops the timm "
+                         f"model: --keep {args.keep:g} would change nothing; drop --keep")
+        print(f"note: --keep {args.keep:g} applies to the timm model only; the --run-dir model keeps its trained "
+              "ranks", flush=True)
+    args.keep = 0.5 if args.keep is None else args.keep
+    if args.runs < 1:
+        parser.error(f"--runs {args.runs}: time at least 1 round (default 15)")
+    if args.timm_size < 1:
+        parser.error(f"--timm-size {args.timm_size}: give a positive image size in pixels (e.g. 224)")
+    bad = [b for b in args.batches if b < 1]
+    if bad:
+        parser.error(f"--batches {bad[0]}: every batch size must be at least 1")
     args.warmup_s, warm_up_s, args.min_block_s = 0.5, 5.0, 0.02
     if args.smoke:
         if args.md:
@@ -373,8 +523,20 @@ def main(argv: list[str] | None = None) -> int:
         args.min_block_s = 0.0
         if args.timm_size == parser.get_default("timm_size"):
             args.timm_size = 32
+    for flag, path in (("--md", args.md), ("--json", args.json)):
+        if path is not None:
+            if path.is_dir():
+                parser.error(f"{flag} {path} is a directory: give a file path")
+            try:
+                check_writable(path, flag)  # before minutes of timing
+            except ValueError as exc:
+                parser.error(str(exc))
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        measured = cases(args)  # every case is checked before anything is timed
+    except CaseError as exc:
+        parser.error(str(exc))
     command = "python benchmarks/latency.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None
                                                                                  else sys.argv[1:]))
     t0 = time.perf_counter()
@@ -382,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     models: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, build in cases(args):
+        for name, build in measured:
             model, size, desc = build()
             models[name] = desc
             print(f"{name}: {desc}", flush=True)
@@ -392,12 +554,16 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(rows, models, command.strip())
     text += f"\nTotal wall time of the benchmark: {time.perf_counter() - t0:.0f} s.\n"
     print()
+    print(SECTION + "\n")
     print(text)
     if args.md:
-        write_section(args.md, text)
+        note = write_section(args.md, text)
         print(f"wrote the section to {args.md}")
+        if note:
+            print(note)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(args.json, json.dumps(rows, indent=2))
     return 0
 
 

@@ -29,6 +29,7 @@ import argparse
 import functools
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -73,6 +74,10 @@ def paired_stats(base_right: torch.Tensor, model_right: torch.Tensor, band: floa
     return out
 
 
+class DataError(ValueError):
+    """The eval data cannot be opened (the message is open_data's)."""
+
+
 @functools.lru_cache(maxsize=4)
 def _eval_split(data: str, image_size: int | None, limit: int | None):
     """The eval split of `data` (decoded once per image size, shared by every model)."""
@@ -82,14 +87,16 @@ def _eval_split(data: str, image_size: int | None, limit: int | None):
 
 
 @torch.inference_mode()
-def correctness(spec: str, data: str, limit: int | None, batch_size: int) -> tuple[torch.Tensor, str]:
-    """Per-image correctness of the model `spec` on the eval split of `data`, and its architecture."""
-    net, arch = load_model(spec)
+def correctness(net: torch.nn.Module, arch: str, data: str, limit: int | None, batch_size: int) -> torch.Tensor:
+    """Per-image correctness of the model `net` (architecture `arch`) on the eval split of `data`."""
     net.eval()
     recipe = data_recipe(arch, net)
-    val = _eval_split(data, recipe.image_size, limit)
+    try:
+        val = _eval_split(data, recipe.image_size, limit)
+    except (OSError, ValueError) as exc:
+        raise DataError(" ".join(str(exc).split())) from None
     hits = [(net(x).argmax(dim=1) == y) for x, y in TensorLoader(val, batch_size, mean=recipe.mean, std=recipe.std)]
-    return torch.cat(hits), arch
+    return torch.cat(hits)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,11 +110,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
+    if not re.match(r"^cifar100?:", args.data) and not Path(args.data).expanduser().exists():
+        p.error(f"--data {args.data} does not exist: give an ImageFolder tree, an archive of one or cifar10:DIR")
+    if args.limit is not None and args.limit < 1:
+        p.error(f"--limit {args.limit}: give at least 1 image")
+    if args.batch_size < 1:
+        p.error(f"--batch-size {args.batch_size}: give at least 1")
     start = time.perf_counter()
-    base, base_arch = correctness(args.baseline, args.data, args.limit, args.batch_size)
+    models = {}  # every model is loaded before any is evaluated: a typo in the last one costs nothing
+    for flag, spec in [("--baseline", args.baseline), *(("--model", m) for m in args.model)]:
+        if spec not in models:
+            try:
+                models[spec] = load_model(spec)
+            except (OSError, ValueError) as exc:  # ModelSpecError, unreadable or misfitting weights
+                p.error(f"{flag} {spec}: {' '.join(str(exc).split())}")
+    try:
+        base_arch = models[args.baseline][1]
+        base = correctness(*models[args.baseline], args.data, args.limit, args.batch_size)
+    except DataError as exc:  # data that open_data cannot read (checked on the baseline, before any model)
+        p.error(f"--data {args.data}: {exc}")
     rows = []
     for spec in args.model:
-        right, arch = correctness(spec, args.data, args.limit, args.batch_size)
+        net, arch = models[spec]
+        right = correctness(net, arch, args.data, args.limit, args.batch_size)
         if right.shape != base.shape:
             raise SystemExit(f"{spec} was evaluated on {right.numel()} images and the baseline on {base.numel()}")
         rows.append({"model": spec, "arch": arch, **paired_stats(base, right, args.band)})

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -28,17 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from dprp_surgery import DPRPConfig, factorize, svd_layers
+from dprp_surgery.config import SCHEMES
 from dprp_surgery.losses import DPRPRegularizer
 from dprp_surgery.models import resnet20
 
-
-def load_ranks(path: str) -> dict[str, int]:
-    """{layer: rank} from a JSON object, or the last record ("ranks") of a history.jsonl."""
-    text = Path(path).read_text().strip()
-    if path.endswith(".jsonl"):
-        return json.loads(text.splitlines()[-1])["ranks"]
-    data = json.loads(text)
-    return data.get("ranks", data)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _bench_common.py beside this script (runpy too)
+from _bench_common import check_ranks_match, load_ranks  # noqa: E402
 
 
 def truncated(model, ranks: dict[str, int] | None, fraction: float):
@@ -108,9 +103,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per configuration first")
-    parser.add_argument("--schemes", nargs="+", default=["paper", "channel", "spatial"])
+    parser.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES)
     parser.add_argument("--fraction", type=float, default=0.5, help="pruned rank = ceil(fraction * theta)")
-    parser.add_argument("--ranks", help="JSON {layer: rank} or a run's history.jsonl (overrides --fraction)")
+    parser.add_argument("--ranks", help="JSON {layer: rank}, a run.json (its \"ranks\") or a run's history.jsonl "
+                        "(its last epoch's ranks); overrides --fraction")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--model-only", action="store_true",
                         help="also time the factorized models without the regularizer")
@@ -120,6 +116,19 @@ def main(argv: list[str] | None = None) -> None:
                         help="seconds, not minutes (batch 8, 1 warm-up and 1 timed step, 2 overhead repeats): keeps "
                              "the script alive in tests; the timings mean nothing")
     args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"--steps {args.steps}: time at least 1 step per configuration (e.g. --steps 10)")
+    if args.warmup < 0:
+        parser.error(f"--warmup {args.warmup}: give 0 or more untimed steps")
+    if not 0 < args.fraction <= 1:
+        parser.error(f"--fraction {args.fraction}: the pruned rank is ceil(fraction * theta), give a value in (0, 1]")
+    ranks = None
+    if args.ranks:
+        try:
+            ranks = load_ranks(args.ranks)
+            check_ranks_match(ranks, [n for n, _ in svd_layers(factorize(resnet20(), DPRPConfig()))], args.ranks)
+        except ValueError as exc:
+            parser.error(f"--ranks: {exc}")
     repeats = 20
     if args.smoke:
         args.batch_size, args.steps, args.warmup, repeats = 8, 1, 1, 2
@@ -129,7 +138,6 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"threads {torch.get_num_threads()}, batch {args.batch_size}")
     dense = resnet20()
-    ranks = load_ranks(args.ranks) if args.ranks else None
     pruned_label = f"ranks of {args.ranks}" if ranks else f"{args.fraction:g} theta"
     configs = [Config("dense", dense, None)]
     for scheme in args.schemes:

@@ -90,10 +90,13 @@ def main(argv: list[str] | None = None) -> dict:
                                       eval_limit=args.test_limit or None, seed=args.seed)
     except ValueError as exc:
         raise SystemExit(f"cannot open the dataset: {exc}") from None
-    config = DPRPConfig.preset(args.preset, seed=args.seed, device=args.device)
-    config = config.replace(epochs=args.epochs or config.epochs, batch_size=args.batch_size or config.batch_size)
-    if args.smoke:  # one short epoch: the preset's cool-down epoch and 25-step pruning would never prune in it
-        config = config.replace(reg_cooldown_epochs=0, prune_every=1)
+    preset = DPRPConfig.preset(args.preset, seed=args.seed, device=args.device)
+    # one short smoke epoch: the preset's cool-down epoch and 25-step pruning would never prune in it. One replace,
+    # so no intermediate 1-epoch config with the cool-down epoch warns that nothing will be pruned
+    smoke = {"reg_cooldown_epochs": 0, "prune_every": 1} if args.smoke else {}
+    config = preset.replace(epochs=args.epochs or preset.epochs, batch_size=args.batch_size or preset.batch_size,
+                            **smoke)
+    if args.smoke:
         print("smoke: pruning every step and no cool-down epoch, so one short epoch shows DPRP at work")
     elif config.reg_cooldown_epochs >= config.epochs:
         print(f"note: all {config.epochs} epoch(s) are the preset's cool-down (reg_cooldown_epochs="

@@ -30,14 +30,21 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     parser.add_argument("--image-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.depth < 8 or (args.depth - 2) % 6:
+        parser.error(f"--depth {args.depth}: a CIFAR ResNet has depth 6n+2 with n >= 1; use 8, 14, 20, 32, 44, 56, ...")
+    for flag, value in (("--epochs", args.epochs), ("--batches", args.batches), ("--batch-size", args.batch_size),
+                        ("--image-size", args.image_size)):
+        if value < 1:
+            parser.error(f"{flag} {value}: give at least 1")
 
     torch.manual_seed(args.seed)
     config = DPRPConfig(lambda_comp=10.0, epsilon=0.5, min_rank=1)
+    original = CifarResNet(args.depth)
     # (1) surgery: every Conv/Linear becomes U diag(s) V^T at full rank (same function as before)
-    model = factorize(CifarResNet(args.depth), config)
+    model = factorize(original, config)
     example = torch.randn(1, 3, args.image_size, args.image_size)
     before = {n: m.rank for n, m in svd_layers(model)}
-    dense = summarize(model, example)
+    dense = summarize(original, example)  # the dense model: at full rank the factorized one has more parameters
 
     sigmas = [m.s for _, m in svd_layers(model)]
     others = [p for p in model.parameters() if all(p is not s for s in sigmas)]

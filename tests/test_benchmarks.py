@@ -6,6 +6,7 @@ import json
 import math
 import re
 import runpy
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -29,14 +30,20 @@ def run_main(name: str, argv: list[str]):
         torch.set_num_threads(threads)
 
 
-def test_cifar10_smoke(shared_dir, tmp_path, capsys):
+def test_cifar10_smoke(shared_dir, tmp_path, capsys, caplog):
+    """The docstring's workflow: the dense (and other) rows first, then the distill row in a second command with
+    the same --out, distilling from the dense row; the table keeps the rows of both commands."""
     rows = ["dense", "paper2", "tuned", "distill"]
-    args = ["--smoke", "--quiet", "--out", str(tmp_path), "--rows", *rows, "--target-compression", "0.3",
-            "--sigma-lr-scale", "5", "--scheme", "channel", "--min-rank", "2", "--no-structure-when-frozen",
-            "--factor-step", "capped", "--epsilon-start", "0.01", "--epsilon-ramp-epochs", "2"]
-    assert run_main("cifar10.py", args) == 0
+    flags = ["--smoke", "--quiet", "--out", str(tmp_path), "--target-compression", "0.3",
+             "--sigma-lr-scale", "5", "--scheme", "channel", "--min-rank", "2", "--no-structure-when-frozen",
+             "--factor-step", "capped", "--epsilon-start", "0.01", "--epsilon-ramp-epochs", "2"]
+    first, second = [*flags, "--rows", *rows[:3]], [*flags, "--rows", "distill"]
+    assert run_main("cifar10.py", first) == 0
+    assert run_main("cifar10.py", second) == 0
     results = json.loads((tmp_path / "results.json").read_text())
-    # the distill row learns from the dense row's fine-tuned model, written just before it
+    assert [r["command"] for r in results] == [f"python benchmarks/cifar10.py {shlex.join(first)}"] * 3 + [
+        f"python benchmarks/cifar10.py {shlex.join(second)}"]
+    # the distill row learns from the dense row's fine-tuned model, written by the first command
     assert results[3]["teacher"] == str(tmp_path / "resnet20" / "dense" / "model")
     assert results[3]["config"]["distill"] == 0.5 and results[2]["config"]["distill"] == 0.0
     assert [r["config"]["target_compression"] for r in results] == [None, None, 0.3, 0.3]
@@ -55,6 +62,17 @@ def test_cifar10_smoke(shared_dir, tmp_path, capsys):
     assert all(len(r["ranks"]) == 20 for r in results[1:])  # every conv and the classifier factorized
     md = (tmp_path / "RESULTS.md").read_text()
     assert "256 train / 128 test images" in md and all(f"| resnet20 | {row} |" in md for row in rows)
+    assert re.search(r"^\| resnet20 \| distill \| [\d.]+ \| [+-][\d.]+ \|", md, flags=re.M), md  # a delta to dense
+    assert md.splitlines()[0].endswith(f"command: python benchmarks/cifar10.py {shlex.join(second)}")
+    assert "Rows from another command than the header's" in md
+    assert all(f"- resnet20 {row}: `python benchmarks/cifar10.py {shlex.join(first)}`" in md for row in rows[:3])
+    assert "- resnet20 distill:" not in md
+    # --smoke drops the tuned preset's cool-down and prunes every step: the one short epoch compresses
+    assert "cool-down" not in caplog.text, caplog.text
+    for r in results[2:]:
+        full = json.loads((tmp_path / "resnet20" / r["row"] / "run.json").read_text())["full_ranks"]
+        assert sum(r["ranks"].values()) < sum(full.values()), r["row"]
+        assert r["config"]["reg_cooldown_epochs"] == 0 and r["config"]["prune_every"] == 1
     for r in results:  # the shipped (auto, params) export is never larger than dense nor than the factorized model
         assert r["shipped_params_removed"] >= max(0.0, r["params_removed"]) - 1e-9
     assert results[0]["shipped_params_removed"] == 0.0
@@ -74,7 +92,7 @@ def test_cifar10_smoke(shared_dir, tmp_path, capsys):
     assert run_main("cifar10.py", ["--rescore", "--out", str(tmp_path)]) == 0
     rescored = json.loads((tmp_path / "results.json").read_text())
     assert [r["shipped_params"] for r in rescored] == [r["shipped_params"] for r in results]
-    assert "shipped: params removed" in (tmp_path / "RESULTS.md").read_text()
+    assert (tmp_path / "RESULTS.md").read_text() == md  # same rows, same notes on their commands
 
 
 def test_train_step_smoke(capsys):
@@ -120,8 +138,8 @@ def test_latency_cases(tmp_path, capsys):
     assert {r["model"] for r in rows} == {"resnet20 channel 0.25"} and {r["scheme"] for r in rows} == {"channel"}
     auto = next(r for r in rows if r["form"] == "auto")
     assert auto["params"] > 0 and auto["layers"] == 20
-    with pytest.raises(SystemExit, match="--case 'timm:resnet18'"):
-        run_main("latency.py", ["--smoke", "--case", "timm:resnet18"])
+    refused("latency.py", ["--smoke", "--case", "timm:resnet18"], capsys, "--case 'timm:resnet18'",
+            "timm:NAME:SCHEME:KEEP[:SIZE]")
 
 
 @pytest.mark.parametrize("scheme", ["paper", "channel", "spatial"])
@@ -371,13 +389,86 @@ def test_cifar10_init_from_a_dense_artifact(tmp_path):
     started = initial("resnet20", args)
     for key, value in source.state_dict().items():
         torch.testing.assert_close(started.state_dict()[key], value, rtol=0, atol=0, msg=key)
-    with pytest.raises(SystemExit, match="is not a CIFAR resnet32"):
+    with pytest.raises(ValueError, match="is not a CIFAR resnet32"):
         initial("resnet32", args)
     save(factorize(source), tmp_path / "factorized", arch="cifar:resnet20")
-    with pytest.raises(SystemExit, match="is a factorized model: give a dense artifact"):
+    with pytest.raises(ValueError, match="is a factorized model: give a dense artifact"):
         initial("resnet20", Namespace(init=tmp_path / "factorized", weights_dir=None, from_scratch=True))
-    with pytest.raises(SystemExit, match="does not exist"):
+    with pytest.raises(ValueError, match="does not exist"):
         initial("resnet20", Namespace(init=tmp_path / "missing", weights_dir=None, from_scratch=True))
+
+
+def dense_run_dir(path: Path, model: torch.nn.Module) -> Path:
+    """A run directory as the dense row of cifar10.py leaves it: run.json and the exported model/."""
+    from dprp_surgery import save
+
+    save(model, path / "model", arch="cifar:resnet20")
+    (path / "run.json").write_text(json.dumps({"format": "dprp-run", "arch": "cifar:resnet20", "num_classes": 10,
+                                               "status": "done"}))
+    return path
+
+
+def test_cifar10_init_and_teacher_take_a_run_directory(tmp_path):
+    """--init and --teacher take a run directory too (as paired.py, latency.py run: and `dprp eval` do)."""
+    from argparse import Namespace
+
+    from dprp_surgery.models import resnet20
+
+    bench = runpy.run_path(str(BENCHMARKS / "cifar10.py"), run_name="benchmark_cifar10")
+    torch.manual_seed(0)
+    source = resnet20()
+    run_dir = dense_run_dir(tmp_path / "run" / "resnet20" / "dense", source)
+    started = bench["initial"]("resnet20", Namespace(init=run_dir, weights_dir=None, from_scratch=True))
+    teacher, where = bench["teacher_for"]("resnet20", Namespace(teacher=run_dir, out=tmp_path / "out"))
+    assert where == str(run_dir)
+    for model in (started, teacher):
+        for key, value in source.state_dict().items():
+            torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def refused(name: str, argv: list[str], capsys, *words: str):
+    """Run benchmarks/NAME with bad input: argparse's exit 2 with `words` in its error line, no traceback.
+
+    Returns:
+        What the run printed (capsys's captured out and err).
+    """
+    with pytest.raises(SystemExit) as exc:
+        run_main(name, argv)
+    assert exc.value.code == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err, captured.err
+    last = captured.err.strip().splitlines()[-1]
+    assert "error: " in last and all(w in last for w in words), (words, captured.err)
+    return captured
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail the test if any cifar10.py row starts training."""
+    from dprp_surgery.trainer import DPRPTrainer
+
+    monkeypatch.setattr(DPRPTrainer, "fit", lambda self: pytest.fail("a row trained"))
+
+
+@pytest.mark.parametrize(("flags", "words"), [
+    (["--data", "/nothere"], ("--data /nothere does not exist", "cifar10:DIR")),
+    (["--rows", "dense", "distill", "--teacher", "TMP/typo"], ("--teacher", "typo", "does not exist")),
+    (["--rows", "dense", "distill", "--teacher", "TMP"], ("--teacher", "is neither a dprp artifact")),
+    (["--init", "TMP/typo"], ("--init", "typo", "does not exist")),
+    (["--init", "TMP"], ("--init", "is neither a dprp artifact")),
+    (["--weights-dir", "TMP"], ("pretrained weights", "cifar10_resnet20.th not found", "--weights-dir")),
+    (["--models", "resnet20", "resnet32", "--weights-dir", "TMP/w"], ("cifar10_resnet32.th not found",)),
+    (["--epsilon-start", "0.01"], ("--epsilon-start 0.01 needs --epsilon-ramp-epochs",)),
+], ids=["data", "teacher-missing", "teacher-not-a-model", "init-missing", "init-not-a-model", "weights",
+        "weights-of-the-second-model", "epsilon-start-alone"])
+def test_cifar10_bad_input_exits_2_before_any_row_trains(flags, words, tmp_path, capsys, no_training):
+    from dprp_surgery.models import resnet20
+
+    (tmp_path / "w").mkdir()
+    torch.save(resnet20().state_dict(), tmp_path / "w" / "cifar10_resnet20.th")  # only resnet32's file is missing
+    flags = [f.replace("TMP", str(tmp_path)) for f in flags]
+    refused("cifar10.py", ["--smoke", "--quiet", "--out", str(tmp_path / "out"), *flags], capsys,
+            *(w.replace("TMP", str(tmp_path)) for w in words))
 
 
 def test_cifar10_epsilon_ramp_needs_a_start(capsys):
@@ -434,3 +525,247 @@ def test_training_benchmarks_decode_only_their_subsets(cifar10_dir, tmp_path, mo
             run_main(script, argv)
     assert [(len(train), len(test)) for train, test in seen] == [(20, 10), (20, 10)]
     assert decode_counter == [20, 10]  # the second script loads both subsets from the first one's cache
+
+
+def test_cifar10_rescore_without_results_exits_2(tmp_path, capsys):
+    refused("cifar10.py", ["--rescore", "--out", str(tmp_path)], capsys, "--rescore", str(tmp_path),
+            "no results.json")
+
+
+def cifar10_main(monkeypatch, tmp_path):
+    """cifar10.py's main with the data and the rows faked: returns (main, the (args, base config) of every row)."""
+    bench = runpy.run_path(str(BENCHMARKS / "cifar10.py"), run_name="benchmark_cifar10")
+    main, calls = bench["main"], []
+
+    def fake_row(row, model_name, args, train_ds, test_ds, base):
+        calls.append((args, base))
+        return {"model": model_name, "row": row, "top1": 90.0 if row == "dense" else 88.0, "top5": 99.0,
+                "params": 1, "dense_params": 1, "params_removed": 0.0, "macs": 1, "dense_macs": 1,
+                "macs_removed": 0.0, "ranks": {}, "wall_s": 1.0, "command": getattr(args, "command", None)}
+
+    monkeypatch.setitem(main.__globals__, "run_row", fake_row)
+    monkeypatch.setitem(main.__globals__, "open_data", lambda *a, **k: ([0] * 8, [0] * 4))
+    return main, calls
+
+
+@pytest.mark.parametrize(("flags", "lr"), [([], 0.01), (["--from-scratch"], 0.1), (["--from-scratch", "--lr", "0.01"],
+                                                                                     0.01), (["--lr", "0.05"], 0.05)])
+def test_cifar10_lr_default_depends_on_the_mode(flags, lr, tmp_path, monkeypatch, capsys):
+    main, calls = cifar10_main(monkeypatch, tmp_path)
+    weights = tmp_path / "w"
+    weights.mkdir()
+    from dprp_surgery.models import resnet20
+
+    torch.save(resnet20().state_dict(), weights / "cifar10_resnet20.th")
+    assert main(["--data", str(tmp_path), "--weights-dir", str(weights), "--rows", "dense", "--out",
+                 str(tmp_path / "out"), "--quiet", *flags]) == 0
+    ((_, base),) = calls
+    assert base.lr == lr
+    assert f"lr {lr} cosine" in (tmp_path / "out" / "RESULTS.md").read_text()
+
+
+def test_cifar10_merges_rows_with_the_earlier_results(tmp_path, monkeypatch, capsys):
+    """A second command with the same --out keeps the first one's rows; a row run again replaces its entry."""
+    main, _ = cifar10_main(monkeypatch, tmp_path)
+    out = tmp_path / "out"
+    common = ["--data", str(tmp_path), "--from-scratch", "--quiet", "--out", str(out)]
+    assert main([*common, "--rows", "tuned", "dense"]) == 0
+    (out / "results.json").write_text(json.dumps(json.loads((out / "results.json").read_text())
+                                                 + [{**json.loads((out / "results.json").read_text())[0],
+                                                     "row": "l1", "command": None}]))
+    assert main([*common, "--rows", "distill", "tuned", "--resume"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["row"] for r in results] == ["dense", "tuned", "distill", "l1"]  # the order of ALL_ROWS
+    first = f"python benchmarks/cifar10.py {shlex.join([*common, '--rows', 'tuned', 'dense'])}"
+    second = f"python benchmarks/cifar10.py {shlex.join([*common, '--rows', 'distill', 'tuned', '--resume'])}"
+    assert [r["command"] for r in results] == [first, second, second, None]
+    md = (out / "RESULTS.md").read_text()
+    assert f"- resnet20 dense: `{first}`" in md and "- resnet20 l1: an earlier run (its command was not recorded)" in md
+    assert "- resnet20 tuned" not in md and "| resnet20 | distill | 88.00 | -2.00 |" in md
+    (out / "results.json").write_text("{")
+    with pytest.raises(SystemExit) as exc:
+        main([*common, "--rows", "dense", "--resume"])
+    assert exc.value.code == 2 and "results.json" in capsys.readouterr().err
+
+
+def test_cifar10_smoke_with_epochs_notes_the_override(tmp_path, monkeypatch, capsys):
+    main, calls = cifar10_main(monkeypatch, tmp_path)
+    assert main(["--smoke", "--epochs", "5", "--data", str(tmp_path), "--from-scratch", "--rows", "dense",
+                 "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    assert "note: --smoke trains 1 epoch; --epochs 5 is ignored" in capsys.readouterr().out
+    assert calls[0][1].epochs == 1
+
+
+def test_cifar10_results_are_written_atomically(tmp_path, monkeypatch):
+    """results.json and RESULTS.md are replaced through a temporary file in the same folder (os.replace)."""
+    import os
+
+    main, _ = cifar10_main(monkeypatch, tmp_path)
+    replaced, real_replace = [], os.replace
+
+    def spy(src, dst):
+        replaced.append((Path(src), Path(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
+    out = tmp_path / "out"
+    assert main(["--data", str(tmp_path), "--from-scratch", "--rows", "dense", "--out", str(out), "--quiet"]) == 0
+    assert {dst for _, dst in replaced} == {out / "results.json", out / "RESULTS.md"}
+    assert all(src.parent == dst.parent and src != dst and not src.exists() for src, dst in replaced)
+
+
+def test_latency_md_replaces_only_the_generated_block(tmp_path, monkeypatch, capsys):
+    """--md keeps the hand-written analysis after the table of docs/benchmarks.md (the generated text sits
+    between marker comments) and replaces the file atomically."""
+    import os
+
+    bench = runpy.run_path(str(BENCHMARKS / "latency.py"), run_name="benchmark_latency")
+    start, end, section = bench["START"], bench["END"], bench["SECTION"]
+    docs = (BENCHMARKS.parent / "docs" / "benchmarks.md").read_text()
+    before, rest = docs.split(start + "\n")
+    generated, after = rest.split(end + "\n")
+    assert before.endswith(section + "\n\n") and generated.startswith("CPU inference latency of exported")
+    assert generated.endswith("Total wall time of the benchmark: 506 s.\n")
+    assert "Where this leaves the target" in after and "\n## " in after  # the analysis, then later sections
+    md = tmp_path / "benchmarks.md"
+    md.write_text(docs)
+    replaced, real_replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (replaced.append(Path(dst)), real_replace(src, dst)))
+    assert bench["write_section"](md, "NEW TABLE\n\nTotal wall time of the benchmark: 1 s.\n") == ""
+    assert md.read_text() == f"{before}{start}\nNEW TABLE\n\nTotal wall time of the benchmark: 1 s.\n{end}\n{after}"
+    assert replaced == [md] and [p.name for p in tmp_path.iterdir()] == ["benchmarks.md"]
+
+    # a section written before the markers: the new block goes after the heading, the old text stays below it
+    old = f"# Benchmarks\n\n{section}\n\nold table\n\nanalysis\n\n## Next\n\nkept\n"
+    md.write_text(old)
+    note = bench["write_section"](md, "NEW\n")
+    assert "had no" in note and "old text kept" in note
+    assert md.read_text() == (f"# Benchmarks\n\n{section}\n\n{start}\nNEW\n{end}\n\nold table\n\nanalysis\n\n"
+                              "## Next\n\nkept\n")
+    assert bench["write_section"](md, "NEWER\n") == ""  # now with markers: only the block changes
+    assert md.read_text() == old.replace("old table", f"{start}\nNEWER\n{end}\n\nold table")
+
+    md.write_text("# Benchmarks\n\n## Other\n\ntext\n")  # no section yet: appended
+    bench["write_section"](md, "NEW\n")
+    assert md.read_text() == f"# Benchmarks\n\n## Other\n\ntext\n\n{section}\n\n{start}\nNEW\n{end}\n"
+
+
+def test_latency_json_into_a_new_folder(tmp_path, capsys):
+    """--json DIR/x.json creates DIR (as --md does), and writes atomically."""
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "new" / "logs" / "rows.json"
+    assert run_main("latency.py", ["--smoke", "--skip-timm", "--skip-onnx", "--json", str(out)]) == 0
+    assert len(json.loads(out.read_text())) == 3 and [p.name for p in out.parent.iterdir()] == ["rows.json"]
+
+
+@pytest.mark.parametrize("flag", ["--json", "--md"])
+def test_latency_unwritable_output_exits_2_before_timing(flag, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    argv = [flag, str(tmp_path / "file" / "x.out"), "--skip-timm", "--skip-onnx", "--runs", "1", "--batches", "1"]
+    refused("latency.py", argv, capsys, flag, "is a file, not a directory")
+
+
+@pytest.mark.parametrize(("case", "words"), [
+    ("cifar:resnet20:chanel:0.25", ("unknown SCHEME 'chanel'", "paper, channel, spatial")),
+    ("cifar:resnet20:paper:2", ("KEEP '2' is not a number in (0, 1]",)),
+    ("cifar:resnet20:paper:nan", ("KEEP 'nan'",)),
+    ("cifar:resnet20:paper:0", ("KEEP '0'",)),
+    ("cifar:resnet20:paper:-1", ("KEEP '-1'",)),
+    ("cifar:resnet20:paper:half", ("KEEP 'half'",)),
+    ("cifar:resnet32:paper:0.5", ("only cifar:resnet20",)),
+    ("timm:resnet18:paper:0.5:0", ("SIZE '0'",)),
+    ("run:TMP/missing_dir", ("run directory", "missing_dir", "does not exist")),
+    ("run:TMP", ("is neither a dprp artifact",)),
+    ("timm:not_a_model:channel:0.5", ("unknown timm model 'not_a_model'",)),
+], ids=["scheme", "keep-2", "keep-nan", "keep-0", "keep-negative", "keep-word", "model", "size", "run-missing",
+        "run-not-a-run", "timm-name"])
+def test_latency_bad_case_exits_2_before_timing(case, words, tmp_path, capsys):
+    """Every --case is checked before any is timed (a good first case is not measured either)."""
+    case = case.replace("TMP", str(tmp_path))
+    argv = ["--smoke", "--skip-onnx", "--case", "cifar:resnet20:channel:0.25", "--case", case]
+    assert "eager" not in refused("latency.py", argv, capsys, f"--case {case!r}", *words).out
+
+
+def _common():
+    return runpy.run_path(str(BENCHMARKS / "_bench_common.py"))
+
+
+def test_load_ranks_formats(tmp_path):
+    """{layer: rank}, a run.json-style {"ranks": {...}} and a history.jsonl (its last record) are all read."""
+    load_ranks = _common()["load_ranks"]
+    plain, run_json, history = tmp_path / "r.json", tmp_path / "run.json", tmp_path / "history.jsonl"
+    plain.write_text(json.dumps({"conv1": 3, "fc": 2}))
+    run_json.write_text(json.dumps({"arch": "cifar:resnet20", "ranks": {"conv1": 3, "fc": 2},
+                                    "full_ranks": {"conv1": 16, "fc": 10}}))
+    history.write_text("\n".join(json.dumps({"epoch": e, "ranks": {"conv1": 9 - e, "fc": 2}}) for e in range(7)) + "\n")
+    assert load_ranks(plain) == load_ranks(run_json) == load_ranks(history) == {"conv1": 3, "fc": 2}
+    for text, words in (("", "is empty"), ("{", "not valid JSON"), ("[1, 2]", "holds no ranks"),
+                        ('{"conv1": 0}', "not a positive integer"), ('{"conv1": "3"}', "not a positive integer")):
+        plain.write_text(text)
+        with pytest.raises(ValueError, match=words):
+            load_ranks(plain)
+
+
+def test_latency_ranks_file_formats(tmp_path):
+    """--ranks of latency.py reads what train_step.py reads (a run.json's "ranks", a history.jsonl)."""
+    cifar_model = runpy.run_path(str(BENCHMARKS / "latency.py"), run_name="benchmark_latency")["cifar_model"]
+    run_json, history = tmp_path / "run.json", tmp_path / "history.jsonl"
+    run_json.write_text(json.dumps({"ranks": {"conv1": 3, "linear": 2}, "status": "done"}))
+    history.write_text(json.dumps({"ranks": {"conv1": 9}}) + "\n" + json.dumps({"ranks": {"conv1": 3, "linear": 2}}))
+    for path in (run_json, history):
+        model, _, desc = cifar_model("paper", 0.5, str(path))
+        layers = dict(svd_layers(model))
+        assert layers["conv1"].rank == 3 and layers["linear"].rank == 2 and str(path) in desc
+        assert all(m.rank == m.full_rank for n, m in layers.items() if n not in ("conv1", "linear"))
+
+
+def test_latency_refuses_ignored_or_mismatched_ranks(tmp_path, capsys):
+    from dprp_surgery.models import resnet20
+
+    ranks = tmp_path / "ranks.json"
+    ranks.write_text(json.dumps({"ranks": {"blocks.0.attn": 3}}))
+    refused("latency.py", ["--smoke", "--skip-timm", "--ranks", str(ranks)], capsys, "--ranks", "none of its 1 layer "
+            "names", "'blocks.0.attn'", "'conv1'")
+    run_dir = dense_run_dir(tmp_path / "run", resnet20())
+    ranks.write_text(json.dumps({"conv1": 3}))
+    refused("latency.py", ["--smoke", "--run-dir", str(run_dir), "--ranks", str(ranks)], capsys,
+            "--run-dir", "--ranks", "would be ignored")
+    refused("latency.py", ["--smoke", "--skip-timm", "--run-dir", str(run_dir), "--keep", "0.25"], capsys,
+            "--run-dir", "--keep 0.25 would change nothing")
+    refused("latency.py", ["--smoke", "--case", "cifar:resnet20:paper:0.5", "--keep", "0.25"], capsys,
+            "--case replaces --keep")
+    refused("latency.py", ["--smoke", "--skip-timm", "--keep", "nan"], capsys, "--keep nan", "(0, 1]")
+
+
+@pytest.mark.parametrize(("flags", "words"), [
+    (["--schemes", "chanel"], ("--schemes", "invalid choice: 'chanel'")),
+    (["--steps", "0"], ("--steps 0", "at least 1 step")),
+    (["--ranks", "TMP/ranks.json"], ("--ranks", "none of its 1 layer names")),
+], ids=["scheme", "steps", "ranks-of-another-model"])
+def test_train_step_bad_input_exits_2(flags, words, tmp_path, capsys):
+    (tmp_path / "ranks.json").write_text(json.dumps({"head.fc": 3}))
+    refused("train_step.py", ["--smoke", *(f.replace("TMP", str(tmp_path)) for f in flags)], capsys, *words)
+
+
+def test_train_step_reads_a_history(tmp_path, capsys):
+    history = tmp_path / "history.jsonl"
+    history.write_text(json.dumps({"epoch": 0, "ranks": {"conv1": 5}}) + "\n"
+                       + json.dumps({"epoch": 1, "ranks": {"conv1": 2}}) + "\n")
+    run_main("train_step.py", ["--smoke", "--schemes", "channel", "--ranks", str(history)])
+    assert f"every layer cut to ranks of {history}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("flags", "words"), [
+    (["--baseline", "TMP/typo", "--model", "cifar:resnet20"], ("--baseline", "typo")),
+    (["--baseline", "cifar:resnet20", "--model", "cifar:resnet20", "--model", "TMP/typo"], ("--model", "typo")),
+    (["--baseline", "cifar:resnet20", "--model", "timm:not_a_model"], ("--model timm:not_a_model",
+                                                                       "unknown timm model")),
+    (["--baseline", "cifar:resnet20", "--model", "cifar:resnet20", "--data", "TMP/nodata"],
+     ("--data", "nodata", "does not exist")),
+], ids=["baseline", "second-model", "timm-name", "data"])
+def test_paired_bad_input_exits_2_before_evaluating(flags, words, tmp_path, capsys, monkeypatch):
+    data = image_folder(tmp_path / "d")
+    if "--data" not in flags:
+        flags = [*flags, "--data", str(data)]
+    refused("paired.py", [f.replace("TMP", str(tmp_path)) for f in flags], capsys,
+            *(w.replace("TMP", str(tmp_path)) for w in words))

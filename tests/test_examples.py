@@ -34,13 +34,28 @@ def ranks_line(out: str) -> tuple[int, int]:
 
 
 def test_custom_loop(monkeypatch, capsys):
+    from dprp_surgery.models import CifarResNet
+
     run_example("custom_loop.py", [], monkeypatch)
-    before, after = ranks_line(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    before, after = ranks_line(out)
     assert after < before
+    dense, now = map(int, re.search(r"params: (\d+) -> (\d+);", out).groups())
+    # from the dense ResNet-8 (as timm_model.py does), not from its full-rank factorization (76,030)
+    assert dense == sum(p.numel() for p in CifarResNet(8).parameters()) == 75290 and now < dense
+
+
+@pytest.mark.parametrize(("flags", "words"), [(["--depth", "9"], "--depth 9: a CIFAR ResNet has depth 6n+2"),
+                                               (["--epochs", "0"], "--epochs 0: give at least 1")])
+def test_custom_loop_bad_input_exits_2(flags, words, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_example("custom_loop.py", flags, monkeypatch)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and words in err and "Traceback" not in err, err
 
 
 @pytest.mark.parametrize("preset", ["tuned", "tuned-target50"])
-def test_cifar_resnet20_smoke(shared_dir, tmp_path, monkeypatch, capsys, preset):
+def test_cifar_resnet20_smoke(shared_dir, tmp_path, monkeypatch, capsys, caplog, preset):
     run = tmp_path / "run"
     run_example("cifar_resnet20.py", ["--smoke", "--quiet", "--out", str(run), "--preset", preset], monkeypatch)
     out = capsys.readouterr().out
@@ -48,6 +63,7 @@ def test_cifar_resnet20_smoke(shared_dir, tmp_path, monkeypatch, capsys, preset)
     before, after = ranks_line(out)
     assert 0 < after < before, out  # the smoke run prunes (no cool-down epoch, pruning every step)
     assert "smoke: pruning every step and no cool-down epoch" in out
+    assert "cool-down" not in caplog.text, caplog.text  # no contradictory "nothing is compressed" warning
     dense, now = map(int, re.search(r"params: (\d+) -> (\d+)", out).groups())
     assert dense == 269722 and now > 0  # the CIFAR ResNet-20's 0.27M parameters
     top1 = [float(v) for v in re.search(r"top-1: ([\d.]+)% -> ([\d.]+)%", out).groups()]
