@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from dprp_surgery import DPRPConfig, export, factorize, load, save, summarize
+from dprp_surgery._files import write_text_atomic
 from dprp_surgery.cli.commands import RUN_FORMAT, RUN_VERSION
 from dprp_surgery.config import COMP_WEIGHTINGS, FACTOR_STEPS, SCHEMES
 from dprp_surgery.data import IMAGENET_MEAN, IMAGENET_STD, TensorLoader, open_data
@@ -50,9 +51,6 @@ from dprp_surgery.io import load_model
 from dprp_surgery.models import CIFAR_MODELS, load_cifar_checkpoint
 from dprp_surgery.surgery import svd_layers
 from dprp_surgery.trainer import CHECKPOINT_NAME, DPRPTrainer, run_files
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _bench_common.py beside this script (runpy too)
-from _bench_common import write_text_atomic  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -49,13 +49,11 @@ import torch
 from torch import nn
 
 from dprp_surgery import DPRPConfig, factorize, svd_layers
+from dprp_surgery._files import write_text_atomic
 from dprp_surgery.accounting import count_params, summarize
 from dprp_surgery.config import SCHEMES
 from dprp_surgery.export import export, to_onnx
-from dprp_surgery.io import check_writable
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _bench_common.py beside this script (runpy too)
-from _bench_common import RANKS_FORMATS, check_ranks_match, load_ranks, write_text_atomic  # noqa: E402
+from dprp_surgery.io import RANKS_FORMATS, check_ranks_match, check_writable, read_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Inference latency (issue 4)"
@@ -125,7 +123,7 @@ def cifar_model(scheme: str, keep: float, ranks_file: str | None = None) -> tupl
     Args:
         scheme: The matricization of every layer.
         keep: The fraction of every layer's rank kept (without `ranks_file`).
-        ranks_file: A ranks file (see `_bench_common.load_ranks`): every layer it names is cut to its rank.
+        ranks_file: A ranks file (see `dprp_surgery.io.read_ranks`): every layer it names is cut to its rank.
     """
     from dprp_surgery.models import load_cifar_checkpoint, resnet20
 
@@ -134,7 +132,7 @@ def cifar_model(scheme: str, keep: float, ranks_file: str | None = None) -> tupl
     if weights.is_file():
         load_cifar_checkpoint(model, weights)
     f = factorize(model, DPRPConfig(scheme=scheme))
-    ranks = load_ranks(ranks_file) if ranks_file else None
+    ranks = read_ranks(ranks_file) if ranks_file else None
     truncate(f, keep, ranks)
     how = f"ranks from {ranks_file}" if ranks_file else f"keep {keep:g} of each rank"
     return f.eval(), (3, 32, 32), f"cifar:resnet20, {scheme} scheme, {how}"
@@ -192,7 +190,7 @@ def check_ranks_file(path: str, scheme: str) -> None:
     from dprp_surgery.models import resnet20
 
     try:
-        ranks = load_ranks(path)
+        ranks = read_ranks(path)
         check_ranks_match(ranks, [n for n, _ in svd_layers(factorize(resnet20(), DPRPConfig(scheme=scheme)))], path)
     except ValueError as exc:
         raise CaseError(f"--ranks: {exc}") from None

@@ -20,20 +20,16 @@ import copy
 import math
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from dprp_surgery import DPRPConfig, factorize, svd_layers
 from dprp_surgery.config import SCHEMES
+from dprp_surgery.io import check_ranks_match, read_ranks
 from dprp_surgery.losses import DPRPRegularizer
 from dprp_surgery.models import resnet20
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _bench_common.py beside this script (runpy too)
-from _bench_common import check_ranks_match, load_ranks  # noqa: E402
 
 
 def truncated(model, ranks: dict[str, int] | None, fraction: float):
@@ -125,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     ranks = None
     if args.ranks:
         try:
-            ranks = load_ranks(args.ranks)
+            ranks = read_ranks(args.ranks)
             check_ranks_match(ranks, [n for n, _ in svd_layers(factorize(resnet20(), DPRPConfig()))], args.ranks)
         except ValueError as exc:
             parser.error(f"--ranks: {exc}")

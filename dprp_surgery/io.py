@@ -43,12 +43,14 @@ from torch import nn
 
 __all__ = [
     "ARCH_KINDS",
+    "RANKS_FORMATS",
     "DataRecipe",
     "ModelSpec",
     "ModelSpecError",
     "UntrustedPickleError",
     "WEIGHT_SUFFIXES",
     "build_arch",
+    "check_ranks_match",
     "check_writable",
     "data_recipe",
     "infer_arch",
@@ -56,6 +58,7 @@ __all__ = [
     "load_model",
     "load_run",
     "parse_model_spec",
+    "read_ranks",
     "read_run_info",
     "read_state_dict",
     "set_num_classes",
@@ -1009,3 +1012,71 @@ def data_recipe(arch: str | None, model: nn.Module | None = None) -> DataRecipe:
     if kind == "torchvision":
         return DataRecipe(tuple(IMAGENET_MEAN), tuple(IMAGENET_STD), 224, "cifar", "torchvision ImageNet defaults")
     return DataRecipe(tuple(IMAGENET_MEAN), tuple(IMAGENET_STD), None, "cifar", "ImageNet defaults")
+
+
+# ----------------------------------------------------------------------------- ranks files
+RANKS_FORMATS = ('{layer: rank}, a JSON object with a "ranks" entry {layer: rank} (a run.json) or a run\'s '
+                 'history.jsonl (the ranks of its last epoch)')
+
+
+def read_ranks(path: str | os.PathLike[str]) -> dict[str, int]:
+    """{layer: rank} from a ranks file.
+
+    Accepted: a JSON object {layer: rank}; a JSON object whose ``"ranks"`` entry is one (a run.json); a
+    history.jsonl of a training run (one JSON record per line: the last record's ``"ranks"``).
+
+    Args:
+        path: The file.
+
+    Returns:
+        The ranks, every one a positive integer.
+
+    Raises:
+        ValueError: An unreadable file, invalid JSON, or content that is none of the accepted forms (the
+            message names the file and the forms).
+    """
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read ranks file {str(path)!r}: {getattr(exc, 'strerror', None) or exc}") from None
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"ranks file {str(path)!r} is empty; give {RANKS_FORMATS}")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if len(lines) < 2:
+            raise ValueError(f"ranks file {str(path)!r} is not valid JSON ({exc}); give {RANKS_FORMATS}") from None
+        try:  # JSON lines (history.jsonl): the last record holds the final ranks
+            data = json.loads(lines[-1])
+        except json.JSONDecodeError as exc2:
+            raise ValueError(f"ranks file {str(path)!r} is neither JSON nor JSON lines (last line: {exc2}); give "
+                             f"{RANKS_FORMATS}") from None
+    if isinstance(data, dict) and isinstance(data.get("ranks"), dict):
+        data = data["ranks"]
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"ranks file {str(path)!r} holds no ranks; give {RANKS_FORMATS}")
+    bad = {k: v for k, v in data.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+    if bad:
+        name, value = next(iter(bad.items()))
+        raise ValueError(f"ranks file {str(path)!r}: the rank of {name!r} is {json.dumps(value)}, not a positive "
+                         f"integer ({len(bad)} such entr{'y' if len(bad) == 1 else 'ies'}); give {RANKS_FORMATS}")
+    return {str(k): int(v) for k, v in data.items()}
+
+
+def check_ranks_match(ranks: dict[str, int], layers: list[str], path: str | os.PathLike[str]) -> None:
+    """Refuse ranks of which no name is a layer of the model (the file belongs to another model).
+
+    Args:
+        ranks: {layer: rank} as returned by `read_ranks`.
+        layers: The SVD layer names of the model the ranks are for.
+        path: The ranks file (for the message).
+
+    Raises:
+        ValueError: When no name of `ranks` is in `layers`.
+    """
+    if not set(ranks) & set(layers):
+        example = repr(layers[0]) if layers else "none: it has no SVD layers"
+        raise ValueError(f"ranks file {str(path)!r}: none of its {len(ranks)} layer names (e.g. "
+                         f"{next(iter(ranks))!r}) is a layer of the model (e.g. {example}); is it the ranks "
+                         "file of another model?")

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, IterableDataset, RandomSampler
 
+from ._files import atomic_write, write_text_atomic
 from .accounting import Summary, count_params, dense_param_count, error_cause, summarize
 from .config import DPRPConfig, as_config, require_module
 from .data import TensorImageDataset, TensorLoader
@@ -264,27 +265,6 @@ def _unreadable_checkpoint(path: Path, exc: BaseException) -> str:
     first = cause.split(". ", 1)[0].rstrip(".")[:200]
     return (f"checkpoint {str(path)!r} is corrupt or truncated, or not a torch checkpoint ({type(exc).__name__}: "
             f"{first}); {restart}.")
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, fsync it, then os.replace it over `path`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _merge_pruned(pruned: dict[str, tuple[int, int]], changes: dict[str, tuple[int, int]]) -> None:
@@ -1113,7 +1093,7 @@ class DPRPTrainer:
         if target is None:
             raise ValueError("save_checkpoint needs a path when the trainer has no run_dir")
         state = self.state_dict(epoch)
-        _atomic_write(target, lambda f: torch.save(state, f))
+        atomic_write(target, lambda f: torch.save(state, f))
         return target
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
@@ -1197,7 +1177,7 @@ class DPRPTrainer:
             self.compression_stopped = target is not None and self.compression_rate() >= target
         if self.rank == 0 and self.run_dir is not None:  # history.jsonl matches the checkpoint again
             text = "".join(json.dumps(r) + "\n" for r in self.history)
-            _atomic_write(self.run_dir / HISTORY_NAME, lambda f: f.write(text.encode()))
+            write_text_atomic(self.run_dir / HISTORY_NAME, text)
         log.info("resumed %s at epoch %d", path, self.start_epoch)
 
     _GROUP_LR_SCALE = {"factors": "factor_lr_scale", "sigma": "sigma_lr_scale"}  # group name -> its lr scale field

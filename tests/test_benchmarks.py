@@ -686,26 +686,6 @@ def test_latency_bad_case_exits_2_before_timing(case, words, tmp_path, capsys):
     assert "eager" not in refused("latency.py", argv, capsys, f"--case {case!r}", *words).out
 
 
-def _common():
-    return runpy.run_path(str(BENCHMARKS / "_bench_common.py"))
-
-
-def test_load_ranks_formats(tmp_path):
-    """{layer: rank}, a run.json-style {"ranks": {...}} and a history.jsonl (its last record) are all read."""
-    load_ranks = _common()["load_ranks"]
-    plain, run_json, history = tmp_path / "r.json", tmp_path / "run.json", tmp_path / "history.jsonl"
-    plain.write_text(json.dumps({"conv1": 3, "fc": 2}))
-    run_json.write_text(json.dumps({"arch": "cifar:resnet20", "ranks": {"conv1": 3, "fc": 2},
-                                    "full_ranks": {"conv1": 16, "fc": 10}}))
-    history.write_text("\n".join(json.dumps({"epoch": e, "ranks": {"conv1": 9 - e, "fc": 2}}) for e in range(7)) + "\n")
-    assert load_ranks(plain) == load_ranks(run_json) == load_ranks(history) == {"conv1": 3, "fc": 2}
-    for text, words in (("", "is empty"), ("{", "not valid JSON"), ("[1, 2]", "holds no ranks"),
-                        ('{"conv1": 0}', "not a positive integer"), ('{"conv1": "3"}', "not a positive integer")):
-        plain.write_text(text)
-        with pytest.raises(ValueError, match=words):
-            load_ranks(plain)
-
-
 def test_latency_ranks_file_formats(tmp_path):
     """--ranks of latency.py reads what train_step.py reads (a run.json's "ranks", a history.jsonl)."""
     cifar_model = runpy.run_path(str(BENCHMARKS / "latency.py"), run_name="benchmark_latency")["cifar_model"]

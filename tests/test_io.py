@@ -19,6 +19,7 @@ from dprp_surgery.io import (
     infer_num_classes,
     load_model,
     parse_model_spec,
+    read_ranks,
     read_state_dict,
     set_num_classes,
 )
@@ -465,3 +466,18 @@ def test_head_of_a_factorized_export_is_the_whole_realisation(make):
     assert type(head) is torch.nn.Linear and head.out_features == 3
     size = 64 if make.startswith("torchvision") else 32
     assert exported(torch.randn(2, 3, size, size)).shape == (2, 3)
+
+
+def test_read_ranks_formats(tmp_path):
+    """{layer: rank}, a run.json-style {"ranks": {...}} and a history.jsonl (its last record) are all read."""
+    plain, run_json, history = tmp_path / "r.json", tmp_path / "run.json", tmp_path / "history.jsonl"
+    plain.write_text(json.dumps({"conv1": 3, "fc": 2}))
+    run_json.write_text(json.dumps({"arch": "cifar:resnet20", "ranks": {"conv1": 3, "fc": 2},
+                                    "full_ranks": {"conv1": 16, "fc": 10}}))
+    history.write_text("\n".join(json.dumps({"epoch": e, "ranks": {"conv1": 9 - e, "fc": 2}}) for e in range(7)) + "\n")
+    assert read_ranks(plain) == read_ranks(run_json) == read_ranks(history) == {"conv1": 3, "fc": 2}
+    for text, words in (("", "is empty"), ("{", "not valid JSON"), ("[1, 2]", "holds no ranks"),
+                        ('{"conv1": 0}', "not a positive integer"), ('{"conv1": "3"}', "not a positive integer")):
+        plain.write_text(text)
+        with pytest.raises(ValueError, match=words):
+            read_ranks(plain)

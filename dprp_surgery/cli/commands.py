@@ -27,6 +27,7 @@ from rich.markup import escape
 from rich.table import Table
 from torch import nn
 
+from .._files import write_bytes_atomic
 from ..accounting import count_params, summarize
 from ..config import DPRPConfig, _yaml_floats
 from ..data import TensorImageDataset, TensorLoader, open_data, progress_bar
@@ -562,14 +563,7 @@ def _match_classes(model: nn.Module, n_classes: int, pretrained: bool) -> nn.Mod
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    _write_bytes_atomic(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
-
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` by `data` through a temp file (a reader never sees half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
 
 
 def _before_after_table(title: str, before: dict[str, Any], after: dict[str, Any]) -> Table:
@@ -700,7 +694,7 @@ def compress_pipeline(*, model: nn.Module, arch: str, model_spec: str, data_spec
         if resume is None and not _run_files(out):  # nothing recorded: leave no half-made run behind
             _remove_failed_start(out, created)
         elif previous is not None and (checkpoint.stat().st_mtime_ns if checkpoint.is_file() else None) == stamp:
-            _write_bytes_atomic(run_json, previous)  # a refused resume (no epoch since) leaves the run as it was
+            write_bytes_atomic(run_json, previous)  # a refused resume (no epoch since) leaves the run as it was
         raise
     wall = time.perf_counter() - t0
     trained = result.model.eval()
