@@ -139,11 +139,13 @@ def cifar_model(scheme: str, keep: float, ranks_file: str | None = None) -> tupl
 
 
 def run_model(run_dir: str) -> tuple[nn.Module, tuple[int, ...], str]:
-    """The trained model of a dprp run directory (SVD form at its final ranks)."""
-    from dprp_surgery.io import load_model
+    """The trained model of a dprp run directory (SVD form at its final ranks) and the input size it ran at."""
+    from dprp_surgery.io import data_recipe, load_model, read_run_info
 
     model, arch = load_model(run_dir)
-    return model.eval(), (3, 32, 32), f"{arch} from run {run_dir}"
+    recorded = read_run_info(run_dir).get("input_size") or getattr(model, "_dprp_input_size", None)
+    size = tuple(int(v) for v in recorded) if recorded else data_recipe(arch, model).input_size(32)
+    return model.eval(), size, f"{arch} from run {run_dir} at {'x'.join(map(str, size[1:]))}px"
 
 
 def timm_model(name: str, scheme: str, keep: float, size: int) -> tuple[nn.Module, tuple[int, ...], str]:

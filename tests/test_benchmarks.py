@@ -749,3 +749,16 @@ def test_paired_bad_input_exits_2_before_evaluating(flags, words, tmp_path, caps
         flags = [*flags, "--data", str(data)]
     refused("paired.py", [f.replace("TMP", str(tmp_path)) for f in flags], capsys,
             *(w.replace("TMP", str(tmp_path)) for w in words))
+
+
+def test_latency_times_a_run_directory_at_its_recorded_input_size(tmp_path):
+    # every run directory was timed at 3x32x32, a timm run at 224px too
+    from dprp_surgery.models import resnet20
+
+    run_model = runpy.run_path(str(BENCHMARKS / "latency.py"), run_name="benchmark_latency")["run_model"]
+    run_dir = dense_run_dir(tmp_path / "run", resnet20())
+    info = json.loads((run_dir / "run.json").read_text())
+    assert run_model(str(run_dir))[1] == (3, 32, 32)  # no size recorded: the CIFAR recipe's
+    (run_dir / "run.json").write_text(json.dumps({**info, "input_size": [3, 40, 40]}))
+    model, size, desc = run_model(str(run_dir))
+    assert size == (3, 40, 40) and "at 40x40px" in desc and model(torch.zeros(1, *size)).shape == (1, 10)
