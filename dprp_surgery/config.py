@@ -336,7 +336,7 @@ class DPRPConfig:
             ValueError: If a file name is given but the file does not exist or cannot be read, for
                 invalid JSON, an unknown field or an invalid value.
         """
-        return cls.from_dict(_parse(text_or_path, "JSON", json.loads, json.JSONDecodeError))
+        return cls.from_dict(_parse(text_or_path, "JSON", _json_load, (json.JSONDecodeError, DuplicateKeyError)))
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         """Serialise to YAML (needs PyYAML); also write it to `path` when given."""
@@ -362,7 +362,7 @@ class DPRPConfig:
                 that is not a mapping, an unknown field or an invalid value.
         """
         yaml = _yaml()
-        data = _parse(text_or_path, "YAML", yaml.safe_load, yaml.YAMLError)
+        data = _parse(text_or_path, "YAML", _yaml_load, (yaml.YAMLError, DuplicateKeyError))
         return cls.from_dict(_yaml_floats(data))
 
     @classmethod
@@ -568,6 +568,38 @@ def _parse(text_or_path: str | os.PathLike[str], kind: str, parse: Any, error: t
                f"{'an' if kind_of[0] in 'aeiou' else 'a'} {kind_of} ({data!r:.40})")
         raise ValueError(f"{source} must hold a mapping of DPRPConfig fields (e.g. {{\"lr\": 0.01}}), but holds {got}")
     return data
+
+
+class DuplicateKeyError(ValueError):
+    """A config file sets one field twice (JSON and YAML parsers would keep the last silently)."""
+
+
+def _unique_pairs(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """A dict from key/value pairs; a DuplicateKeyError when a key repeats."""
+    out: dict[Any, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKeyError(f"{key!r} is set twice ({out[key]!r}, then {value!r}); keep one of them")
+        out[key] = value
+    return out
+
+
+def _json_load(text: str) -> Any:
+    """json.loads refusing repeated keys."""
+    return json.loads(text, object_pairs_hook=_unique_pairs)
+
+
+def _yaml_load(text: str) -> Any:
+    """yaml.safe_load refusing repeated keys in a mapping."""
+    yaml = _yaml()
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):  # noqa: ANN001, ANN202 - PyYAML's signature
+            self.flatten_mapping(node)
+            return _unique_pairs([(self.construct_object(k, deep=deep), self.construct_object(v, deep=deep))
+                                  for k, v in node.value])
+
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _yaml():

@@ -906,6 +906,7 @@ def test_an_out_suffix_of_another_format_exits_2(fmt, name, words, tmp_path):
     ("c.yaml", b"# nothing set\n", ("must hold a mapping of DPRPConfig fields", "holds nothing (it is empty")),
     ("c.yaml", b"- lr: 0.1\n", ("must hold a mapping", "holds a list")),
     ("c.yaml", b"0\n", ("must hold a mapping", "holds an int")),
+    ("c.yaml", b"lr: 0.1\nlr: 0.5\n", ("cannot be parsed", "'lr' is set twice (0.1, then 0.5)")),
 ])
 def test_a_config_file_that_cannot_be_read_is_named(name, content, words, data_dir, tmp_path):
     cfg = tmp_path / name

@@ -314,3 +314,11 @@ def test_load_of_a_directory_says_so(tmp_path):
 def test_an_unknown_field_gets_the_field_it_probably_means(key, words):
     with pytest.raises(ValueError, match=rf"unknown DPRPConfig field '{key}'\. {words}"):
         DPRPConfig.from_dict({key: 1})
+
+
+@pytest.mark.parametrize(("parse", "text"), [("from_yaml", "lr: 0.1\nepochs: 3\nlr: 0.5\n"),
+                                             ("from_json", '{"lr": 0.1, "epochs": 3, "lr": 0.5}')])
+def test_a_field_set_twice_is_refused(parse, text):
+    # both parsers kept the last value silently
+    with pytest.raises(ValueError, match=r"'lr' is set twice \(0.1, then 0.5\); keep one of them"):
+        getattr(DPRPConfig, parse)(text)

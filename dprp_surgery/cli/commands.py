@@ -29,7 +29,7 @@ from torch import nn
 
 from .._files import write_bytes_atomic
 from ..accounting import count_params, summarize
-from ..config import DPRPConfig, _yaml_floats
+from ..config import DPRPConfig, _json_load, _yaml_floats, _yaml_load
 from ..data import TensorImageDataset, TensorLoader, open_data, progress_bar
 from ..io import (
     ARCH_KINDS,
@@ -413,12 +413,7 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ValueError(f"--config file {str(path)!r} cannot be read ({exc.strerror or exc}).") from None
     try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
+        data = _json_load(text) if path.suffix.lower() == ".json" else _yaml_load(text)
     except Exception as exc:  # noqa: BLE001 - json and yaml parse errors
         raise ValueError(f"--config file {str(path)!r} cannot be parsed ({type(exc).__name__}: {exc}).") from None
     if not isinstance(data, dict):
