@@ -283,6 +283,9 @@ class DPRPConfig:
             log.warning("DPRPConfig.epsilon_start=%r is ignored because epsilon_ramp_epochs=0: epsilon stays at "
                         "%r; set epsilon_ramp_epochs >= 1 for the schedule, or epsilon_start=None.",
                         self.epsilon_start, self.epsilon)
+        if self.optimizer == "adamw" and self.momentum != 0.9:
+            log.warning("DPRPConfig.momentum=%r is ignored with optimizer='adamw' (AdamW uses its own betas, "
+                        "(0.9, 0.999)); leave momentum at 0.9 or use optimizer='sgd'.", self.momentum)
         if self.epsilon_start is None and self.epsilon_ramp_epochs > 0:
             log.warning("DPRPConfig.epsilon_ramp_epochs=%d is ignored because epsilon_start=None: epsilon stays "
                         "at %r; set epsilon_start (e.g. 0.01) for the schedule, or epsilon_ramp_epochs=0.",

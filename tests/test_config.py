@@ -209,6 +209,7 @@ def test_integers_still_accepted():
         ({"epochs": 3, "prune_start_epoch": 3}, r"prune_start_epoch=3 >= epochs=3: pruning never runs"),
         ({"epsilon_start": 0.01}, r"epsilon_start=0.01 is ignored because epsilon_ramp_epochs=0"),
         ({"epsilon_ramp_epochs": 2}, r"epsilon_ramp_epochs=2 is ignored because epsilon_start=None"),
+        ({"optimizer": "adamw", "momentum": 0.5}, r"momentum=0.5 is ignored with optimizer='adamw'"),
     ],
 )
 def test_settings_without_effect_log_a_warning(caplog, kwargs, message):
