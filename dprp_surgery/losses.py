@@ -426,10 +426,12 @@ def distillation_loss(student: Tensor, teacher: Tensor, temperature: float = 4.0
         raise ValueError(f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} differ: "
                          "distillation needs a teacher with the same outputs as the model")
     t = float(temperature)
-    log_p_student = torch.log_softmax(student.float() / t, dim=-1)
-    log_p_teacher = torch.log_softmax(teacher.detach().float() / t, dim=-1)
-    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=-1)
-    return kl.mean() * (t * t)
+    # in float64: at a large T both log-softmaxes are close to -log(classes) and their difference, scaled by T^2,
+    # cancels in float32 (the KL came out negative from T ~ 1e4 on); the tensors are only batch x classes
+    log_p_student = torch.log_softmax(student.double() / t, dim=-1)
+    log_p_teacher = torch.log_softmax(teacher.detach().double() / t, dim=-1)
+    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=-1).clamp_min(0)  # KL >= 0; rounding
+    return (kl.mean() * (t * t)).float()
 
 
 class DPRPRegularizer:

@@ -476,6 +476,16 @@ def test_distillation_by_hand():
     close(distillation_loss(teacher, teacher, 3.0), 0.0)
 
 
+@pytest.mark.parametrize("temperature", [1e3, 1e4, 1e6])
+def test_distillation_at_a_large_temperature_tends_to_half_the_centred_squared_logit_gap(temperature):
+    # T^2 KL -> sum_i (d_i - mean d)^2 / (2 C) with d = teacher - student logits, C classes: for the rows of
+    # test_distillation_by_hand, (ln 3)^2 / 8 and 0, batch mean (ln 3)^2 / 16. In float32 it was -1.9 at T = 1e4.
+    teacher = torch.tensor([[math.log(3.0), 0.0], [0.0, 0.0]])
+    value = distillation_loss(torch.zeros(2, 2), teacher, temperature)
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value, torch.tensor(math.log(3.0) ** 2 / 16), rtol=2e-3, atol=0.0)
+
+
 def test_distillation_gradient_only_to_the_student_and_shapes_checked():
     student = torch.randn(4, 5, requires_grad=True)
     teacher = torch.randn(4, 5, requires_grad=True)
