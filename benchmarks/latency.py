@@ -3,8 +3,8 @@
 Two models are measured (issue 4):
 
 * a compressed CIFAR ResNet-20 (32x32 inputs): factorized with the paper scheme and truncated to
-  ``--keep`` of every layer's rank, to the ranks of a JSON file (``--ranks``, {layer: rank}), or taken
-  from a real ``dprp compress`` run directory (``--run-dir``);
+  ``--keep`` of every layer's rank, to the ranks of a file (``--ranks``: {layer: rank}, a run.json or a
+  history.jsonl), or taken from a real ``dprp compress`` run directory (``--run-dir``);
 * a compressed timm model (``--timm``, default convnext_atto at 224 px), truncated to ``--keep``.
 
 Each is exported three ways (:func:`dprp_surgery.export.export`): ``dense`` (the original layers),

@@ -53,8 +53,8 @@ class DPRPConfig:
     """Configuration of surgery, losses, rank pruning and training (eqs. (1)-(17), Sec. IV-B).
 
     Defaults reproduce the paper's CIFAR-10 ResNet-20 setting (Sec. IV-B and Table I). Named
-    presets (`DPRPConfig.preset`) give the fine-tune recipe for pretrained models and the tuned
-    settings of the reproduction.
+    presets (`DPRPConfig.preset`) give the tuned settings for pretrained models ("tuned",
+    "tuned-target50"), the paper's settings and the short schedule they share ("finetune").
 
     Attributes:
         scheme: Matricization of k x k convolutions: "paper" (M in R^{SC x L1L2}, eqs. (1)-(2)),
@@ -70,7 +70,7 @@ class DPRPConfig:
         epochs: Training epochs (the paper trains 300 from scratch).
         batch_size: Mini-batch size (256 in Sec. IV-B).
         lr: Initial learning rate (0.1 in Sec. IV-B).
-        momentum: SGD momentum (0.9).
+        momentum: SGD momentum (0.9); ignored, with a warning, by ``optimizer="adamw"``.
         weight_decay: Weight decay of non-factor parameters (1e-4).
         factor_weight_decay: Weight decay of U and V; ``None`` uses `weight_decay`.
         sigma_weight_decay: Weight decay of the singular values s; ``None`` uses `weight_decay`.
@@ -129,7 +129,7 @@ class DPRPConfig:
             then on: no pruning runs after that point, so U and V no longer need to stay orthonormal and
             train as a plain low-rank factorization, and s stops being exactly their singular values.
             Not in the paper.
-        seed: Seed of every random number generator (data order, augmentation, init).
+        seed: Seed of every random number generator (data order, augmentation, init); an int in [0, 2**63).
         device: "auto" (CUDA when available), "cpu" or "cuda[:N]".
         amp: Mixed precision on CUDA.
         label_smoothing: Label smoothing of the cross-entropy application loss.
@@ -337,7 +337,8 @@ class DPRPConfig:
 
         Raises:
             ValueError: If a file name is given but the file does not exist or cannot be read, for
-                invalid JSON, an unknown field or an invalid value.
+                invalid JSON, content that is not a mapping, a field set twice, an unknown field or an
+                invalid value.
         """
         return cls.from_dict(_parse(text_or_path, "JSON", _json_load, (json.JSONDecodeError, DuplicateKeyError)))
 
@@ -362,7 +363,8 @@ class DPRPConfig:
 
         Raises:
             ValueError: If a file name is given but the file does not exist or cannot be read, for YAML
-                that is not a mapping, an unknown field or an invalid value.
+                that is not a non-empty mapping (an empty or comment-only text too), a field set twice, an
+                unknown field or an invalid value.
         """
         yaml = _yaml()
         data = _parse(text_or_path, "YAML", _yaml_load, (yaml.YAMLError, DuplicateKeyError))

@@ -432,9 +432,10 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, arch: str | None = N
         The artifact directory.
 
     Raises:
-        ValueError: When the architecture cannot be inferred (pass `arch=`), or `path` exists and is
-            neither an empty directory nor a dprp artifact holding only its manifest and weights
-            (nothing is deleted then).
+        ValueError: When the architecture cannot be inferred (pass `arch=`), `arch` would rebuild another
+            model (other constructor arguments, module attributes or parameter shapes; export it as ONNX or
+            pt2 instead), or `path` exists and is neither an empty directory nor a dprp artifact holding only
+            its manifest and weights (nothing is deleted then).
     """
     from .io import ARCH_KINDS, _rebuild_mismatch, infer_arch, infer_num_classes
 

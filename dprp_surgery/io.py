@@ -2,7 +2,7 @@
 
 A *model spec* names an architecture and, optionally, local weights:
 
-* ``timm:NAME`` or ``timm:NAME@weights.{safetensors,pth,pt,bin}``: ``timm.create_model(NAME)``;
+* ``timm:NAME`` or ``timm:NAME@weights.{safetensors,pth,pt,bin,th,ckpt}``: ``timm.create_model(NAME)``;
 * ``torchvision:NAME[@FILE]``: ``torchvision.models.get_model(NAME, weights=None)``;
 * ``cifar:resnet20[@FILE]``: the CIFAR ResNets of :mod:`dprp_surgery.models`
   (e.g. ``cifar:resnet20@cifar10_resnet20.th``);

@@ -351,7 +351,13 @@ class SVDLayer(nn.Module, ABC):
     @classmethod
     @abstractmethod
     def from_dense(cls, module: nn.Module, scheme: str = "paper", rank: int | None = None) -> SVDLayer:
-        """Factorize a dense layer at `rank` (default full rank theta), preserving its function."""
+        """Factorize a dense layer at `rank` (default full rank theta), preserving its function.
+
+        Raises:
+            TypeError: `module` is not exactly this twin's dense type (a subclass, a transposed conv, a conv of
+                another dimension).
+            ValueError: A scheme the layer cannot use, or a rank out of range.
+        """
 
 
 # ----------------------------------------------------------------------------- Linear

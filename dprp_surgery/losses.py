@@ -446,13 +446,15 @@ class DPRPRegularizer:
     `reg_warmup_epochs` (``weights_at``), lambda_comp is 0 in the last `reg_cooldown_epochs` epochs
     (``cooling_at``; the trainer also stops pruning then; lambda_str too if ``structure_when_frozen`` is False),
     and epsilon grows geometrically from `epsilon_start` to `epsilon` over `epsilon_ramp_epochs`
-    (``epsilon_at``). Calling without an epoch uses the final values.
+    (``epsilon_at``). Calling without an epoch uses the full weights and the final epsilon, with no warm-up and
+    no cool-down.
 
     The regularizer only returns a loss tensor; it never touches ``.grad``.
 
     Args:
         config: A DPRPConfig (fields lambda_str, mu_orth, mu_sort, lambda_comp, epsilon, regularizer,
-            delta, comp_weighting, reg_warmup_epochs, epsilon_start, epsilon_ramp_epochs).
+            delta, comp_weighting, min_rank, epochs, reg_warmup_epochs, reg_cooldown_epochs,
+            structure_when_frozen, epsilon_start, epsilon_ramp_epochs).
     """
 
     def __init__(self, config: DPRPConfig | None = None) -> None:
@@ -504,7 +506,8 @@ class DPRPRegularizer:
 
         Args:
             model: The (possibly DDP-wrapped) model, or its SVD layers.
-            epoch: Epoch for the lambda warm-up and epsilon schedule (None: final values).
+            epoch: Epoch for the lambda warm-up, cool-down and epsilon schedule (None: full weights, final
+                epsilon, no cool-down).
             stopped: Compression has stopped (the trainer's `target_compression` was reached): lambda_comp is 0.
 
         Returns:

@@ -1,7 +1,8 @@
 """Dynamic rank pruning of Sec. III-D: truncate every SVD layer to tau_l and slice the optimizer state.
 
 `RankPruner.step` computes tau_l for every layer with the same function as the compression loss
-(`losses.keep_counts`, no SVD), keeps ``max(tau_l, min_rank)`` leading components in place
+(`losses.keep_counts`, no SVD), keeps ``max(tau_l, min_rank)`` leading components in place (a layer whose U, s
+and V are all frozen keeps its rank)
 (`SVDLayer.truncate_`: the Parameter objects stay the same, only their data shrinks) and narrows every
 optimizer state tensor of U, s and V (SGD ``momentum_buffer``; Adam/AdamW ``exp_avg``, ``exp_avg_sq``,
 ``max_exp_avg_sq``; any other per-parameter tensor) to the kept components. Scalar states such as
@@ -42,6 +43,9 @@ _FACTOR_DIMS = (("U", 1), ("s", 0), ("V", 1))
 
 class RankPruner:
     """Truncate SVD layers to tau_l components and keep the optimizer consistent (Sec. III-D).
+
+    Each layer keeps min(r_l, max(tau_l, min_rank)) components; a layer whose U, s and V are all frozen
+    (``requires_grad=False``) keeps its rank, since it could not adapt to a cut.
 
     Args:
         config: Takes `epsilon` and `min_rank` from a DPRPConfig.

@@ -62,9 +62,10 @@ def factorize(model: nn.Module, config: DPRPConfig | None = None) -> nn.Module:
     defaults of the forward's optional parameters (``forward(x, mask=None)`` is traced as ``model(x)``).
     A layer stays dense, with its reason in the report's ``skipped``, when the forward never calls it (in
     training or eval mode),
-    reads its weight outside its own forward, ties its weight to another module, carries module hooks,
-    subclasses Conv/Linear with its own forward, or is incompressible under ``min_compressible``;
-    Conv3d and transposed convolutions have no twin and are listed there as not supported.
+    reads its weight outside its own forward, shares a weight or bias with another module, carries module hooks
+    (forward, backward, state-dict or load-state-dict), is parametrized, lazy and not yet initialised, scripted
+    (torch.jit) or empty, subclasses Conv/Linear (with or without a forward of its own), or is incompressible under
+    ``min_compressible``; Conv3d and transposed convolutions have no twin and are listed there as not supported.
 
     Args:
         model: Any nn.Module (timm, torchvision or your own).
@@ -74,7 +75,9 @@ def factorize(model: nn.Module, config: DPRPConfig | None = None) -> nn.Module:
         The factorized copy; `surgery_report(result)` tells what was replaced and skipped.
 
     Raises:
-        FactorizationError: No layer can be factorized, or an include pattern matches nothing.
+        FactorizationError: No layer can be factorized, an include pattern matches nothing, the model is already
+            factorized, or it holds a tensor computed from its parameters (the old torch.nn.utils.weight_norm),
+            which cannot be copied.
         TypeError: `model` is not an nn.Module or `config` not a DPRPConfig.
     """
     require_module(model, "factorize()")

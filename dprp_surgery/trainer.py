@@ -4,8 +4,9 @@
 SGD with momentum 0.9, weight decay 1e-4, lr 0.1 and ReduceLROnPlateau (factor 0.1, patience 10) on the
 epoch's mean classification loss (Sec. IV-B), and rank pruning by `RankPruner` every `prune_every` epochs
 (or steps). For a pretrained model use `DPRPConfig.preset("tuned")`: the `finetune` recipe (10 epochs,
-lr 0.01, cosine schedule, batch 128) with the factors at 1/20 of the lr, without which a pretrained model loses
-about 20 points in two epochs (docs/benchmarks.md, learnt 1). `compress` composes `factorize` and the trainer.
+lr 0.01, cosine schedule, batch 128) with the factors at 1/20 of the lr (without which a pretrained model loses
+about 20 points in two epochs; docs/benchmarks.md, learnt 1), singular values at 10x, lambda_comp 2, pruning every
+25 steps and a last epoch without L_comp or pruning. `compress` composes `factorize` and the trainer.
 
 Runs are resumable: every epoch writes ``run_dir/checkpoint.pt`` atomically (model, ranks, optimizer,
 scheduler, GradScaler, RNG states, history, config) and appends a line to ``run_dir/history.jsonl``;
@@ -525,7 +526,8 @@ class DPRPTrainer:
     ReduceLROnPlateau on the epoch's mean classification loss (factor 0.1, patience 10), lambda_str 1,
     mu_orth 1000, mu_sort 1, lambda_comp 0.1 and epsilon 0.1 (Table I), pruning every epoch.
     For pretrained models use `DPRPConfig.preset("tuned")` (the `finetune` recipe, 10 epochs, lr 0.01, cosine,
-    with the factors at 1/20 of the lr).
+    with the factors at 1/20 of the lr, singular values at 10x, lambda_comp 2, pruning every 25 steps and a
+    last epoch without L_comp or pruning).
     ``warmup_epochs`` = w ramps every lr linearly per step over the first w epochs; for training data without
     ``len()`` the number of steps is unknown, so the factor is one per epoch, (epoch + 0.5) / w (the step-wise
     ramp's mean over that epoch).
@@ -558,14 +560,15 @@ class DPRPTrainer:
             over the new number of epochs (it reaches its minimum at the new end).
         progress: Show rich progress bars (rank 0 only).
         example_inputs: Inputs for the parameter/MAC accounting; default a batch of one from the first batch.
-        teacher: The dense model to distil from when ``config.distill > 0`` (a frozen copy is kept; it is not
-            checkpointed, so pass it again on resume). `compress` passes the model it was given.
+        teacher: The dense model to distil from when ``config.distill > 0`` (a frozen copy is kept, cast to the
+            student's dtype; it is not checkpointed, so pass it again on resume). `compress` passes the model it
+            was given.
 
     With distillation ``app`` in the history is (1 - alpha) CE + alpha KD, and ``ce`` and ``kd`` hold the two parts.
 
     Raises:
-        ValueError: A corrupt or foreign checkpoint, a checkpoint of another optimizer or with more finished
-            epochs than ``config.epochs``, unusable data, a fresh
+        ValueError: A corrupt or foreign checkpoint, a checkpoint of another optimizer or lr_schedule or with more
+            finished epochs than ``config.epochs``, unusable data, a fresh
             run in a run_dir that already holds one, or ``distill > 0`` without a teacher.
     """
 

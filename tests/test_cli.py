@@ -299,6 +299,8 @@ def test_a_refused_resume_leaves_the_run_as_it_was(run_dir, tmp_path, monkeypatc
         words=("MODEL 'cifar:resnet32' differs from the run's", "Leave MODEL out"))
     bad("compress", "--out", copy, "--resume", "--epochs", "2", "--scheme", "spatial", "-q",
         words=("--scheme cannot change on --resume", "scheme='paper'", "Drop --scheme"))
+    bad("compress", "--out", copy, "--resume", "--epochs", "2", "--layer-types", "Linear", "-q",  # failed later
+        words=("--layer-types cannot change on --resume", "Drop --layer-types"))
     assert {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()} == before
     schedule = json.loads((copy / "run.json").read_text())["config"]["lr_schedule"]
     other = "plateau" if schedule != "plateau" else "cosine"

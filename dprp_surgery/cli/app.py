@@ -35,7 +35,8 @@ app = typer.Typer(
 )
 
 MODEL_FORMS = (
-    "timm:NAME[@WEIGHTS], torchvision:NAME[@WEIGHTS], cifar:NAME[@WEIGHTS] (weights: .safetensors/.pth/.pt/.bin/.th), "
+    "timm:NAME[@WEIGHTS], torchvision:NAME[@WEIGHTS], cifar:NAME[@WEIGHTS] "
+    "(weights: .safetensors/.pth/.pt/.bin/.th/.ckpt), "
     "a dprp artifact directory, a run directory, or a pickled module (with --trust-pickle)"
 )
 RUNNABLE_FORMS = f"{MODEL_FORMS}; or a .pt2 file (torch.export program)"
@@ -63,9 +64,9 @@ class Format(str, Enum):
 # ----------------------------------------------------------------------------- shared options
 ModelArg = Annotated[str, typer.Argument(help=f"The model: {MODEL_FORMS}.", show_default=False)]
 RunnableModelArg = Annotated[str, typer.Argument(help=f"The model: {RUNNABLE_FORMS}.", show_default=False)]
-DataOpt = Annotated[str, typer.Option(
-    "--data", "-d", help="Dataset: a directory with train/ and val/ or test/ ImageFolders, a .tar.gz of one, "
-    "or cifar10:DIR / cifar100:DIR.", show_default=False)]
+EvalDataOpt = Annotated[str, typer.Option(
+    "--data", "-d", help="Dataset to evaluate on: a directory with a val/ or test/ ImageFolder (train/ is not "
+    "needed), a .tar.gz of one, or cifar10:DIR / cifar100:DIR.", show_default=False)]
 ArchOpt = Annotated[str | None, typer.Option(
     "--arch", help="Architecture of a bare state-dict file given as MODEL (timm:NAME, torchvision:NAME, "
     "cifar:NAME); also recorded when exporting a pickled model.")]
@@ -233,8 +234,9 @@ def compress_cmd(
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue the run in --out from its checkpoint.pt (model, data, teacher, config, "
         "--limit-train/--limit-val, --image-size, --arch, --num-classes, --export-mode and --objective from "
-        "run.json; flags given now override them; --trust-pickle must be given again). --epochs must be at least "
-        "the epochs already finished.")] = False,
+        "run.json; flags given now override them, except MODEL, --scheme, --include, --exclude, --layer-types and "
+        "--min-compressible, which must match the run's; --trust-pickle must be given again). --epochs must be at "
+        "least the epochs already finished.")] = False,
     limit_train: Annotated[int | None, typer.Option(
         "--limit-train", min=1, help="Use a class-balanced subset of this many training images (quick runs; "
         "of an image folder only these are decoded).")] = None,
@@ -287,7 +289,7 @@ compress_cmd.__signature__ = _sig.replace(parameters=[  # type: ignore[attr-defi
 app.command("compress", epilog=(
     "Examples:\n\n"
     "    dprp compress cifar:resnet20@cifar10_resnet20.th --data cifar10-jpeg.tar.gz --out runs/r20 "
-    "--preset finetune --epochs 5 --lambda-comp 0.1 --epsilon 0.1\n\n"
+    "--preset tuned --epochs 5\n\n"
     "    dprp compress cifar:resnet20@cifar10_resnet20.th --data cifar10-jpeg.tar.gz --out runs/r20-half "
     "--preset tuned-target50 --distill 0.5 --teacher runs/r20-dense/model\n\n"
     "    dprp compress timm:resnet18 --data imagenette/ --out runs/r18 --config dprp.yaml --include 'layer*'\n\n"
@@ -337,7 +339,7 @@ def export_cmd(
     "    dprp eval runs/r20 --data cifar10-jpeg.tar.gz --json"))
 def eval_cmd(
     model: RunnableModelArg,
-    data: DataOpt,
+    data: EvalDataOpt,
     limit: Annotated[int | None, typer.Option(
         "--limit", min=1, help="Evaluate a class-balanced subset of this many images.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Evaluation batch size.")] = 256,

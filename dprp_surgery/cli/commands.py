@@ -600,7 +600,7 @@ def _run_files(out: Path) -> list[str]:
     return run_files(out)
 
 
-_FACTORIZATION_FIELDS = ("scheme", "include", "exclude", "min_compressible")
+_FACTORIZATION_FIELDS = ("scheme", "include", "exclude", "layer_types", "min_compressible")
 """Config fields that decide which layers are factorized and how: a checkpoint holds exactly those layers."""
 
 
