@@ -142,28 +142,20 @@ def test_load_pretrained_strict(models_dir: Path, depth: int) -> None:
         torch.testing.assert_close(model.state_dict()[key.removeprefix("module.")], value, rtol=0, atol=0)
 
 
-def test_load_bare_state_dict_with_and_without_prefix(tmp_path: Path) -> None:
+@pytest.mark.parametrize("wrap", [False, True], ids=["plain", "data-parallel"])
+def test_load_bare_state_dict_with_and_without_prefix(tmp_path: Path, wrap: bool) -> None:
+    # into a DataParallel model the prefix was stripped from the file but not looked for in the model:
+    # "97 missing keys (module.conv1.weight"
     torch.manual_seed(1)
     src = resnet20()
     for prefix in ("", "module."):
         path = tmp_path / f"bare{prefix or '-'}.pth"
         torch.save({prefix + k: v for k, v in src.state_dict().items()}, path)
-        dst = load_cifar_checkpoint(resnet20(), path)
+        target = nn.DataParallel(resnet20()) if wrap else resnet20()
+        assert load_cifar_checkpoint(target, path) is target
+        dst = target.module if wrap else target
         for k, v in src.state_dict().items():
             assert torch.equal(dst.state_dict()[k], v), k
-
-
-def test_load_into_a_data_parallel_model(tmp_path: Path) -> None:
-    # the prefix was stripped from the file but not looked for in the model: "97 missing keys (module.conv1.weight"
-    torch.manual_seed(1)
-    src = resnet20()
-    for prefix in ("", "module."):
-        path = tmp_path / f"dp{prefix or '-'}.pth"
-        torch.save({prefix + k: v for k, v in src.state_dict().items()}, path)
-        wrapped = nn.DataParallel(resnet20())
-        assert load_cifar_checkpoint(wrapped, path) is wrapped
-        for k, v in src.state_dict().items():
-            assert torch.equal(wrapped.module.state_dict()[k], v), k
 
 
 def test_keys_that_collide_once_the_prefix_is_stripped_are_refused(tmp_path: Path) -> None:
