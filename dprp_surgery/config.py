@@ -568,11 +568,18 @@ def _parse(text_or_path: str | os.PathLike[str], kind: str, parse: Any, error: t
         raise ValueError(f"{source} is not valid {kind} ({' '.join(str(exc).split())}); fix it, or write the "
                          f"config with DPRPConfig.to_{kind.lower()}") from None
     if not isinstance(data, dict):
-        kind_of = type(data).__name__
-        got = ("nothing (it is empty or only comments)" if data is None else
-               f"{'an' if kind_of[0] in 'aeiou' else 'a'} {kind_of} ({data!r:.40})")
-        raise ValueError(f"{source} must hold a mapping of DPRPConfig fields (e.g. {{\"lr\": 0.01}}), but holds {got}")
+        shown = "" if data is None else f" ({data!r:.40})"
+        raise ValueError(f"{source} must hold a mapping of DPRPConfig fields (e.g. {{\"lr\": 0.01}}), but holds "
+                         f"{_content(data)}{shown}")
     return data
+
+
+def _content(data: Any) -> str:
+    """What a parsed config file holds instead of a mapping, in words ('a list', 'nothing (...)')."""
+    if data is None:
+        return "nothing (it is empty or only comments)"
+    kind = type(data).__name__
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
 
 
 class DuplicateKeyError(ValueError):

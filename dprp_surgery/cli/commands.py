@@ -29,7 +29,7 @@ from torch import nn
 
 from .._files import write_bytes_atomic
 from ..accounting import count_params, summarize
-from ..config import DPRPConfig, _json_load, _yaml_floats, _yaml_load
+from ..config import DPRPConfig, _content, _json_load, _yaml_floats, _yaml_load
 from ..data import TensorImageDataset, TensorLoader, open_data, progress_bar
 from ..io import (
     ARCH_KINDS,
@@ -417,11 +417,8 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - json and yaml parse errors
         raise ValueError(f"--config file {str(path)!r} cannot be parsed ({type(exc).__name__}: {exc}).") from None
     if not isinstance(data, dict):
-        kind_of = type(data).__name__
-        got = "nothing (it is empty or only comments)" if data is None else \
-            f"{'an' if kind_of[0] in 'aeiou' else 'a'} {kind_of}"
         raise ValueError(f"--config file {str(path)!r} must hold a mapping of DPRPConfig fields (e.g. 'lr: 0.01'), "
-                         f"but holds {got}.")
+                         f"but holds {_content(data)}.")
     return data if path.suffix.lower() == ".json" else _yaml_floats(data)  # YAML 1.1 reads 5e-3 as a string
 
 
