@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from ._format import si as _si
 from ._format import size_change
-from .config import require_module
+from .config import require_initialized, require_module
 from .layers import TWINS, SVDLayer, layer_from_spec
 from .surgery import UNSUPPORTED, surgery_report
 
@@ -243,7 +244,9 @@ def summarize(model: nn.Module, example_inputs: Any) -> Summary:
     """Per-layer and total parameters and MACs of `model`, dense against its current state.
 
     Works on dense and factorized models. MACs are for the given inputs (pass a batch of one for
-    per-sample figures). Runs one forward pass in eval mode without gradients.
+    per-sample figures). Runs one forward pass in eval mode without gradients, with attention on its
+    composite paths (scaled_dot_product_attention's math backend, no fused nn.MultiheadAttention fast
+    path) so that its MACs are counted; the outputs of that pass are not used.
 
     Args:
         model: A model, factorized by `factorize` or not.
@@ -251,8 +254,12 @@ def summarize(model: nn.Module, example_inputs: Any) -> Summary:
 
     Returns:
         The Summary (``.to_table()`` for rich, ``.to_json()`` for machines).
+
+    Raises:
+        ValueError: A lazy layer (e.g. nn.LazyLinear) is not initialised yet: run one forward pass first.
     """
     require_module(model, "summarize()")
+    require_initialized(model, "summarize()")
     inputs = example_tuple(example_inputs, "summarize()")
     layer_types = (*TWINS, SVDLayer, *UNSUPPORTED)  # Conv3d and transposed convs get dense (or skipped) rows
     realised = _realised(model)
@@ -282,12 +289,17 @@ def summarize(model: nn.Module, example_inputs: Any) -> Summary:
     # torch's module tracker (inside FlopCounterMode) fails on a module whose input is a view of a parameter
     # (a ViT's attention pool feeds `latent.expand(B, ...)` to a Linear): such views require grad even in no_grad
     grads = [p for p in model.parameters() if p.requires_grad]
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         for p in grads:
             p.requires_grad_(False)
-        with torch.no_grad(), counter:
+        # attention is counted only on its composite paths: the counter has no formula for MHA's fused fast
+        # path or for the CPU flash kernel of scaled_dot_product_attention (both would count 0 MACs)
+        torch.backends.mha.set_fastpath_enabled(False)
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
             run_example(model, inputs, "summarize()")
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for p in grads:
             p.requires_grad_(True)
         model.train(was_training)

@@ -521,6 +521,17 @@ def require_module(model: Any, where: str, what: str = "model") -> None:
                         "model first (e.g. dprp_surgery.io.load_model('timm:resnet18'))")
 
 
+def require_initialized(model: Any, where: str) -> None:
+    """Raise a ValueError naming the first lazy layer of `model` whose parameters are not initialised yet."""
+    import torch.nn as nn
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+            raise ValueError(f"{where}: layer {name or '<root>'!r} ({type(module).__name__}) is not initialised yet; "
+                             "run one forward pass through the model with an example input first "
+                             "(lazy layers take their shapes from it)")
+
+
 def _exists(path: Path) -> bool:
     """Whether `path` is a file or a directory; False instead of raising for names the OS rejects (too long, NUL)."""
     try:

@@ -355,9 +355,13 @@ class SVDLayer(nn.Module, ABC):
 
         Raises:
             TypeError: `module` is not exactly this twin's dense type (a subclass, a transposed conv, a conv of
-                another dimension).
+                another dimension), or this is SVDLayer itself (call it on a twin class).
             ValueError: A scheme the layer cannot use, or a rank out of range.
         """
+        twin = TWINS.get(type(module))
+        fix = (f"use {twin.__name__}.from_dense" if twin is not None else
+               f"dprp_surgery factorizes {', '.join(f'nn.{t.__name__}' for t in TWINS)} only")
+        raise TypeError(f"{cls.__name__}.from_dense is abstract; {fix} (or factorize() for a whole model)")
 
 
 # ----------------------------------------------------------------------------- Linear

@@ -50,7 +50,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampl
 
 from ._files import atomic_write, write_text_atomic
 from .accounting import Summary, count_params, dense_param_count, error_cause, summarize
-from .config import DPRPConfig, as_config, require_module
+from .config import DPRPConfig, as_config, require_initialized, require_module
 from .data import TensorImageDataset, TensorLoader
 from .losses import DPRPRegularizer, distillation_loss, unwrap_model
 from .pruning import RankPruner
@@ -567,8 +567,8 @@ class DPRPTrainer:
     With distillation ``app`` in the history is (1 - alpha) CE + alpha KD, and ``ce`` and ``kd`` hold the two parts.
 
     Raises:
-        ValueError: A corrupt or foreign checkpoint, a checkpoint of another optimizer or lr_schedule or with more
-            finished epochs than ``config.epochs``, unusable data, a fresh
+        ValueError: A lazy layer not initialised yet, a corrupt or foreign checkpoint, a checkpoint of another
+            optimizer or lr_schedule or with more finished epochs than ``config.epochs``, unusable data, a fresh
             run in a run_dir that already holds one, or ``distill > 0`` without a teacher.
     """
 
@@ -576,6 +576,7 @@ class DPRPTrainer:
                  run_dir: str | os.PathLike | None = None, resume: str | os.PathLike | bool | None = None,
                  progress: bool = True, example_inputs: Any = None, teacher: nn.Module | None = None) -> None:
         require_module(model, "DPRPTrainer()")
+        require_initialized(model, "DPRPTrainer()")
         self.config = config = as_config(config, "DPRPTrainer()")
         self.rank, self.world = _dist_info()
         self.device = _resolve_device(config)
@@ -1250,10 +1251,12 @@ def compress(model: nn.Module, config: DPRPConfig | None = None, train_data: Any
         left untouched (a factorized copy is trained).
 
     Raises:
-        ValueError: No training data, a teacher with ``config.distill == 0`` (it would be ignored), or any of
-            `DPRPTrainer`'s (e.g. a fresh run in a run_dir that already holds one: pass ``resume=True``).
+        ValueError: No training data, a lazy layer not initialised yet, a teacher with ``config.distill == 0``
+            (it would be ignored), or any of `DPRPTrainer`'s (e.g. a fresh run in a run_dir that already holds
+            one: pass ``resume=True``).
     """
     require_module(model, "compress()")
+    require_initialized(model, "compress()")
     config = as_config(config, "compress()")
     if train_data is None:
         raise ValueError("compress needs train_data (a DataLoader, a TensorLoader or a Dataset)")

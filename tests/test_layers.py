@@ -16,6 +16,7 @@ from dprp_surgery.layers import (
     TWINS,
     SVDConv1d,
     SVDConv2d,
+    SVDLayer,
     SVDLinear,
     layer_from_spec,
     resolve_scheme,
@@ -208,6 +209,9 @@ class _OwnForwardConv(nn.Conv2d):
     (SVDLinear, nn.Conv2d(4, 6, 1), r"SVDLinear.from_dense takes an nn.Linear, .*use SVDConv2d.from_dense"),
     (SVDConv2d, _OwnForwardConv(4, 6, 3), r"got .*_OwnForwardConv: it subclasses nn.Conv2d and may compute something "
      r"else .*leave it dense"),
+    # the abstract base returned None
+    (SVDLayer, nn.Linear(4, 6), r"SVDLayer.from_dense is abstract; use SVDLinear.from_dense"),
+    (SVDLayer, nn.Conv3d(4, 6, 3), r"SVDLayer.from_dense is abstract; dprp_surgery factorizes nn.Linear, nn.Conv1d"),
 ])
 def test_from_dense_refuses_a_layer_it_cannot_represent(twin, dense, words):
     # these were accepted and gave a twin with another function (ConvTranspose2d: off by 2 at the same shape)
