@@ -679,21 +679,28 @@ def _extract_members(tar: tarfile.TarFile, members: list[tarfile.TarInfo], dest:
             tar.extractall(dest, members=links)
 
 
-def _split_root(dest: Path, archive: Path) -> Path:
-    """The folder under ``dest`` (itself or a single level down) that holds ``train/``."""
-    if (dest / "train").is_dir():
+def _split_root(dest: Path, archive: Path, eval_only: bool = False) -> Path:
+    """The folder under ``dest`` (itself or a single level down) that holds ``train/`` (``val/`` or ``test/``)."""
+    names = ("val", "test") if eval_only else ("train",)
+    want = "val/ or test/" if eval_only else "train/"
+    layout = "val/<class>/*.jpg or test/<class>/*.jpg" if eval_only else "train/<class>/*.jpg and val/ or test/"
+
+    def holds(folder: Path) -> bool:
+        return any((folder / n).is_dir() for n in names)
+
+    if holds(dest):
         return dest
-    candidates = sorted(p for p in dest.iterdir() if p.is_dir() and (p / "train").is_dir())
+    candidates = sorted(p for p in dest.iterdir() if p.is_dir() and holds(p))
     if len(candidates) == 1:
         return candidates[0]
     if candidates:
         raise ValueError(
-            f"Archive {str(archive)!r} extracted into {str(dest)!r} holds several datasets (train/ one level down "
-            f"in {', '.join(repr(p.name) for p in candidates)}); expected one: train/<class>/*.jpg and val/ or test/."
+            f"Archive {str(archive)!r} extracted into {str(dest)!r} holds several datasets ({want} one level down "
+            f"in {', '.join(repr(p.name) for p in candidates)}); expected one: {layout}."
         )
     raise ValueError(
-        f"Archive {str(archive)!r} extracted into {str(dest)!r} has no train/ folder at its top "
-        "level or one level down; expected train/<class>/*.jpg and val/ or test/."
+        f"Archive {str(archive)!r} extracted into {str(dest)!r} has no {want} folder at its top "
+        f"level or one level down; expected {layout}."
     )
 
 
@@ -758,7 +765,8 @@ def _extract_into(archive_path: Path, dest_path: Path, stamp: Path, stamp_data: 
     return members
 
 
-def extract_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
+def extract_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str], *, eval_only: bool = False
+                    ) -> Path:
     """Safely extract a ``.tar.gz``/``.tgz``/``.tar`` archive and return the folder holding ``train/``.
 
     Members with absolute paths, ``..`` components, links pointing outside, or special files are
@@ -772,13 +780,16 @@ def extract_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str
     Args:
         archive: Path of the archive.
         dest: Directory to extract into (created if needed).
+        eval_only: Look for the folder holding ``val/`` or ``test/`` instead (an archive for evaluation
+            needs no ``train/``).
 
     Returns:
-        ``dest`` if it holds ``train/`` after extraction, else its single subfolder that does.
+        ``dest`` if it holds ``train/`` (with `eval_only`: ``val/`` or ``test/``) after extraction, else its
+        single subfolder that does.
 
     Raises:
         ValueError: If the archive is missing or unreadable, holds an unsafe member, or has no
-            ``train/`` folder.
+            ``train/`` folder (``val/`` or ``test/`` with `eval_only`).
     """
     archive_path = Path(archive).expanduser().resolve()
     dest_path = Path(dest).expanduser().resolve()
@@ -789,14 +800,14 @@ def extract_archive(archive: str | os.PathLike[str], dest: str | os.PathLike[str
     stamp = dest_path / ".dprp_extracted.json"
     if _stamped(stamp, stamp_data):
         logger.info("Archive %s already extracted in %s", archive_path, dest_path)
-        return _split_root(dest_path, archive_path)
+        return _split_root(dest_path, archive_path, eval_only)
     with _extraction_lock(archive_path):  # another process extracting the same archive: wait for it, then reuse
         if _stamped(stamp, stamp_data):
-            return _split_root(dest_path, archive_path)
+            return _split_root(dest_path, archive_path, eval_only)
         t0 = time.perf_counter()
         members = _extract_into(archive_path, dest_path, stamp, stamp_data)
     logger.info("Extracted %d members of %s in %.1fs", len(members), archive_path, time.perf_counter() - t0)
-    return _split_root(dest_path, archive_path)
+    return _split_root(dest_path, archive_path, eval_only)
 
 
 def resolve_split_dirs(root: str | os.PathLike[str]) -> tuple[Path, Path]:
@@ -969,7 +980,7 @@ def open_data(
         if blocker is not None and not blocker.is_dir():
             raise ValueError(f"Cannot extract {text!r}: the cache directory {str(cache_root)!r} (DPRP_CACHE or "
                              f"cache_dir) lies under the file {str(blocker)!r}; point DPRP_CACHE at a directory.")
-        path = extract_archive(resolved, cache_root / "extracted" / f"{stem}-{digest}")
+        path = extract_archive(resolved, cache_root / "extracted" / f"{stem}-{digest}", eval_only=train_limit == 0)
     if train_limit == 0:  # evaluation only: train/ is neither needed nor decoded
         evals = load_image_folder(_eval_dir(path), image_size=image_size, cache_dir=cache_root, progress=progress,
                                   limit=eval_limit, seed=seed)

@@ -847,6 +847,21 @@ def test_evaluation_needs_only_a_val_or_test_split(tmp_path: Path, cache: Path) 
         open_data(tmp_path / "empty_dir", cache_dir=cache, progress=False, train_limit=0)
 
 
+@pytest.mark.parametrize("top", ["", "ds/"])
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_an_archive_for_evaluation_needs_only_a_val_or_test_split(tmp_path: Path, cache: Path, top: str,
+                                                                  split: str) -> None:
+    # the archive path asked for train/ even with train_limit=0 (dprp eval --data x.tar.gz)
+    archive = _tar(tmp_path / "eval.tar.gz", {f"{top}{split}/a/0.png": _png(), f"{top}{split}/b/0.png": _png()})
+    train, evals = open_data(archive, cache_dir=cache, progress=False, train_limit=0)
+    assert train is None and evals.classes == ["a", "b"] and len(evals) == 2
+    with pytest.raises(ValueError, match=r"has no train/ folder at its top level or one level down"):
+        open_data(archive, cache_dir=cache, progress=False)  # training still needs train/
+    other = _tar(tmp_path / "other.tar.gz", {"train/a/0.png": _png()})
+    with pytest.raises(ValueError, match=r"has no val/ or test/ folder .*expected val/<class>/\*.jpg or test/"):
+        open_data(other, cache_dir=cache, progress=False, train_limit=0)
+
+
 def test_a_split_given_for_the_dataset_is_named_as_one(tmp_path: Path, cache: Path) -> None:
     _make_folder(tmp_path / "d" / "train")
     _make_folder(tmp_path / "d" / "val")
