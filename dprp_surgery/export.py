@@ -56,6 +56,7 @@ __all__ = [
     "FORMS",
     "MODES",
     "OBJECTIVES",
+    "PT2_METADATA",
     "check_output",
     "export",
     "layer_forms",
@@ -907,17 +908,27 @@ def to_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any,
     return Path(path).expanduser()
 
 
+PT2_METADATA = "dprp.json"
+"""The extra file of a .pt2 written by `to_pt2`: what the program was exported from, for `dprp eval`."""
+
+
 def to_pt2(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any, *,
-           dynamic_batch: bool = True) -> Path:
+           dynamic_batch: bool = True, metadata: dict[str, Any] | None = None) -> Path:
     """Export `model` with ``torch.export.export`` and write it with ``torch.export.save``.
 
-    Load it back with ``torch.export.load(path).module()``.
+    Load it back with ``torch.export.load(path).module()``. The archive also holds the extra file
+    `PT2_METADATA` (JSON: the library version, the model's architecture when known, the input size
+    without the batch dimension, and `metadata`), read with
+    ``torch.export.load(path, extra_files={"dprp.json": ""})``; `dprp eval` takes the input size and
+    normalisation from it.
 
     Args:
         model: Any model.
         path: The .pt2 file to write.
         example_inputs: A tensor or tuple of inputs.
         dynamic_batch: Keep the batch dimension symbolic (as in `to_onnx`).
+        metadata: More JSON-serialisable entries, e.g. ``{"mean": [...], "std": [...]}`` (the
+            normalisation the program expects, as the CLI records).
 
     Returns:
         The written path.
@@ -935,7 +946,10 @@ def to_pt2(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any, 
             program = torch.export.export(model, grown, dynamic_shapes=dyn)
         else:
             program = torch.export.export(model, inputs)
-        torch.export.save(program, str(tmp))
+        first = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+        meta = {"dprp_surgery": _version(), "arch": getattr(model, _ARCH_ATTR, None),
+                "input_size": list(first.shape[1:]) if first is not None else None, **(metadata or {})}
+        torch.export.save(program, str(tmp), extra_files={PT2_METADATA: json.dumps(meta)})
     return Path(path).expanduser()
 
 

@@ -81,6 +81,7 @@ SPEC_FORMS: tuple[str, ...] = (
 )
 
 _ARCH_ATTR = "_dprp_arch"
+_RECIPE_ATTR = "_dprp_normalisation"  # a .pt2 program's recorded mean/std (to_pt2's metadata)
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "weights")
 _PREFIXES = ("module.", "_orig_mod.")
 
@@ -664,7 +665,9 @@ def load_model(spec: str | os.PathLike[str], *, num_classes: int | None = None, 
     Args:
         spec: The model spec.
         num_classes: Classifier outputs of a newly built architecture. None keeps the default, or
-            the class count of the weights file when it has a different classifier.
+            the class count of the weights file when it has a different classifier; with a weights file
+            whose classifier has another class count, every other weight is loaded and the classifier is
+            replaced by a new (random) one with `num_classes` outputs, as timm does for pretrained models.
         trust_pickle: Allow unpickling a whole-module file, or a ``.pt2`` file holding pickled
             entries (runs code from the file).
         arch: Architecture (``timm:NAME``, ...) of a bare state-dict file given as `spec`; with
@@ -714,7 +717,7 @@ def _load_arch(ms: ModelSpec, num_classes: int | None, state: dict[str, torch.Te
     if state is None:
         state = read_state_dict(ms.weights)
     model = build_arch(arch, num_classes)
-    if num_classes is None and (n := _classes_in_state(model, state)) is not None:
+    if (n := _classes_in_state(model, state)) is not None:  # load the file's classifier, then replace it
         model = build_arch(arch, n)
     if ms.kind == "cifar":
         from .models import load_cifar_checkpoint
@@ -725,6 +728,8 @@ def _load_arch(ms: ModelSpec, num_classes: int | None, state: dict[str, torch.Te
         _load_strict(model, state, ms.weights, arch)
     else:
         _load_strict(model, state, ms.weights, arch)
+    if num_classes is not None and n is not None:  # timm's pretrained=True, num_classes=N: a new classifier
+        set_num_classes(model, num_classes)
     return model
 
 
@@ -835,13 +840,30 @@ def _check_pt2(path: Path) -> None:
 
 def _load_pt2(path: Path, trust_pickle: bool = False) -> nn.Module:
     """The module of a torch.export program; files that would unpickle arbitrary objects need trust_pickle."""
+    from .export import PT2_METADATA
+
     if not trust_pickle:
         _check_pt2(path)
+    extra = {PT2_METADATA: ""}
     try:
-        return torch.export.load(str(path)).module()
+        module = torch.export.load(str(path), extra_files=extra).module()
     except Exception as exc:  # noqa: BLE001
         raise ValueError(f"cannot read {str(path)!r} as a torch.export program ({type(exc).__name__}: "
                          f"{_first_line(exc)}); re-export it with `dprp export --format pt2`.") from None
+    try:
+        meta = json.loads(extra[PT2_METADATA]) if extra[PT2_METADATA] else {}
+    except ValueError:
+        meta = {}
+    meta = meta if isinstance(meta, Mapping) else {}
+    size = meta.get("input_size")
+    if isinstance(size, list) and size and all(isinstance(v, int) and v > 0 for v in size):
+        object.__setattr__(module, "_dprp_input_size", list(size))
+    mean, std = meta.get("mean"), meta.get("std")
+    if (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) > 0
+            and all(isinstance(v, (int, float)) for v in (*mean, *std)) and all(v > 0 for v in std)):
+        object.__setattr__(module, _RECIPE_ATTR, {"mean": [float(v) for v in mean], "std": [float(v) for v in std],
+                                                  "arch": meta.get("arch")})
+    return module
 
 
 def _load_file(path: Path, trust_pickle: bool) -> tuple[nn.Module, str]:
@@ -988,10 +1010,17 @@ def data_recipe(arch: str | None, model: nn.Module | None = None) -> DataRecipe:
     * timm models: mean, std and input size from ``timm.data.resolve_data_config({}, model=model)``
       (images are resized to that size at decode time), "cifar" augmentation (crop + flip).
     * torchvision models: ImageNet mean/std, 224 px, "cifar" augmentation.
+    * a .pt2 program written by the CLI: the mean, std and input size recorded in it.
     * anything else: ImageNet mean/std, images kept at their size.
     """
     from .data import IMAGENET_MEAN, IMAGENET_STD
 
+    recorded = getattr(model, _RECIPE_ATTR, None) if model is not None else None
+    if recorded is not None:
+        size = getattr(model, "_dprp_input_size", None)
+        source = f"recorded in the .pt2 ({recorded['arch']})" if recorded.get("arch") else "recorded in the .pt2"
+        return DataRecipe(tuple(recorded["mean"]), tuple(recorded["std"]), int(size[-1]) if size else None, "cifar",
+                          source)
     kind, _, name = (arch or "").partition(":")
     cfg = getattr(model, "pretrained_cfg", None) if model is not None else None
     if kind == "cifar" or (kind not in ARCH_KINDS and model is not None and

@@ -85,6 +85,44 @@ def run_dir(tmp_path_factory, data_dir) -> pathlib.Path:
     return out
 
 
+@pytest.mark.parametrize("weights", [False, True])
+def test_seed_covers_the_random_init_and_a_new_head(tmp_path, data_dir, weights):
+    # --seed ("every random number generator ... init") did not seed MODEL's random init nor the new 2-way head
+    # that replaces a 10-way classifier: two runs with the same seed started from different weights
+    model = "cifar:resnet20"
+    if weights:
+        from safetensors.torch import save_file
+
+        save_file(resnet20(num_classes=10).state_dict(), str(tmp_path / "r20.safetensors"))
+        model += f"@{tmp_path / 'r20.safetensors'}"
+    losses = []
+    for run in ("a", "b"):
+        torch.manual_seed(len(losses))  # whatever state the process is in
+        result = invoke("compress", model, "--data", data_dir, "--out", tmp_path / run, "--epochs", "1",
+                        "--batch-size", "8", "--limit-train", "8", "--limit-val", "4", "--seed", "3", "-q")
+        assert result.exit_code == 0, result.output
+        losses.append(json.loads((tmp_path / run / "history.jsonl").read_text().splitlines()[0])["loss"])
+    assert losses[0] == losses[1]
+
+
+def test_a_dense_export_can_be_compressed_again_and_a_factorized_one_is_refused(tmp_path, run_dir, data_dir):
+    # the dense export (plain Conv2d/Linear layers) was refused as "already factorized", like the run itself
+    dense = tmp_path / "dense"
+    assert invoke("export", run_dir, "--mode", "dense", "--out", dense).exit_code == 0
+    result = invoke("compress", dense, "--data", data_dir, "--out", tmp_path / "again", "--epochs", "1",
+                    "--batch-size", "8", "--limit-train", "8", "--limit-val", "4", "-q")
+    assert result.exit_code == 0, result.output
+    from dprp_surgery.export import layer_forms
+    from dprp_surgery.io import load_model
+
+    again, arch = load_model(tmp_path / "again" / "model")
+    assert arch == "cifar:resnet20" and len(layer_forms(again)) == 20
+    for model in (run_dir, run_dir / "model"):
+        bad("compress", model, "--data", data_dir, "--out", tmp_path / "no",
+            words=("is already factorized; continue its run with --resume, or compress its dense export "
+                   f"(dprp export {model} --mode dense --out DIR)",))
+
+
 # ----------------------------------------------------------------------------- help
 @pytest.mark.parametrize("command", (None,) + COMMANDS)
 def test_help(command):
@@ -1008,6 +1046,44 @@ def test_a_pt2_model_is_refused_where_it_cannot_be_factorized(command, data_dir,
     assert not (tmp_path / "r").exists()
     result = invoke("eval", program, "--data", data_dir, "--no-latency", "--json")
     assert result.exit_code == 0, result.output  # where a .pt2 works
+
+
+def test_a_pt2_is_evaluated_at_its_size_and_normalisation(tmp_path, data_dir):
+    # eval of a .pt2 fed the images at their own size (a raw "Guard failed" exit 1 for a 176-px timm model) and
+    # normalised them with ImageNet's mean/std whatever the model's recipe: the export now records both
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    weights = tmp_path / "r10t.safetensors"
+    save_file(timm.create_model("resnet10t", num_classes=2).state_dict(), str(weights))
+    spec, program, artifact = f"timm:resnet10t@{weights}", tmp_path / "m.pt2", tmp_path / "art"
+    assert invoke("export", spec, "--format", "pt2", "--out", program).exit_code == 0
+    assert invoke("export", spec, "--out", artifact).exit_code == 0
+    scores = []
+    for model in (program, artifact):
+        result = invoke("eval", model, "--data", data_dir, "--no-latency", "--json")
+        assert result.exit_code == 0, result.output
+        scores.append({k: json.loads(result.stdout)[k] for k in ("top1", "top5", "macs")})
+    assert scores[0] == scores[1]
+    bad("eval", program, "--data", data_dir, "--no-latency", "--image-size", "64",
+        words=(f"{str(program)!r} (a torch.export program) does not take (3, 64, 64) images",
+               "pass --image-size N with the size it was exported at"))
+
+
+def test_a_pt2_records_what_it_was_exported_from(tmp_path):
+    from dprp_surgery.export import to_pt2
+    from dprp_surgery.io import data_recipe, load_model
+
+    path = to_pt2(resnet20(num_classes=2), tmp_path / "m.pt2", torch.zeros(1, 3, 40, 40),
+                  metadata={"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]})
+    model, arch = load_model(path)
+    recipe = data_recipe(arch, model)
+    assert (recipe.mean, recipe.std, recipe.image_size) == ((0.5,) * 3, (0.25,) * 3, 40)
+    plain = tmp_path / "plain.pt2"  # written elsewhere: no metadata, the defaults as before
+    torch.export.save(torch.export.export(resnet20(), (torch.zeros(2, 3, 32, 32),)), str(plain))
+    model, arch = load_model(plain)
+    assert data_recipe(arch, model).source == "ImageNet defaults" and not hasattr(model, "_dprp_input_size")
 
 
 def test_help_lists_pt2_only_where_it_works():

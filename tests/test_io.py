@@ -117,6 +117,23 @@ def test_cifar_num_classes_follow_weights(tmp_path):
     _same(model, src)
 
 
+@pytest.mark.parametrize("spec", ["cifar:resnet20", "timm:resnet10t", "torchvision:resnet18"])
+def test_num_classes_with_weights_of_another_head_replaces_the_classifier(tmp_path, spec):
+    # --num-classes 3 with 10-class weights failed: "2 tensors have the wrong shape" (as timm's pretrained=True,
+    # num_classes=3, every other weight is loaded and the classifier is new)
+    src, _ = load_model(spec, num_classes=10)
+    path = tmp_path / "w.safetensors"
+    save_file(src.state_dict(), str(path))
+    model, _ = load_model(f"{spec}@{path}", num_classes=3)
+    assert infer_num_classes(model) == 3
+    own, theirs = model.state_dict(), src.state_dict()
+    same = [k for k in theirs if own[k].shape == theirs[k].shape]
+    assert len(same) == len(theirs) - 2  # all but the classifier's weight and bias
+    assert all(torch.equal(own[k], theirs[k]) for k in same)
+    again, _ = load_model(f"{spec}@{path}", num_classes=10)  # the weights' own count: loaded whole
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in theirs.items())
+
+
 def test_timm_and_torchvision_specs(tmp_path):
     model, arch = load_model("timm:resnet18", num_classes=7)
     assert arch == "timm:resnet18" and infer_num_classes(model) == 7

@@ -72,7 +72,8 @@ ArchOpt = Annotated[str | None, typer.Option(
     "cifar:NAME); also recorded when exporting a pickled model.")]
 NumClassesOpt = Annotated[int | None, typer.Option(
     "--num-classes", min=1, help="Classifier outputs when building the architecture (default: the weights' or "
-    "the dataset's).")]
+    "the dataset's); with weights whose classifier has another class count, the other weights are loaded and the "
+    "classifier is a new one.")]
 TrustPickleOpt = Annotated[bool, typer.Option(
     "--trust-pickle", help="Allow loading a whole pickled module (torch.save(model)). Unpickling runs arbitrary code "
     "from the file: use it only for files you trust.")]
@@ -219,7 +220,9 @@ def _preset_names() -> list[str]:
 
 def compress_cmd(
     model: Annotated[str | None, typer.Argument(
-        help=f"The model to compress: {MODEL_FORMS}. Optional with --resume (taken from RUN_DIR/run.json).",
+        help=f"The model to compress: {MODEL_FORMS}. An artifact or run that is still factorized is not compressed "
+        "again: continue its run with --resume, or give its dense export (dprp export --mode dense). Optional with "
+        "--resume (taken from RUN_DIR/run.json).",
         show_default=False)] = None,
     data: Annotated[str | None, typer.Option(
         "--data", "-d", help="Dataset: a directory with train/ and val/ or test/ ImageFolders, a .tar.gz of one, "

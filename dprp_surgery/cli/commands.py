@@ -34,6 +34,7 @@ from ..data import TensorImageDataset, TensorLoader, open_data, progress_bar
 from ..io import (
     ARCH_KINDS,
     DataRecipe,
+    _first_line,
     check_writable,
     data_recipe,
     infer_num_classes,
@@ -212,8 +213,6 @@ def _check_input_size(model: nn.Module, arch: str, size: tuple[int, ...], given:
         with torch.no_grad():
             model(x)
     except Exception as exc:  # noqa: BLE001 - any failure means the shape does not fit
-        from ..io import _first_line
-
         raise ValueError(f"{what} does not fit the model {arch}: a forward on a (1, {', '.join(map(str, size))}) "
                          f"input fails ({type(exc).__name__}: {_first_line(exc)}); {fix}.") from None
     finally:
@@ -550,7 +549,7 @@ def _match_classes(model: nn.Module, n_classes: int, pretrained: bool) -> nn.Mod
         return model
     if pretrained:
         _note(f"The model has {outputs} outputs but the data has {n_classes} classes: replacing its classifier by a "
-              f"new {n_classes}-way head (pass --num-classes to build it that way instead).")
+              f"new {n_classes}-way head; its other weights are kept.")
     return set_num_classes(model, n_classes)
 
 
@@ -794,14 +793,17 @@ def run_compress(*, model: str | None, data: str | None, out: Path | None, confi
         source = run_json if resume else None
         with _recorded("the teacher", teacher, source if "teacher" in recorded else None, "--teacher"):
             teacher_net = _load_teacher(teacher, trust_pickle) if teacher else None  # bad input fails before data
+        torch.manual_seed(config.seed)  # --seed covers a random init of MODEL (a spec without weights)
         with _recorded("MODEL", model, source if "model" in recorded else None, "MODEL"):
             net, net_arch = _load(model, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle)
         if net_arch.split(":", 1)[0] not in ARCH_KINDS:
             raise ValueError(f"cannot tell the architecture of {model!r}, so the compressed model could not be saved "
                              "without pickle; pass --arch timm:NAME, torchvision:NAME or cifar:NAME.")
-        if _is_factorized(net):
-            raise ValueError(f"{model!r} is already factorized; compress the original model, or continue its run "
-                             "with --resume.")
+        from ..export import layer_forms
+
+        if any(e["form"] != "dense" for e in layer_forms(net).values()):  # a dense export: an ordinary model
+            raise ValueError(f"{model!r} is already factorized; continue its run with --resume, or compress its "
+                             f"dense export (dprp export {model} --mode dense --out DIR) or the original model.")
         recipe = data_recipe(net_arch, net)
         if image_size is not None:
             _check_input_size(net, net_arch, (3, image_size, image_size), str(image_size), flag="--image-size",
@@ -829,6 +831,7 @@ def run_compress(*, model: str | None, data: str | None, out: Path | None, confi
                              f"{train.num_classes}-way head for the {train.num_classes} classes of the data; "
                              "pass --teacher MODEL, the dense model fine-tuned on DATA, or --distill 0.")
         new_head = outputs is not None and outputs != train.num_classes  # its accuracy before training means nothing
+        torch.manual_seed(config.seed)  # ... and of a new classifier
         net = _match_classes(net, train.num_classes, pretrained and num_classes is None)
         teacher_outputs = infer_num_classes(teacher_net) if teacher_net is not None else None
         if teacher_outputs is not None and teacher_outputs != train.num_classes:
@@ -899,7 +902,8 @@ def run_export(*, source: str, out: Path, mode: str, fmt: str, objective: str, i
             elif fmt == "onnx":
                 path = to_onnx(exported, out, example)
             else:
-                path = to_pt2(exported, out, example)
+                path = to_pt2(exported, out, example, metadata={  # what `dprp eval` of the .pt2 needs
+                    "arch": net_arch, "mean": list(recipe.mean), "std": list(recipe.std)})
         forms: dict[str, int] = {}
         for entry in layer_forms(exported).values():
             forms[entry["form"]] = forms.get(entry["form"], 0) + 1
@@ -943,8 +947,19 @@ def run_eval(*, model: str, data: str, limit: int | None, batch_size: int, laten
                   f"and a prediction of any of the other {outputs - val.num_classes} outputs counts as wrong. "
                   "Check the model was trained with this class order.")
         _check_trained_classes(model, val.classes, data)
+        program = net_arch.startswith("pt2:")
+        if program and recipe.source == "ImageNet defaults":
+            _note(f"{model} records no normalisation (not written by `dprp export --format pt2`): the images are "
+                  "normalised with ImageNet's mean and std, which may not be what the model was trained with.")
         loader = TensorLoader(val, batch_size, mean=recipe.mean, std=recipe.std)
-        top1, top5 = evaluate(net, loader, progress=not json_out)
+        try:
+            top1, top5 = evaluate(net, loader, progress=not json_out)
+        except Exception as exc:
+            if program and "guard" in str(exc).lower():  # a program exported for another input size
+                raise ValueError(f"{model!r} (a torch.export program) does not take {tuple(val.image_shape)} images "
+                                 f"({_first_line(exc)}); pass --image-size N with the size it was exported at."
+                                 ) from None
+            raise
         example = torch.zeros(1, *val.image_shape)
         macs, _ = _macs(net, example)
         result: dict[str, Any] = {"model": model, "arch": net_arch, "data": data, "images": len(val), "top1": top1,
