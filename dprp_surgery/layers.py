@@ -35,6 +35,7 @@ __all__ = [
     "Scheme",
     "MATRICIZATIONS",
     "TWINS",
+    "EQUIVALENT_SUBCLASSES",
     "resolve_scheme",
     "twin_for",
     "layer_from_spec",
@@ -180,7 +181,7 @@ class SVDLayer(nn.Module, ABC):
     @classmethod
     def _check_dense(cls, module: nn.Module) -> None:
         """Raise a TypeError unless `module` is exactly this twin's dense layer type."""
-        if type(module) is cls.dense_type:
+        if dense_base(module) is cls.dense_type:
             return
         want = f"nn.{cls.dense_type.__name__}"
         got = f"{type(module).__module__}.{type(module).__qualname__}"
@@ -224,13 +225,21 @@ class SVDLayer(nn.Module, ABC):
 
     @torch.no_grad()
     def _copy_from(self, dense: nn.Module) -> None:
-        """Take the dense layer's weight (as its SVD), bias and frozen/trainable flags."""
+        """Take the dense layer's weight (as its SVD), bias and frozen/trainable flags (and its class, see to_dense)."""
+        self._dense_subclass = type(dense) if type(dense) is not self.dense_type else None
         self._set_from_weight(dense.weight)
         for p in (self.U, self.s, self.V):
             p.requires_grad_(dense.weight.requires_grad)
         if dense.bias is not None:
             self.bias.copy_(dense.bias.detach())
             self.bias.requires_grad_(dense.bias.requires_grad)
+
+    def _as_original(self, dense: nn.Module) -> nn.Module:
+        """`dense` as the class of the layer this twin was made from (an `EQUIVALENT_SUBCLASSES` entry: same state)."""
+        subclass = getattr(self, "_dense_subclass", None)
+        if subclass is not None:
+            dense.__class__ = subclass
+        return dense
 
     @torch.no_grad()
     def _copy_to(self, dense: nn.Module) -> None:
@@ -354,8 +363,8 @@ class SVDLayer(nn.Module, ABC):
         """Factorize a dense layer at `rank` (default full rank theta), preserving its function.
 
         Raises:
-            TypeError: `module` is not exactly this twin's dense type (a subclass, a transposed conv, a conv of
-                another dimension), or this is SVDLayer itself (call it on a twin class).
+            TypeError: `module` is not this twin's dense type (a subclass not in EQUIVALENT_SUBCLASSES, a
+                transposed conv, a conv of another dimension), or this is SVDLayer itself (call it on a twin class).
             ValueError: A scheme the layer cannot use, or a rank out of range.
         """
         twin = TWINS.get(type(module))
@@ -408,7 +417,7 @@ class SVDLinear(SVDLayer):
         dense = nn.Linear(self.in_features, self.out_features, self.bias is not None,
                           device=self.U.device, dtype=self.U.dtype)
         self._copy_to(dense)
-        return dense
+        return self._as_original(dense)
 
     def to_factorized(self) -> nn.Sequential:
         kw = {"device": self.U.device, "dtype": self.U.dtype}
@@ -521,7 +530,7 @@ class _SVDConvNd(SVDLayer):
                                   self.dilation, self.groups, self.bias is not None, self.padding_mode,
                                   device=self.U.device, dtype=self.U.dtype)
         self._copy_to(dense)
-        return dense
+        return self._as_original(dense)
 
     def _pad_module(self) -> nn.Module | None:
         """An explicit padding layer, needed when the realisation cannot pad inside its convs."""
@@ -776,10 +785,27 @@ class SVDConv2d(_SVDConvNd):
 
 TWINS: dict[type[nn.Module], type[SVDLayer]] = {nn.Linear: SVDLinear, nn.Conv1d: SVDConv1d, nn.Conv2d: SVDConv2d}
 
+EQUIVALENT_SUBCLASSES: dict[str, type[nn.Module]] = {
+    # forward differs only under torch.jit scripting (a dtype cast); the classifier of timm's MobileNetV3,
+    # GhostNet, HardCoReNAS and others
+    "timm.layers.linear.Linear": nn.Linear,
+}
+"""Subclasses (by module path and qualified name) that compute exactly what their dense base computes and hold
+no other state: factorized like the base, and rebuilt as the subclass by ``to_dense``."""
+
+
+def dense_base(module: nn.Module) -> type[nn.Module] | None:
+    """The registered dense type `module` is (exactly, or as one of `EQUIVALENT_SUBCLASSES`), else None."""
+    kind = type(module)
+    if kind in TWINS:
+        return kind
+    return EQUIVALENT_SUBCLASSES.get(f"{kind.__module__}.{kind.__qualname__}")
+
 
 def twin_for(module: nn.Module) -> type[SVDLayer] | None:
-    """The factorized twin class of a module whose type is exactly a registered dense type."""
-    return TWINS.get(type(module))
+    """The factorized twin class of a module of a registered dense type (or an equivalent subclass)."""
+    base = dense_base(module)
+    return TWINS[base] if base is not None else None
 
 
 def layer_from_spec(spec: dict, device=None, dtype=None) -> SVDLayer:

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .config import DPRPConfig, as_config, require_module
-from .layers import MATRICIZATIONS, TWINS, SVDLayer, resolve_scheme
+from .layers import MATRICIZATIONS, TWINS, SVDLayer, dense_base, resolve_scheme, twin_for
 
 __all__ = ["factorize", "SurgeryReport", "surgery_report", "svd_layers", "FactorizationError"]
 
@@ -83,7 +83,7 @@ def factorize(model: nn.Module, config: DPRPConfig | None = None) -> nn.Module:
     require_module(model, "factorize()")
     config = as_config(config, "factorize()")
     done = svd_layers(model)
-    if done and not any(type(m) in TWINS for m in model.modules()):
+    if done and not any(dense_base(m) is not None for m in model.modules()):
         raise FactorizationError(
             f"{type(model).__name__} is already factorized ({len(done)} SVD layers) and has no dense layer left to "
             "factorize; train it as it is (DPRPTrainer, compress), or factorize the original model.")
@@ -121,7 +121,7 @@ class _Tracer(torch.fx.Tracer):
         super().__init__(autowrap_functions=fns)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, self._leaf_types):
+        if isinstance(m, self._leaf_types) or dense_base(m) is not None:  # layers called as modules
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -206,7 +206,7 @@ def _called_modules(model: nn.Module) -> tuple[dict[str, str | None], bool]:
             if node.op == "call_module":
                 called.setdefault(node.target, None)
                 sub = traced.get_submodule(node.target)
-                if type(sub) not in TWINS:  # an opaque leaf: its inner layers are called inside it
+                if dense_base(sub) is None:  # an opaque leaf: its inner layers are called inside it
                     for inner, _ in sub.named_modules(prefix=node.target):
                         called.setdefault(inner, None)
             elif node.op == "get_attr":
@@ -219,8 +219,8 @@ def _called_modules(model: nn.Module) -> tuple[dict[str, str | None], bool]:
     for owner, attrs in reads.items():  # called or not (F.linear(x, self.qkv.weight)): used without calling it
         what = f"parameter {attrs[0]} is" if len(attrs) == 1 else f"parameters {' and '.join(attrs)} are"
         called[owner] = f"its {what} read outside its forward"
-    if type(model) in TWINS:  # the root is traced, never called
-        twin = TWINS[type(model)].__name__
+    if dense_base(model) is not None:  # the root is traced, never called
+        twin = twin_for(model).__name__
         called[""] = (f"the model is itself one {type(model).__name__}: use {twin}.from_dense(layer), or wrap it "
                       "(nn.Sequential(layer)) to factorize it")
     return called, True
@@ -251,10 +251,10 @@ def _plan(model: nn.Module, called: dict[str, str | None], config: DPRPConfig):
             continue
         if not isinstance(module, tuple(TWINS)):
             continue
-        if type(module) not in TWINS:
+        if dense_base(module) is None:
             report.skipped[name] = _subclass_reason(module)
             continue
-        if type(module).__name__ not in config.layer_types:
+        if dense_base(module).__name__ not in config.layer_types:
             continue
         candidates.append((name, module))
     _check_patterns(config, [n for n, _ in candidates], names)
@@ -401,7 +401,7 @@ def _apply(model: nn.Module, plan: dict[str, str], report: SurgeryReport) -> nn.
     for name, scheme in plan.items():
         dense = new.get_submodule(name)
         if id(dense) not in twins:
-            twins[id(dense)] = TWINS[type(dense)].from_dense(dense, scheme=scheme)
+            twins[id(dense)] = twin_for(dense).from_dense(dense, scheme=scheme)
             twins[id(dense)].train(dense.training)
         for alias in aliases[id(dense)]:
             new.set_submodule(alias, twins[id(dense)])

@@ -129,6 +129,46 @@ def test_subclasses_and_incompressible_layers_are_skipped_with_reasons():
     torch.testing.assert_close(forced(x), model(x), rtol=1e-4, atol=1e-6)
 
 
+def test_timm_linear_is_factorized_and_exported_as_itself():
+    # timm.layers.Linear (the classifier of MobileNetV3, GhostNet, ...) was skipped as "a subclass with its own
+    # forward": 1.0M of mobilenetv3_small_100's 2.5M parameters stayed dense
+    from timm.layers import Linear as TimmLinear
+
+    from dprp_surgery import export
+
+    model = timm.create_model("mobilenetv3_small_050", num_classes=10).eval()
+    assert type(model.classifier) is TimmLinear
+    fact = factorize(model)
+    assert "classifier" in surgery_report(fact).factorized and isinstance(fact.classifier, SVDLayer)
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(fact.eval()(x), model(x), rtol=1e-4, atol=1e-5)
+    dense = export(fact, mode="dense")
+    assert type(dense.classifier) is TimmLinear  # the original layer type, not nn.Linear
+    fresh = timm.create_model("mobilenetv3_small_050", num_classes=10).eval()
+    fresh.load_state_dict(dense.state_dict(), strict=True)
+    torch.testing.assert_close(fresh(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_equivalent_subclasses_compute_what_their_base_computes():
+    # the registry's promise, checked against the installed library: same forward, no state of its own
+    import importlib
+
+    from dprp_surgery.layers import EQUIVALENT_SUBCLASSES
+
+    for path, base in EQUIVALENT_SUBCLASSES.items():
+        module_name, _, qualname = path.rpartition(".")
+        cls = getattr(importlib.import_module(module_name), qualname)
+        assert issubclass(cls, base) and cls.__init__ is base.__init__, path
+        args, x = ((6, 4), torch.randn(3, 6)) if base is nn.Linear else ((6, 4, 3), torch.randn(2, 6, *[9] * (
+            2 if base is nn.Conv2d else 1)))
+        torch.manual_seed(0)
+        layer = cls(*args)
+        plain = base(*args)
+        plain.load_state_dict(layer.state_dict())
+        torch.testing.assert_close(layer(x), plain(x), rtol=0, atol=0)
+        assert set(vars(layer)) == set(vars(plain)), path
+
+
 def test_include_exclude_and_layer_types():
     model = torchvision.models.resnet18()
     fact = factorize(model, DPRPConfig(include=("layer1.*",), exclude=("layer1.0.*",)))
