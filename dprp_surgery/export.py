@@ -870,7 +870,7 @@ ONNX_INLINE_LIMIT = 1 << 30
 
 
 def to_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any, *, dynamic_batch: bool = True,
-            opset: int | None = None) -> Path:
+            opset: int | None = None, metadata: dict[str, Any] | None = None) -> Path:
     """Export `model` to ONNX with the torch.export-based exporter (``torch.onnx.export(dynamo=True)``).
 
     Args:
@@ -880,11 +880,15 @@ def to_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any,
         dynamic_batch: Keep the batch dimension symbolic (the model then runs at any batch size): the
             leading dimension of the first tensor input, and of every other input of that size.
         opset: ONNX opset (None: the exporter's default).
+        metadata: More JSON-serialisable entries for the model's metadata (see Returns), e.g. the
+            normalisation ``{"mean": [...], "std": [...]}`` the model expects (the CLI records it).
 
     Returns:
         The written path. Inputs are named ``input`` (``input_1``, ... for more), the output ``output``.
         Weights are stored in the file itself, or, above ``ONNX_INLINE_LIMIT`` bytes, in ``PATH.data``
-        beside it (keep the two together).
+        beside it (keep the two together). The model's ``metadata_props`` entry ``"dprp"`` holds JSON
+        as `to_pt2` records it (library version, architecture when known, input size, `metadata`);
+        onnxruntime reads it with ``session.get_modelmeta().custom_metadata_map["dprp"]``.
 
     Raises:
         ValueError: `path` cannot be written, or is an existing file that is not an ONNX model (see
@@ -896,16 +900,24 @@ def to_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any,
     if opset is not None:
         kwargs["opset_version"] = opset
     size = sum(x.numel() * x.element_size() for x in [*model.parameters(), *model.buffers()])
-    kwargs["external_data"] = size > ONNX_INLINE_LIMIT
     with _exporting(model, path, ".onnx") as tmp:
         with torch.no_grad():
             run_example(model, inputs, "to_onnx()")  # a clear error for inputs the model cannot take
         if dynamic_batch:
             grown, dyn = _batch_shapes(inputs)
-            torch.onnx.export(model, grown, str(tmp), dynamo=True, dynamic_shapes=dyn, verbose=False, **kwargs)
+            program = torch.onnx.export(model, grown, dynamo=True, dynamic_shapes=dyn, verbose=False, **kwargs)
         else:
-            torch.onnx.export(model, inputs, str(tmp), dynamo=True, verbose=False, **kwargs)
+            program = torch.onnx.export(model, inputs, dynamo=True, verbose=False, **kwargs)
+        program.model.metadata_props["dprp"] = json.dumps(_export_metadata(model, inputs, metadata))
+        program.save(str(tmp), external_data=size > ONNX_INLINE_LIMIT)
     return Path(path).expanduser()
+
+
+def _export_metadata(model: nn.Module, inputs: tuple, metadata: dict[str, Any] | None) -> dict[str, Any]:
+    """What a graph export records of its source: library version, architecture, input size, `metadata`."""
+    first = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+    return {"dprp_surgery": _version(), "arch": getattr(model, _ARCH_ATTR, None),
+            "input_size": list(first.shape[1:]) if first is not None else None, **(metadata or {})}
 
 
 PT2_METADATA = "dprp.json"
@@ -946,9 +958,7 @@ def to_pt2(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any, 
             program = torch.export.export(model, grown, dynamic_shapes=dyn)
         else:
             program = torch.export.export(model, inputs)
-        first = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
-        meta = {"dprp_surgery": _version(), "arch": getattr(model, _ARCH_ATTR, None),
-                "input_size": list(first.shape[1:]) if first is not None else None, **(metadata or {})}
+        meta = _export_metadata(model, inputs, metadata)
         torch.export.save(program, str(tmp), extra_files={PT2_METADATA: json.dumps(meta)})
     return Path(path).expanduser()
 

@@ -266,6 +266,29 @@ def test_onnx_parity(r20, mode, tmp_path):
     np.testing.assert_allclose(got, e(x).detach().numpy(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("external", [False, True])
+def test_graph_exports_record_what_running_them_needs(monkeypatch, tmp_path, external):
+    # ONNX and .pt2 files said nothing of the input size or normalisation their model expects
+    import json
+
+    import onnxruntime as ort
+
+    if external:
+        monkeypatch.setattr(importlib.import_module("dprp_surgery.export"), "ONNX_INLINE_LIMIT", 0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())
+    meta = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    path = to_onnx(model, tmp_path / "m.onnx", torch.randn(1, 3, 8, 6), metadata=meta)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    recorded = json.loads(session.get_modelmeta().custom_metadata_map["dprp"])
+    assert recorded["input_size"] == [3, 8, 6] and recorded["mean"] == meta["mean"] and "dprp_surgery" in recorded
+    x = torch.randn(2, 3, 8, 6)
+    np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], model(x).detach().numpy(), atol=1e-5)
+    extra = {"dprp.json": ""}
+    torch.export.load(str(to_pt2(model, tmp_path / "m.pt2", torch.randn(1, 3, 8, 6), metadata=meta)),
+                      extra_files=extra)
+    assert json.loads(extra["dprp.json"]) == recorded
+
+
 def test_pt2_round_trip(r20, tmp_path):
     e = export(r20, "factorized")
     path = to_pt2(e, tmp_path / "m.pt2", torch.randn(1, 3, 32, 32))

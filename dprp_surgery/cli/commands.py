@@ -899,11 +899,9 @@ def run_export(*, source: str, out: Path, mode: str, fmt: str, objective: str, i
                 rebuildable = net_arch if net_arch.split(":", 1)[0] in ARCH_KINDS else None
                 path = save(exported, out, arch=rebuildable, config=getattr(net, "_dprp_config", None),
                             input_size=list(size))
-            elif fmt == "onnx":
-                path = to_onnx(exported, out, example)
-            else:
-                path = to_pt2(exported, out, example, metadata={  # what `dprp eval` of the .pt2 needs
-                    "arch": net_arch, "mean": list(recipe.mean), "std": list(recipe.std)})
+            else:  # what running the graph needs: the input size (recorded by both) and the normalisation
+                meta = {"arch": net_arch, "mean": list(recipe.mean), "std": list(recipe.std)}
+                path = (to_onnx if fmt == "onnx" else to_pt2)(exported, out, example, metadata=meta)
         forms: dict[str, int] = {}
         for entry in layer_forms(exported).values():
             forms[entry["form"]] = forms.get(entry["form"], 0) + 1
