@@ -9,7 +9,9 @@ count as one factorized layer each, against the dense layer rebuilt from their r
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -240,6 +242,22 @@ def _spec_layer(spec: dict) -> SVDLayer:
     return layer_from_spec(spec, device="meta")
 
 
+@contextlib.contextmanager
+def counting_attention() -> Iterator[None]:
+    """Attention on its composite paths, so that FlopCounterMode counts it (restored on exit).
+
+    The counter has no formula for nn.MultiheadAttention's fused fast path or for the CPU flash kernel of
+    scaled_dot_product_attention (both would count 0 MACs): SDPA runs its math backend, MHA unfused.
+    """
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
 def summarize(model: nn.Module, example_inputs: Any) -> Summary:
     """Per-layer and total parameters and MACs of `model`, dense against its current state.
 
@@ -289,17 +307,12 @@ def summarize(model: nn.Module, example_inputs: Any) -> Summary:
     # torch's module tracker (inside FlopCounterMode) fails on a module whose input is a view of a parameter
     # (a ViT's attention pool feeds `latent.expand(B, ...)` to a Linear): such views require grad even in no_grad
     grads = [p for p in model.parameters() if p.requires_grad]
-    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         for p in grads:
             p.requires_grad_(False)
-        # attention is counted only on its composite paths: the counter has no formula for MHA's fused fast
-        # path or for the CPU flash kernel of scaled_dot_product_attention (both would count 0 MACs)
-        torch.backends.mha.set_fastpath_enabled(False)
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+        with torch.no_grad(), counting_attention(), counter:
             run_example(model, inputs, "summarize()")
     finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
         for p in grads:
             p.requires_grad_(True)
         model.train(was_training)

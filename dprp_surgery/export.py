@@ -46,6 +46,7 @@ from ._files import give_umask_mode, new_dir
 from .accounting import example_tuple, layer_input, run_example
 from .config import require_module
 from .layers import MATRICIZATIONS, TWINS, SVDLayer, _realised_factors, layer_from_spec
+from .surgery import EXPORT_RECORDS_ATTR
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ ARTIFACT_VERSION = 2
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 
-_LAYERS_ATTR = "_dprp_layers"
+_LAYERS_ATTR = EXPORT_RECORDS_ATTR
 _ARCH_ATTR = "_dprp_arch"
 _CONFIG_ATTR = "_dprp_config"
 _REALISED = (nn.Linear, nn.Conv1d, nn.Conv2d)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import re
 import tempfile
@@ -82,6 +83,8 @@ SPEC_FORMS: tuple[str, ...] = (
 
 _ARCH_ATTR = "_dprp_arch"
 _RECIPE_ATTR = "_dprp_normalisation"  # a .pt2 program's recorded mean/std (to_pt2's metadata)
+NEW_HEAD_ATTR = "_dprp_new_head"
+"""Set by `load_model` on a model whose weights' classifier it replaced (num_classes=N): the weights' class count."""
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "weights")
 _PREFIXES = ("module.", "_orig_mod.")
 
@@ -730,6 +733,7 @@ def _load_arch(ms: ModelSpec, num_classes: int | None, state: dict[str, torch.Te
         _load_strict(model, state, ms.weights, arch)
     if num_classes is not None and n is not None:  # timm's pretrained=True, num_classes=N: a new classifier
         set_num_classes(model, num_classes)
+        object.__setattr__(model, NEW_HEAD_ATTR, n)
     return model
 
 
@@ -856,11 +860,14 @@ def _load_pt2(path: Path, trust_pickle: bool = False) -> nn.Module:
         meta = {}
     meta = meta if isinstance(meta, Mapping) else {}
     size = meta.get("input_size")
-    if isinstance(size, list) and size and all(isinstance(v, int) and v > 0 for v in size):
+    if isinstance(size, list) and size and all(type(v) is int and v > 0 for v in size):  # no bools
         object.__setattr__(module, "_dprp_input_size", list(size))
+    else:
+        size = None
     mean, std = meta.get("mean"), meta.get("std")
     if (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) > 0
-            and all(isinstance(v, (int, float)) for v in (*mean, *std)) and all(v > 0 for v in std)):
+            and (size is None or len(mean) == size[0])
+            and all(type(v) in (int, float) and math.isfinite(v) for v in (*mean, *std)) and all(v > 0 for v in std)):
         object.__setattr__(module, _RECIPE_ATTR, {"mean": [float(v) for v in mean], "std": [float(v) for v in std],
                                                   "arch": meta.get("arch")})
     return module
@@ -910,7 +917,7 @@ def load_run(run_dir: str | os.PathLike[str]) -> tuple[nn.Module, str]:
     """
     from .config import DPRPConfig
     from .layers import SVDLayer
-    from .surgery import factorize
+    from .surgery import factorize, keep_dense
 
     root = Path(run_dir).expanduser()
     info = read_run_info(root)
@@ -941,6 +948,9 @@ def load_run(run_dir: str | os.PathLike[str]) -> tuple[nn.Module, str]:
         _tag(model, arch)
         return model, arch
     model = factorize(build_arch(arch, info.get("num_classes")), config)
+    kept = [n for n, m in model.named_modules() if isinstance(m, SVDLayer) and f"{n}.U" not in state
+            and f"{n}.weight" in state]  # dense in the checkpoint: factorize took more layers when it was written
+    keep_dense(model, kept, "dense in the run's checkpoint")
     for name, layer in {n: m for n, m in model.named_modules() if isinstance(m, SVDLayer)}.items():
         s = state.get(f"{name}.s")
         if s is not None and s.ndim == 1 and 1 <= s.shape[0] <= layer.rank:

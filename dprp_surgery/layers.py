@@ -189,7 +189,7 @@ class SVDLayer(nn.Module, ABC):
             fix = (f"it subclasses {want} and may compute something else (e.g. timm's Conv2dSame, StdConv2d, or a "
                    "parametrized weight); leave it dense (factorize skips such layers)")
         else:
-            twin = TWINS.get(type(module))
+            twin = twin_for(module)
             fix = (f"use {twin.__name__}.from_dense" if twin is not None else
                    f"dprp_surgery factorizes {', '.join(f'nn.{t.__name__}' for t in TWINS)} only; leave it dense")
         raise TypeError(f"{cls.__name__}.from_dense takes an {want}, got {got}: {fix}")
@@ -367,7 +367,7 @@ class SVDLayer(nn.Module, ABC):
                 transposed conv, a conv of another dimension), or this is SVDLayer itself (call it on a twin class).
             ValueError: A scheme the layer cannot use, or a rank out of range.
         """
-        twin = TWINS.get(type(module))
+        twin = twin_for(module)
         fix = (f"use {twin.__name__}.from_dense" if twin is not None else
                f"dprp_surgery factorizes {', '.join(f'nn.{t.__name__}' for t in TWINS)} only")
         raise TypeError(f"{cls.__name__}.from_dense is abstract; {fix} (or factorize() for a whole model)")

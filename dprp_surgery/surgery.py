@@ -25,11 +25,13 @@ from torch.nn.utils import parametrize
 from .config import DPRPConfig, as_config, require_module
 from .layers import MATRICIZATIONS, TWINS, SVDLayer, dense_base, resolve_scheme, twin_for
 
-__all__ = ["factorize", "SurgeryReport", "surgery_report", "svd_layers", "FactorizationError"]
+__all__ = ["factorize", "keep_dense", "SurgeryReport", "surgery_report", "svd_layers", "FactorizationError"]
 
 log = logging.getLogger(__name__)
 
 _REPORT_ATTR = "_dprp_surgery_report"
+EXPORT_RECORDS_ATTR = "_dprp_layers"
+"""Where `export` records the layers it realised; factorize forgets the dense-form ones (ordinary layers now)."""
 
 
 class FactorizationError(ValueError):
@@ -105,6 +107,30 @@ def svd_layers(model: nn.Module) -> list[tuple[str, SVDLayer]]:
 
 
 # ----------------------------------------------------------------------------- tracing
+def keep_dense(model: nn.Module, names: list[str], reason: str) -> None:
+    """Put the dense layer back in place of each named SVD layer of a factorized `model` (noted as skipped).
+
+    Args:
+        model: A model returned by `factorize`.
+        names: Qualified names of SVD layers (every alias of a shared layer is replaced).
+        reason: Why they stay dense, for the surgery report.
+    """
+    report = surgery_report(model)
+    aliases: dict[int, list[str]] = {}
+    for alias, m in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(m), []).append(alias)
+    for name in names:
+        layer = model.get_submodule(name)
+        if not isinstance(layer, SVDLayer):
+            continue
+        dense = layer.to_dense().train(layer.training)
+        for alias in aliases[id(layer)]:
+            model.set_submodule(alias, dense)
+            if report is not None:
+                report.factorized.pop(alias, None)
+                report.skipped[alias] = reason
+
+
 class _Tracer(torch.fx.Tracer):
     """An fx tracer that keeps timm's untraceable modules as leaves."""
 
@@ -394,6 +420,9 @@ def _deepcopy(model: nn.Module) -> nn.Module:
 def _apply(model: nn.Module, plan: dict[str, str], report: SurgeryReport) -> nn.Module:
     """Deep-copy the model and swap each planned layer for its twin (shared modules stay shared)."""
     new = _deepcopy(model)
+    recorded = getattr(new, EXPORT_RECORDS_ATTR, None)
+    if recorded:  # a dense export's layers are factorized afresh or stay dense: their old spec and rank go
+        object.__setattr__(new, EXPORT_RECORDS_ATTR, {n: e for n, e in recorded.items() if e.get("form") != "dense"})
     twins: dict[int, SVDLayer] = {}
     aliases: dict[int, list[str]] = {}
     for name, m in new.named_modules(remove_duplicate=False):

@@ -123,6 +123,65 @@ def test_a_dense_export_can_be_compressed_again_and_a_factorized_one_is_refused(
                    f"(dprp export {model} --mode dense --out DIR)",))
 
 
+def test_a_run_made_when_factorize_took_fewer_layers_still_loads_and_resumes(tmp_path, data_dir):
+    # timm.layers.Linear joined the factorized types: runs written before kept it dense, and their checkpoints
+    # no longer loaded ("missing keys ... .U") nor resumed ("its SVD layers differ"). Simulated here with a layer
+    # excluded when the run was made, the exclusion then dropped from its records.
+    from dprp_surgery.io import load_model
+
+    run = tmp_path / "run"
+    assert invoke("compress", "cifar:resnet20", "--data", data_dir, "--out", run, "--epochs", "1", "--batch-size",
+                  "8", "--limit-train", "8", "--limit-val", "4", "--exclude", "linear", "-q").exit_code == 0
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    ckpt["config"]["exclude"] = []
+    torch.save(ckpt, run / "checkpoint.pt")
+    info = json.loads((run / "run.json").read_text())
+    info["config"]["exclude"] = []
+    (run / "run.json").write_text(json.dumps(info))
+    model, _ = load_model(run)
+    assert type(model.linear) is torch.nn.Linear
+    assert invoke("export", run, "--mode", "dense", "--out", tmp_path / "dense").exit_code == 0
+    result = invoke("compress", "--out", run, "--resume", "--epochs", "2", "-q")
+    assert result.exit_code == 0, result.output
+    assert len((run / "history.jsonl").read_text().splitlines()) == 2
+
+
+def test_num_classes_that_replaces_the_head_is_known_as_a_new_head(tmp_path, data_dir):
+    # --num-classes 3 with 10-class weights gave a random head the CLI took for the model's own: distillation
+    # from it was not refused, its chance top-1 was recorded as "before", and eval scored it without a word
+    from safetensors.torch import save_file
+
+    save_file(resnet20(num_classes=10).state_dict(), str(tmp_path / "w.safetensors"))
+    spec = f"cifar:resnet20@{tmp_path / 'w.safetensors'}"
+    bad("compress", spec, "--data", data_dir, "--out", tmp_path / "r", "--num-classes", "2", "--distill", "0.5",
+        words=("--distill 0.5 without --teacher would distil from MODEL itself", "10-way classifier"))
+    bad("eval", spec, "--data", data_dir, "--num-classes", "2", "--no-latency",
+        words=("--num-classes 2 replaces the 10-way classifier", "drop --num-classes"))
+    result = invoke("compress", spec, "--data", data_dir, "--out", tmp_path / "r", "--num-classes", "2", "--epochs",
+                    "1", "--batch-size", "8", "--limit-train", "8", "--limit-val", "4", "-q")
+    assert result.exit_code == 0, result.output
+    info = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert info["new_head"] is True and info["results"]["before"]["top1"] is None
+
+
+def test_compress_of_an_artifact_trains_at_the_size_it_records(tmp_path, data_dir):
+    # a 48-px export was compressed again at timm's 176-px pretrained_cfg size (eval used the recorded 48)
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    save_file(timm.create_model("resnet10t", num_classes=2).state_dict(), str(tmp_path / "w.safetensors"))
+    first = tmp_path / "first"
+    assert invoke("compress", f"timm:resnet10t@{tmp_path / 'w.safetensors'}", "--data", data_dir, "--out", first,
+                  "--image-size", "48", "--epochs", "1", "--batch-size", "8", "--limit-train", "8", "--limit-val",
+                  "4", "-q").exit_code == 0
+    assert invoke("export", first, "--mode", "dense", "--out", tmp_path / "dense").exit_code == 0
+    result = invoke("compress", tmp_path / "dense", "--data", data_dir, "--out", tmp_path / "again", "--epochs", "1",
+                    "--batch-size", "8", "--limit-train", "8", "--limit-val", "4", "-q")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "again" / "run.json").read_text())["input_size"] == [3, 48, 48]
+
+
 # ----------------------------------------------------------------------------- help
 @pytest.mark.parametrize("command", (None,) + COMMANDS)
 def test_help(command):
@@ -1084,6 +1143,36 @@ def test_a_pt2_records_what_it_was_exported_from(tmp_path):
     torch.export.save(torch.export.export(resnet20(), (torch.zeros(2, 3, 32, 32),)), str(plain))
     model, arch = load_model(plain)
     assert data_recipe(arch, model).source == "ImageNet defaults" and not hasattr(model, "_dprp_input_size")
+
+
+def test_the_macs_of_a_pt2_count_attention(tmp_path):
+    # the whole-forward count used for .pt2 programs ran the CPU flash kernel: attention counted 0 MACs
+    from dprp_surgery.cli.commands import _macs
+    from dprp_surgery.io import load_model
+
+    class Attention(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.scaled_dot_product_attention(x, x, x)
+
+    x = torch.randn(1, 2, 5, 4)
+    torch.export.save(torch.export.export(Attention(), (x,)), str(tmp_path / "a.pt2"))
+    program, _ = load_model(tmp_path / "a.pt2")
+    assert _macs(program, x)[0] == 2 * 2 * 5 * 5 * 4
+
+
+@pytest.mark.parametrize("meta", [{"input_size": [True, True, True]}, {"mean": [float("nan")] * 3, "std": [1.0] * 3},
+                                  {"mean": [0.5], "std": [0.5], "input_size": [3, 8, 8]}, "not json", [1, 2]])
+def test_a_malformed_pt2_record_is_ignored(tmp_path, meta):
+    from dprp_surgery.io import data_recipe, load_model
+
+    path = tmp_path / "m.pt2"
+    program = torch.export.export(resnet20(), (torch.zeros(2, 3, 32, 32),))
+    text = meta if isinstance(meta, str) else json.dumps(meta)
+    torch.export.save(program, str(path), extra_files={"dprp.json": text})
+    model, arch = load_model(path)
+    assert data_recipe(arch, model).source == "ImageNet defaults"  # no normalisation taken from it
+    size_given = isinstance(meta, dict) and meta.get("input_size") == [3, 8, 8]  # valid: kept without the mean
+    assert getattr(model, "_dprp_input_size", None) == ([3, 8, 8] if size_given else None)
 
 
 def test_help_lists_pt2_only_where_it_works():

@@ -209,6 +209,8 @@ class _OwnForwardConv(nn.Conv2d):
     (SVDLinear, nn.Conv2d(4, 6, 1), r"SVDLinear.from_dense takes an nn.Linear, .*use SVDConv2d.from_dense"),
     (SVDConv2d, _OwnForwardConv(4, 6, 3), r"got .*_OwnForwardConv: it subclasses nn.Conv2d and may compute something "
      r"else .*leave it dense"),
+    # an equivalent subclass is named like its base (was "factorizes nn.Linear, ... only")
+    (SVDConv2d, __import__("timm").layers.Linear(4, 6), r"got timm.layers.linear.Linear: use SVDLinear.from_dense"),
     # the abstract base returned None
     (SVDLayer, nn.Linear(4, 6), r"SVDLayer.from_dense is abstract; use SVDLinear.from_dense"),
     (SVDLayer, nn.Conv3d(4, 6, 3), r"SVDLayer.from_dense is abstract; dprp_surgery factorizes nn.Linear, nn.Conv1d"),

@@ -149,6 +149,36 @@ def test_timm_linear_is_factorized_and_exported_as_itself():
     torch.testing.assert_close(fresh(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+def test_factorizing_a_dense_export_forgets_its_old_layer_records():
+    # the old run's records leaked: a layer excluded now (and trained dense) was exported factorized at its old
+    # rank, and a replaced head kept its old spec (10 outputs against 3)
+    from dprp_surgery import export
+    from dprp_surgery.export import layer_forms
+
+    torch.manual_seed(0)
+    first = factorize(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 10)))
+    first[2].truncate_(3)
+    dense = export(first, mode="dense")
+    assert set(layer_forms(dense)) == {"0", "2"}
+    again = factorize(dense, DPRPConfig(exclude=("2",)))
+    assert set(layer_forms(again)) == {"0"} and type(again[2]) is nn.Linear
+    assert set(layer_forms(export(again, mode="factorized"))) == {"0"}
+    assert set(layer_forms(dense)) == {"0", "2"}  # the model given is left as it was
+
+
+def test_keep_dense_puts_the_dense_layer_back():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 10)).eval()
+    fact = factorize(model)
+    from dprp_surgery.surgery import keep_dense
+
+    keep_dense(fact, ["2"], "dense in the run's checkpoint")
+    assert type(fact[2]) is nn.Linear and [n for n, _ in svd_layers(fact)] == ["0"]
+    assert surgery_report(fact).skipped["2"] == "dense in the run's checkpoint" and "2" not in surgery_report(
+        fact).factorized
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(fact(x), model(x), rtol=1e-4, atol=1e-5)
+
+
 def test_equivalent_subclasses_compute_what_their_base_computes():
     # the registry's promise, checked against the installed library: same forward, no state of its own
     import importlib

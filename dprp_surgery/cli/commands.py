@@ -33,6 +33,7 @@ from ..config import DPRPConfig, _content, _json_load, _yaml_floats, _yaml_load
 from ..data import TensorImageDataset, TensorLoader, open_data, progress_bar
 from ..io import (
     ARCH_KINDS,
+    NEW_HEAD_ATTR,
     DataRecipe,
     _first_line,
     check_writable,
@@ -388,8 +389,10 @@ def _macs(model: nn.Module, example: torch.Tensor) -> tuple[int | None, Any]:
     try:
         from torch.utils.flop_counter import FlopCounterMode
 
+        from ..accounting import counting_attention
+
         counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
+        with torch.no_grad(), counting_attention(), counter:
             model(example)
         return counter.get_total_flops() // 2, None
     except Exception:  # noqa: BLE001
@@ -641,7 +644,7 @@ def compress_pipeline(*, model: nn.Module, arch: str, model_spec: str, data_spec
     ``info["json"]``, with more fields).
     """
     from ..export import export, save
-    from ..surgery import factorize, svd_layers
+    from ..surgery import factorize, keep_dense, svd_layers
 
     example = torch.zeros(1, *train.image_shape)
     train_loader, val_loader = _loaders(train, val, recipe, config)
@@ -649,6 +652,9 @@ def compress_pipeline(*, model: nn.Module, arch: str, model_spec: str, data_spec
     model = model.to(_device(config))
     with _busy("Factorizing the model ...", progress and not json_out):
         factorized = factorize(model, config)  # bad --include/--exclude fail here, before anything is written
+    recorded = read_run_info(out).get("full_ranks") if resume is not None and (out / "run.json").is_file() else None
+    if isinstance(recorded, dict):  # a run written when factorize took fewer layers continues with its own
+        keep_dense(factorized, [n for n, _ in svd_layers(factorized) if n not in recorded], "dense in the run resumed")
     full_ranks = {n: m.full_rank for n, m in svd_layers(factorized)}
     if config.distill > 0 and teacher is None:
         teacher = model  # the model as given, as `compress` would use (it gets the factorized copy)
@@ -805,6 +811,10 @@ def run_compress(*, model: str | None, data: str | None, out: Path | None, confi
             raise ValueError(f"{model!r} is already factorized; continue its run with --resume, or compress its "
                              f"dense export (dprp export {model} --mode dense --out DIR) or the original model.")
         recipe = data_recipe(net_arch, net)
+        recorded_size = getattr(net, "_dprp_input_size", None)  # an artifact trains at the size it was made at
+        if image_size is None and recorded_size and int(recorded_size[-1]) != recipe.image_size:
+            recipe = DataRecipe(recipe.mean, recipe.std, int(recorded_size[-1]), recipe.augment,
+                                "the input size recorded in MODEL")
         if image_size is not None:
             _check_input_size(net, net_arch, (3, image_size, image_size), str(image_size), flag="--image-size",
                               own=_own_size(net, recipe))
@@ -823,14 +833,15 @@ def run_compress(*, model: str | None, data: str | None, out: Path | None, confi
                              "classifier trained on it predicts that class for everything and scores 100%. Give "
                              "data with at least two class subfolders.")
         pretrained = "@" in model or not model.startswith(ARCH_KINDS)
-        outputs = infer_num_classes(net)
+        replaced = getattr(net, NEW_HEAD_ATTR, None)  # --num-classes replaced the weights' classifier
+        outputs = replaced or infer_num_classes(net)
         if (config.distill > 0 and teacher_net is None and pretrained and outputs is not None
-                and outputs != train.num_classes):
+                and (replaced or outputs != train.num_classes)):
             raise ValueError(f"--distill {config.distill:g} without --teacher would distil from MODEL itself, but "
                              f"MODEL's {outputs}-way classifier gets replaced by a new (random) "
                              f"{train.num_classes}-way head for the {train.num_classes} classes of the data; "
                              "pass --teacher MODEL, the dense model fine-tuned on DATA, or --distill 0.")
-        new_head = outputs is not None and outputs != train.num_classes  # its accuracy before training means nothing
+        new_head = outputs is not None and (bool(replaced) or outputs != train.num_classes)  # chance before training
         torch.manual_seed(config.seed)  # ... and of a new classifier
         net = _match_classes(net, train.num_classes, pretrained and num_classes is None)
         teacher_outputs = infer_num_classes(teacher_net) if teacher_net is not None else None
@@ -928,6 +939,10 @@ def run_eval(*, model: str, data: str, limit: int | None, batch_size: int, laten
             spec = str(Path(model) / "model")  # the exported artifact is what gets deployed
             _note(f"Evaluating the exported model {spec}.")
         net, net_arch = _load(spec, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle)
+        if (own := getattr(net, NEW_HEAD_ATTR, None)) is not None:
+            raise ValueError(f"--num-classes {num_classes} replaces the {own}-way classifier of {model!r} by a new, "
+                             "untrained one, whose accuracy means nothing; drop --num-classes to evaluate the weights "
+                             "as they are.")
         _set_training(net, False)
         recipe = data_recipe(net_arch, net)
         trained = getattr(net, "_dprp_input_size", None)  # the size an artifact was compressed at
