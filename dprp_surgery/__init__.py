@@ -21,7 +21,7 @@ _EXPORTS: dict[str, str] = {
     "SVDLayer": "layers", "SVDLinear": "layers", "SVDConv1d": "layers", "SVDConv2d": "layers",
     "factorize": "surgery", "FactorizationError": "surgery", "surgery_report": "surgery", "svd_layers": "surgery",
     "DPRPRegularizer": "losses",
-    "RankPruner": "pruning",
+    "RankPruner": "pruning", "match_ranks": "pruning",
     "DPRPTrainer": "trainer", "CompressionResult": "trainer", "NonFiniteLossError": "trainer", "compress": "trainer",
     "cap_factor_steps": "trainer",
     "export": "export", "save": "export", "load": "export", "to_onnx": "export", "to_pt2": "export",
@@ -53,6 +53,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .io import load_model
     from .layers import SVDConv1d, SVDConv2d, SVDLayer, SVDLinear
     from .losses import DPRPRegularizer
-    from .pruning import RankPruner
+    from .pruning import RankPruner, match_ranks
     from .surgery import FactorizationError, factorize, surgery_report, svd_layers
     from .trainer import CompressionResult, DPRPTrainer, NonFiniteLossError, cap_factor_steps, compress

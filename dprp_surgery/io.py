@@ -402,7 +402,11 @@ def _head(model: nn.Module) -> tuple[str, nn.Module] | None:
                     if inner:
                         return inner[-1]
     inner = _linear_layers(model, "")
-    return inner[-1] if inner else None
+    if inner:
+        return inner[-1]
+    convs = [(n, m) for n, m in model.named_modules() if type(m) is nn.Conv2d and m.kernel_size == (1, 1)
+             and m.groups == 1]  # no Linear at all: a 1x1 conv classifier (torchvision SqueezeNet)
+    return convs[-1] if convs else None
 
 
 def _linear_like(m: nn.Module) -> bool:
@@ -441,7 +445,8 @@ def set_num_classes(model: nn.Module, num_classes: int) -> nn.Module:
     """Replace the classifier by a fresh one with `num_classes` outputs (in place; returns model).
 
     Supports timm models (``reset_classifier``), the CIFAR ResNets and models whose last Linear
-    is the classifier (torchvision).
+    is the classifier (torchvision), or, in a model without Linear layers, its last 1x1 conv
+    (torchvision SqueezeNet).
 
     Raises:
         ValueError: When no classifier can be found.
@@ -454,12 +459,14 @@ def set_num_classes(model: nn.Module, num_classes: int) -> nn.Module:
     from .layers import FactorizedSequential
 
     head = _head(model)
-    if head is None or not isinstance(head[1], (nn.Linear, FactorizedSequential)):
+    if head is None or not isinstance(head[1], (nn.Linear, FactorizedSequential, nn.Conv2d)):
         raise ValueError(f"cannot find the classifier of {type(model).__name__} to give it {num_classes} outputs; "
                          "build the model with the right number of classes (--num-classes).")
     name, old = head  # a factorized export's head becomes one fresh (dense) Linear
     ref = next(old.parameters())
-    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None, device=ref.device, dtype=ref.dtype)
+    kw = {"bias": old.bias is not None, "device": ref.device, "dtype": ref.dtype}
+    new = (nn.Conv2d(old.in_channels, num_classes, 1, **kw) if isinstance(old, nn.Conv2d)
+           else nn.Linear(old.in_features, num_classes, **kw))
     model.set_submodule(name, new)
     if hasattr(model, "num_classes"):
         model.num_classes = num_classes

@@ -23,17 +23,18 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .config import DPRPConfig, as_config
+from .config import DPRPConfig, as_config, require_module
 from .layers import SVDLayer, reset_grad_accumulator
 from .losses import check_epsilon, keep_counts, unwrap_model
 from .surgery import svd_layers
 
-__all__ = ["RankPruner", "reset_grad_accumulator", "slice_optimizer_state"]
+__all__ = ["RankPruner", "match_ranks", "reset_grad_accumulator", "slice_optimizer_state"]
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,38 @@ class RankPruner:
 
     def __repr__(self) -> str:
         return f"RankPruner(epsilon={self.epsilon}, min_rank={self.min_rank})"
+
+
+def match_ranks(model: nn.Module, state_dict: Mapping[str, Tensor]) -> dict[str, int]:
+    """Truncate every SVD layer of `model` to the rank it has in `state_dict`, so that the state dict loads.
+
+    A freshly factorized model is at full rank, a state dict saved after pruning is not. In a training
+    loop of your own, restore a checkpoint with ``match_ranks(model, ckpt["model"])``, then
+    ``model.load_state_dict(ckpt["model"])``, then build (or load the state of) the optimizer.
+
+    Args:
+        model: A factorized model (see `factorize`).
+        state_dict: A state dict of the same model after pruning (``U``/``s``/``V`` per layer).
+
+    Returns:
+        ``{layer: rank}`` of the layers truncated.
+
+    Raises:
+        ValueError: A layer whose stored rank is not between 1 and its current rank (or not 1-D).
+    """
+    require_module(model, "match_ranks()")
+    changed: dict[str, int] = {}
+    for name, layer in svd_layers(unwrap_model(model)):
+        s = state_dict.get(f"{name}.s")
+        if s is None:
+            continue
+        if s.ndim != 1 or not 1 <= s.shape[0] <= layer.rank:
+            raise ValueError(f"match_ranks(): layer {name!r} has {tuple(s.shape)} singular values in the state dict, "
+                             f"but rank {layer.rank} in the model; is the state dict of another model?")
+        if s.shape[0] < layer.rank:
+            layer.truncate_(int(s.shape[0]))
+            changed[name] = int(s.shape[0])
+    return changed
 
 
 def _layers_of(model: object, where: str) -> list[tuple[str, SVDLayer]]:

@@ -134,6 +134,20 @@ def test_num_classes_with_weights_of_another_head_replaces_the_classifier(tmp_pa
     assert all(torch.equal(again.state_dict()[k], v) for k, v in theirs.items())
 
 
+def test_a_1x1_conv_classifier_gets_a_new_head(tmp_path):
+    # SqueezeNet's classifier is a 1x1 conv: "cannot find the classifier", and --num-classes failed on its weights
+    import torchvision
+
+    src = torchvision.models.squeezenet1_1().eval()
+    path = tmp_path / "sq.safetensors"
+    save_file(src.state_dict(), str(path))
+    model, _ = load_model(f"torchvision:squeezenet1_1@{path}", num_classes=3)
+    assert infer_num_classes(model) == 3 and model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+    assert torch.equal(model.features[0].weight, src.features[0].weight)
+    set_num_classes(src, 5)
+    assert infer_num_classes(src) == 5 and src(torch.randn(1, 3, 64, 64)).shape == (1, 5)
+
+
 def test_timm_and_torchvision_specs(tmp_path):
     model, arch = load_model("timm:resnet18", num_classes=7)
     assert arch == "timm:resnet18" and infer_num_classes(model) == 7

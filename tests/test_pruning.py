@@ -305,3 +305,27 @@ def test_a_frozen_layer_keeps_its_rank(frozen):
     expected = {"2": (5, 4)} if len(frozen) == 3 else {"0": (6, 3), "2": (5, 4)}
     assert pruner.keep_counts(model) == {"0": 6 if len(frozen) == 3 else 3, "2": 4}
     assert pruner.step(model) == expected
+
+
+def test_match_ranks_restores_a_checkpoint_saved_after_pruning():
+    # a user loop's checkpoint did not load into a freshly factorized model (size mismatch for .U)
+    from dprp_surgery import match_ranks
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+    model = factorize(dense)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    model[0].truncate_(2)  # as the pruner leaves it
+    ckpt = {"model": copy.deepcopy(model.state_dict())}
+    fresh = factorize(dense)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        fresh.load_state_dict(ckpt["model"])
+    assert match_ranks(fresh, ckpt["model"]) == {"0": 2}
+    fresh.load_state_dict(ckpt["model"])
+    torch.testing.assert_close(fresh(x), model(x))
+    bad = {**ckpt["model"], "2.s": torch.ones(99)}
+    with pytest.raises(ValueError, match=r"layer '2' has \(99,\) singular values .* rank 10"):
+        match_ranks(factorize(dense), bad)
