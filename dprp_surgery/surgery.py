@@ -106,7 +106,6 @@ def svd_layers(model: nn.Module) -> list[tuple[str, SVDLayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, SVDLayer)]
 
 
-# ----------------------------------------------------------------------------- tracing
 def keep_dense(model: nn.Module, names: list[str], reason: str) -> None:
     """Put the dense layer back in place of each named SVD layer of a factorized `model` (noted as skipped).
 
@@ -131,6 +130,7 @@ def keep_dense(model: nn.Module, names: list[str], reason: str) -> None:
                 report.skipped[alias] = reason
 
 
+# ----------------------------------------------------------------------------- tracing
 class _Tracer(torch.fx.Tracer):
     """An fx tracer that keeps timm's untraceable modules as leaves."""
 
