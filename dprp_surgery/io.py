@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import difflib
+import inspect
 import json
 import math
 import os
@@ -238,7 +239,10 @@ def build_arch(arch: str, num_classes: int | None = None) -> nn.Module:
     elif kind == "torchvision":
         import torchvision
 
-        model = torchvision.models.get_model(name, weights=None, **kwargs)
+        builder = torchvision.models.get_model_builder(name)
+        if "weights_backbone" in inspect.signature(builder).parameters:  # detection/segmentation: no backbone download
+            kwargs["weights_backbone"] = None
+        model = builder(weights=None, **kwargs)
     else:
         from .models import CIFAR_MODELS
 
@@ -924,6 +928,7 @@ def load_run(run_dir: str | os.PathLike[str]) -> tuple[nn.Module, str]:
     """
     from .config import DPRPConfig
     from .layers import SVDLayer
+    from .pruning import match_ranks
     from .surgery import factorize, keep_dense
 
     root = Path(run_dir).expanduser()
@@ -958,10 +963,10 @@ def load_run(run_dir: str | os.PathLike[str]) -> tuple[nn.Module, str]:
     kept = [n for n, m in model.named_modules() if isinstance(m, SVDLayer) and f"{n}.U" not in state
             and f"{n}.weight" in state]  # dense in the checkpoint: factorize took more layers when it was written
     keep_dense(model, kept, "dense in the run's checkpoint")
-    for name, layer in {n: m for n, m in model.named_modules() if isinstance(m, SVDLayer)}.items():
-        s = state.get(f"{name}.s")
-        if s is not None and s.ndim == 1 and 1 <= s.shape[0] <= layer.rank:
-            layer.truncate_(int(s.shape[0]))
+    try:
+        match_ranks(model, state)
+    except ValueError as exc:
+        raise ValueError(f"weights {str(ckpt_path)!r} do not fit {arch}: {exc}") from None
     _load_strict(model, state, ckpt_path, arch)
     _tag(model, arch)
     object.__setattr__(model, "_dprp_config", config.to_dict())

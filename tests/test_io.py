@@ -148,6 +148,20 @@ def test_a_1x1_conv_classifier_gets_a_new_head(tmp_path):
     assert infer_num_classes(src) == 5 and src(torch.randn(1, 3, 64, 64)).shape == (1, 5)
 
 
+def test_torchvision_dense_prediction_models_build_without_downloading_a_backbone(monkeypatch):
+    # weights=None still downloaded the ImageNet backbone of segmentation/detection builders (weights_backbone),
+    # so save/load of such a model failed offline with a raw URLError
+    import torch.hub
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("download attempted")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    model = build_arch("torchvision:lraspp_mobilenet_v3_large", num_classes=3)
+    assert model.eval()(torch.randn(1, 3, 64, 64))["out"].shape == (1, 3, 64, 64)
+    assert build_arch("torchvision:resnet18", num_classes=3).fc.out_features == 3  # classifiers: no such argument
+
+
 def test_timm_and_torchvision_specs(tmp_path):
     model, arch = load_model("timm:resnet18", num_classes=7)
     assert arch == "timm:resnet18" and infer_num_classes(model) == 7
