@@ -692,9 +692,10 @@ def _ddp_worker(rank: int, port: int, out: str, model_file: str) -> None:
 def test_ddp_two_processes(tmp_path):
     model_file = tmp_path / "model.pt"
     torch.save(make_model(), model_file)
-    # fork: the workers inherit the imported torch (spawn would spend ~10 s importing it again)
+    # spawn, not fork: a forked worker cannot run backward once autograd's threads exist in this process, which
+    # depends on the tests that ran before (test_io, test_cli, test_trainer in that order failed with fork)
     torch.multiprocessing.start_processes(_ddp_worker, args=(_free_port(), str(tmp_path), str(model_file)),
-                                          nprocs=2, start_method="fork")
+                                          nprocs=2, start_method="spawn")
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert r0["ranks"] == r1["ranks"] and r0["ranks"] != ranks(make_model())
