@@ -885,7 +885,8 @@ def to_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any,
             normalisation ``{"mean": [...], "std": [...]}`` the model expects (the CLI records it).
 
     Returns:
-        The written path. Inputs are named ``input`` (``input_1``, ... for more), the output ``output``.
+        The written path. Inputs are named ``input`` (``input_1``, ... for more), the output ``output``
+        (several outputs, e.g. a dict or a list: ``output``, ``output_1``, ... in the order they are returned).
         Weights are stored in the file itself, or, above ``ONNX_INLINE_LIMIT`` bytes, in ``PATH.data``
         beside it (keep the two together). The model's ``metadata_props`` entry ``"dprp"`` holds JSON
         as `to_pt2` records it (library version, architecture when known, input size, `metadata`);
@@ -897,13 +898,15 @@ def to_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any,
     """
     inputs = example_tuple(example_inputs, "to_onnx()")
     names = ["input"] + [f"input_{i}" for i in range(1, len(inputs))]
-    kwargs: dict[str, Any] = {"input_names": names, "output_names": ["output"]}
+    kwargs: dict[str, Any] = {"input_names": names}
     if opset is not None:
         kwargs["opset_version"] = opset
     size = sum(x.numel() * x.element_size() for x in [*model.parameters(), *model.buffers()])
     with _exporting(model, path, ".onnx") as tmp:
         with torch.no_grad():
-            run_example(model, inputs, "to_onnx()")  # a clear error for inputs the model cannot take
+            out = run_example(model, inputs, "to_onnx()")  # a clear error for inputs the model cannot take
+        n_out = sum(isinstance(t, torch.Tensor) for t in torch.utils._pytree.tree_leaves(out))
+        kwargs["output_names"] = ["output"] + [f"output_{i}" for i in range(1, n_out)]  # in the order returned
         if dynamic_batch:
             grown, dyn = _batch_shapes(inputs)
             program = torch.onnx.export(model, grown, dynamo=True, dynamic_shapes=dyn, verbose=False, **kwargs)

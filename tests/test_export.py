@@ -289,6 +289,33 @@ def test_graph_exports_record_what_running_them_needs(monkeypatch, tmp_path, ext
     assert json.loads(extra["dprp.json"]) == recorded
 
 
+class _TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 1), nn.Conv2d(4, 5, 1)
+
+    def forward(self, x):
+        h = self.body(x)
+        return {"out": self.a(h), "aux": self.b(h)}
+
+
+@pytest.mark.parametrize("factorized", [False, True])
+def test_onnx_outputs_of_a_model_with_several_are_named_in_order(tmp_path, factorized):
+    # the second output got an op name (conv2d_1, or conv2d_3 for the factorized copy): not stable, not documented
+    import onnxruntime as ort
+
+    model = _TwoHeads().eval()
+    model = factorize(model).eval() if factorized else model
+    session = ort.InferenceSession(str(to_onnx(model, tmp_path / "m.onnx", torch.randn(1, 3, 8, 8))),
+                                   providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["output", "output_1"]
+    x = torch.randn(2, 3, 8, 8)
+    got = session.run(None, {"input": x.numpy()})
+    want = model(x)
+    for g, key in zip(got, ("out", "aux")):
+        np.testing.assert_allclose(g, want[key].detach().numpy(), atol=1e-5)
+
+
 def test_pt2_round_trip(r20, tmp_path):
     e = export(r20, "factorized")
     path = to_pt2(e, tmp_path / "m.pt2", torch.randn(1, 3, 32, 32))
