@@ -1,4 +1,4 @@
-"""Number formatting shared by the summaries (accounting) and the run report; no torch import."""
+"""Number and message formatting shared by the summaries (accounting), the run report and errors; no torch import."""
 
 from __future__ import annotations
 
@@ -19,3 +19,12 @@ def size_change(reference: float, now: float) -> str:
     if abs(ratio) < 5e-4:
         return "unchanged"
     return f"{abs(ratio):.1%} {'smaller' if ratio < 0 else 'larger'}"
+
+
+def first_line(exc: BaseException) -> str:
+    """The line of an exception's message worth quoting: torch's WeightsUnpickler line, else the first (200 chars)."""
+    text = str(exc).strip()
+    for line in text.splitlines():
+        if "WeightsUnpickler error" in line:
+            return line.strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__

@@ -43,6 +43,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ._files import give_umask_mode, new_dir
+from ._format import first_line as _first_line
 from .accounting import example_tuple, layer_input, run_example
 from .config import require_module
 from .layers import MATRICIZATIONS, TWINS, SVDLayer, _realised_factors, layer_from_spec
@@ -61,7 +62,9 @@ __all__ = [
     "check_output",
     "export",
     "layer_forms",
+    "OnnxRuntimeModel",
     "load",
+    "load_onnx",
     "save",
     "to_onnx",
     "to_pt2",
@@ -915,6 +918,137 @@ def to_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any,
         program.model.metadata_props["dprp"] = json.dumps(_export_metadata(model, inputs, metadata))
         program.save(str(tmp), external_data=size > ONNX_INLINE_LIMIT)
     return Path(path).expanduser()
+
+
+class OnnxRuntimeModel(nn.Module):
+    """An ONNX model run by onnxruntime on the CPU, called like the module it was exported from.
+
+    Made by `load_onnx`. It takes and returns float32 CPU tensors: ``model(x)`` feeds `x` (and
+    further positional tensors) to the graph's inputs in order and returns its one output, or a tuple of
+    several. A graph exported with a fixed batch size (``to_onnx(..., dynamic_batch=False)``) is run in
+    slices of that size, the last one padded, so any batch works. It runs inference only: ``.train()``
+    raises NotImplementedError, and it has no parameters.
+
+    Attributes:
+        path: The ONNX file.
+        metadata: The ``"dprp"`` metadata that `to_onnx` wrote (an empty dict for other files).
+        input_shape: The first input's shape, None for a symbolic dimension.
+        fixed_batch: The batch size the graph was exported with, or None when it is symbolic.
+        num_classes: The size of the first output's last dimension when the graph fixes it, else None.
+        stored_values: Elements in the graph's initializers (its weights and constants; the exporter
+            folds batch norms into the convs before them): what the file stores.
+    """
+
+    def __init__(self, session: Any, path: Path, metadata: dict[str, Any], stored_values: int) -> None:
+        super().__init__()
+        self.session = session
+        self.path = path
+        self.metadata = metadata
+        self.stored_values = stored_values
+        self._input_names = [i.name for i in session.get_inputs()]
+        self.input_shape = [d if isinstance(d, int) else None for d in session.get_inputs()[0].shape]
+        first = self.input_shape[0] if self.input_shape else None
+        self.fixed_batch = first if first and len(self._input_names) == 1 else None
+        out_shape = session.get_outputs()[0].shape
+        last = out_shape[-1] if out_shape else None
+        self.num_classes = last if isinstance(last, int) and len(out_shape) == 2 else None
+        self.eval()
+
+    def train(self, mode: bool = True) -> OnnxRuntimeModel:
+        """Only eval mode exists: ``train(True)`` raises NotImplementedError."""
+        if mode:
+            raise NotImplementedError(f"{str(self.path)!r} is an ONNX model run by onnxruntime: it cannot be trained")
+        return super().train(False)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Run the graph on `inputs` (one tensor per graph input)."""
+        if len(inputs) != len(self._input_names):
+            raise ValueError(f"{str(self.path)!r} takes {len(self._input_names)} input(s) "
+                             f"({', '.join(self._input_names)}), got {len(inputs)}")
+        arrays = [x.detach().to("cpu", torch.float32).contiguous().numpy() for x in inputs]
+        shapes = ", ".join(str(tuple(a.shape)) for a in arrays)
+        if self.fixed_batch is None or arrays[0].shape[0] == self.fixed_batch:
+            outs = self._run(arrays, shapes)
+        else:
+            outs = self._run_in_slices(arrays[0], shapes)
+        tensors = tuple(torch.from_numpy(o) for o in outs)
+        return tensors[0] if len(tensors) == 1 else tensors
+
+    def _run(self, arrays: list[Any], shapes: str) -> list[Any]:
+        """session.run, with onnxruntime's shape and type errors turned into a ValueError naming the file."""
+        try:
+            return self.session.run(None, dict(zip(self._input_names, arrays)))
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+            expected = tuple("N" if d is None else d for d in self.input_shape)
+            raise ValueError(f"onnxruntime cannot run {str(self.path)!r} on input {shapes} (the model takes "
+                             f"{expected}): {_first_line(exc)}") from None
+
+    def _run_in_slices(self, x: Any, shapes: str) -> list[Any]:
+        """Run a fixed-batch graph over `x` in slices of its batch size, padding the last with zeros."""
+        import numpy as np
+
+        b = self.fixed_batch
+        parts: list[list[Any]] = []
+        for start in range(0, x.shape[0], b):
+            chunk = x[start:start + b]
+            n = chunk.shape[0]
+            if n < b:
+                chunk = np.concatenate([chunk, np.zeros((b - n, *chunk.shape[1:]), dtype=chunk.dtype)])
+            parts.append([o[:n] for o in self._run([chunk], shapes)])
+        return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
+
+    def extra_repr(self) -> str:
+        """The file and its input shape."""
+        return f"path={str(self.path)!r}, input_shape={tuple('N' if d is None else d for d in self.input_shape)}"
+
+
+def load_onnx(path: str | os.PathLike[str], *, threads: int | None = None) -> OnnxRuntimeModel:
+    """Open an ONNX file (e.g. one written by `to_onnx`) in onnxruntime, as a module for inference.
+
+    Args:
+        path: The .onnx file; its external data file (``PATH.data``), if any, must lie beside it.
+        threads: onnxruntime's intra-op threads (None: ``torch.get_num_threads()``, so that timings compare
+            with PyTorch's in the same process).
+
+    Returns:
+        An `OnnxRuntimeModel` on the CPU execution provider.
+
+    Raises:
+        ValueError: The file is missing, is not an ONNX model, or onnxruntime cannot load it (e.g. its
+            external data file is missing), naming the file.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ValueError(f"ONNX file {str(path)!r} does not exist (or is not a file); check the path.")
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
+        raise ValueError(f"cannot read {str(path)!r} as an ONNX model ({type(exc).__name__}: {_first_line(exc)}); "
+                         "is it corrupt or truncated? Re-export it with `dprp export --format onnx`.") from None
+    stored = 0
+    for init in proto.graph.initializer:
+        n = 1
+        for d in init.dims:
+            n *= int(d)
+        stored += n
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(threads or torch.get_num_threads())
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # no busy threads after a run
+    try:
+        session = ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"onnxruntime cannot load {str(path)!r} ({_first_line(exc)}); if it was written with its "
+                         f"weights in {p.name}.data, keep that file beside it.") from None
+    meta: Any = {}
+    raw = session.get_modelmeta().custom_metadata_map.get("dprp")
+    if raw:
+        with contextlib.suppress(ValueError):
+            meta = json.loads(raw)
+    return OnnxRuntimeModel(session, p, meta if isinstance(meta, dict) else {}, stored)
 
 
 def _export_metadata(model: nn.Module, inputs: tuple, metadata: dict[str, Any] | None) -> dict[str, Any]:

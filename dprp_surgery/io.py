@@ -12,6 +12,9 @@ A *model spec* names an architecture and, optionally, local weights:
 * a ``.pt2`` file written by ``torch.export.save`` (one with entries that ``torch.export.load``
   would unpickle with ``weights_only=False``, or with compiled AOTInductor code, only with
   ``trust_pickle=True``);
+* a ``.onnx`` file (e.g. from ``dprp export --format onnx``), run by onnxruntime: for inference only
+  (:class:`dprp_surgery.export.OnnxRuntimeModel`), so ``dprp eval`` takes it and the commands that
+  factorize a model do not;
 * a whole pickled module (``torch.save(model)``), only with ``trust_pickle=True``; with ``arch=``
   (``--arch``) it must match that architecture and is recorded as it.
 
@@ -42,6 +45,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from ._format import first_line as _first_line
 
 __all__ = [
     "ARCH_KINDS",
@@ -79,11 +84,12 @@ SPEC_FORMS: tuple[str, ...] = (
     "a dprp artifact directory (manifest.json + model.safetensors)",
     "a dprp run directory (run.json + checkpoint.pt)",
     "a .pt2 file from torch.export.save",
+    "a .onnx file (dprp eval only: it runs in onnxruntime)",
     "a whole pickled module from torch.save(model) (needs --trust-pickle)",
 )
 
 _ARCH_ATTR = "_dprp_arch"
-_RECIPE_ATTR = "_dprp_normalisation"  # a .pt2 program's recorded mean/std (to_pt2's metadata)
+_RECIPE_ATTR = "_dprp_normalisation"  # a .pt2 or ONNX graph's recorded mean/std (to_pt2's/to_onnx's metadata)
 NEW_HEAD_ATTR = "_dprp_new_head"
 """Set by `load_model` on a model whose weights' classifier it replaced (num_classes=N): the weights' class count."""
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "weights")
@@ -104,9 +110,9 @@ class ModelSpec:
     """A parsed model spec.
 
     Attributes:
-        kind: "timm", "torchvision", "cifar", "artifact", "run", "pt2" or "file".
+        kind: "timm", "torchvision", "cifar", "artifact", "run", "pt2", "onnx" or "file".
         name: Architecture name for timm/torchvision/cifar specs, else None.
-        weights: Local weights file (after ``@``), or the path for artifact/run/pt2/file specs.
+        weights: Local weights file (after ``@``), or the path for artifact/run/pt2/onnx/file specs.
         text: The spec as given.
     """
 
@@ -174,7 +180,8 @@ def parse_model_spec(spec: str | os.PathLike[str]) -> ModelSpec:
             f"or checkpoint.pt); accepted forms: {_forms()}."
         )
     if path.is_file():
-        return ModelSpec("pt2" if path.suffix == ".pt2" else "file", None, path, text)
+        kind = {".pt2": "pt2", ".onnx": "onnx"}.get(path.suffix.lower(), "file")
+        return ModelSpec(kind, None, path, text)
     hint = ""
     bare = text.split("@")[0]
     if "/" not in bare and "." not in bare:
@@ -555,14 +562,6 @@ def check_writable(path: str | os.PathLike[str], what: str = "output") -> None:
         return
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    for line in text.splitlines():
-        if "WeightsUnpickler error" in line:
-            return line.strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
 def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     """The tensor mapping inside a checkpoint dict, without DataParallel/compile prefixes."""
     for _ in range(3):
@@ -691,7 +690,8 @@ def load_model(spec: str | os.PathLike[str], *, num_classes: int | None = None, 
     Returns:
         The model (eval mode for artifacts and exported programs) and its architecture string:
         ``timm:NAME``/``torchvision:NAME``/``cifar:NAME`` when the model can be rebuilt from it,
-        otherwise ``pt2:PATH`` or ``pickle:PATH``.
+        otherwise ``pt2:PATH``, ``onnx:PATH`` (an inference-only
+        :class:`dprp_surgery.export.OnnxRuntimeModel`) or ``pickle:PATH``.
 
     Raises:
         ModelSpecError: Unknown forms, names or paths.
@@ -719,6 +719,12 @@ def load_model(spec: str | os.PathLike[str], *, num_classes: int | None = None, 
         return load_run(ms.weights)
     if ms.kind == "pt2":
         return _load_pt2(ms.weights, trust_pickle), f"pt2:{ms.weights}"
+    if ms.kind == "onnx":
+        from .export import load_onnx
+
+        module = load_onnx(ms.weights)
+        _apply_recorded(module, module.metadata, "the ONNX file", fallback_size=module.input_shape[1:])
+        return module, f"onnx:{ms.weights}"
     return _load_file(ms.weights, trust_pickle)
 
 
@@ -869,19 +875,24 @@ def _load_pt2(path: Path, trust_pickle: bool = False) -> nn.Module:
         meta = json.loads(extra[PT2_METADATA]) if extra[PT2_METADATA] else {}
     except ValueError:
         meta = {}
+    _apply_recorded(module, meta, "the .pt2")
+    return module
+
+
+def _apply_recorded(module: nn.Module, meta: Any, where: str, fallback_size: list[int | None] | None = None) -> None:
+    """Set the input size and normalisation a graph export recorded (`_export_metadata`) on its module, if valid."""
     meta = meta if isinstance(meta, Mapping) else {}
     size = meta.get("input_size")
-    if isinstance(size, list) and size and all(type(v) is int and v > 0 for v in size):  # no bools
+    if not (isinstance(size, list) and size and all(type(v) is int and v > 0 for v in size)):  # no bools
+        size = list(fallback_size) if fallback_size and all(isinstance(v, int) for v in fallback_size) else None
+    if size:
         object.__setattr__(module, "_dprp_input_size", list(size))
-    else:
-        size = None
     mean, std = meta.get("mean"), meta.get("std")
     if (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) > 0
             and (size is None or len(mean) == size[0])
             and all(type(v) in (int, float) and math.isfinite(v) for v in (*mean, *std)) and all(v > 0 for v in std)):
         object.__setattr__(module, _RECIPE_ATTR, {"mean": [float(v) for v in mean], "std": [float(v) for v in std],
-                                                  "arch": meta.get("arch")})
-    return module
+                                                  "arch": meta.get("arch"), "where": where})
 
 
 def _load_file(path: Path, trust_pickle: bool) -> tuple[nn.Module, str]:
@@ -1032,7 +1043,7 @@ def data_recipe(arch: str | None, model: nn.Module | None = None) -> DataRecipe:
     * timm models: mean, std and input size from ``timm.data.resolve_data_config({}, model=model)``
       (images are resized to that size at decode time), "cifar" augmentation (crop + flip).
     * torchvision models: ImageNet mean/std, 224 px, "cifar" augmentation.
-    * a .pt2 program written by the CLI: the mean, std and input size recorded in it.
+    * a .pt2 program or ONNX file written by the CLI: the mean, std and input size recorded in it.
     * anything else: ImageNet mean/std, images kept at their size.
     """
     from .data import IMAGENET_MEAN, IMAGENET_STD
@@ -1040,7 +1051,8 @@ def data_recipe(arch: str | None, model: nn.Module | None = None) -> DataRecipe:
     recorded = getattr(model, _RECIPE_ATTR, None) if model is not None else None
     if recorded is not None:
         size = getattr(model, "_dprp_input_size", None)
-        source = f"recorded in the .pt2 ({recorded['arch']})" if recorded.get("arch") else "recorded in the .pt2"
+        where = recorded.get("where", "the .pt2")
+        source = f"recorded in {where} ({recorded['arch']})" if recorded.get("arch") else f"recorded in {where}"
         return DataRecipe(tuple(recorded["mean"]), tuple(recorded["std"]), int(size[-1]) if size else None, "cifar",
                           source)
     kind, _, name = (arch or "").partition(":")

@@ -849,10 +849,71 @@ def test_demo_json_lists_the_report(tmp_path, monkeypatch):
     assert str(out / "photo.png") not in data["plots"] and all(pathlib.Path(p).stat().st_size for p in data["plots"])
 
 
-def test_eval_of_an_onnx_file_lists_the_model_forms(tmp_path, data_dir):
+@pytest.mark.parametrize("command", ["inspect", "compress", "export"])
+def test_an_onnx_file_is_refused_where_it_cannot_be_factorized(command, tmp_path, data_dir):
     onnx = tmp_path / "m.onnx"
     onnx.write_bytes(b"\x08\x07onnx")
-    bad("eval", onnx, "--data", data_dir, words=("ONNX file", "not a MODEL", "cifar:NAME[@WEIGHTS]", "run directory"))
+    args = {"inspect": ("inspect", onnx), "compress": ("compress", onnx, "--data", data_dir, "--out", tmp_path / "r"),
+            "export": ("export", onnx, "--out", tmp_path / "e")}[command]
+    bad(*args, words=("ONNX file", "not a MODEL", "cifar:NAME[@WEIGHTS]", "run directory",
+                      "`dprp eval` runs ONNX files in onnxruntime"))
+    assert not (tmp_path / "r").exists() and not (tmp_path / "e").exists()
+
+
+def test_eval_runs_an_exported_onnx_file_in_onnxruntime(run_dir, data_dir, tmp_path):
+    # `dprp eval` refused ONNX files, the form most models ship in: the accuracy of the shipped file was unmeasurable
+    onnx = tmp_path / "m.onnx"
+    # the run's exported model as it is (eval of RUN_DIR evaluates RUN_DIR/model)
+    assert invoke("export", run_dir / "model", "--mode", "factorized", "--format", "onnx", "--out", onnx).exit_code == 0
+    results = []
+    for model in (run_dir, onnx):
+        result = invoke("eval", model, "--data", data_dir, "--no-latency", "--json")
+        assert result.exit_code == 0, result.output
+        results.append(json.loads(result.stdout))
+    torch_side, ort_side = results
+    for key in ("top1", "top5", "params", "macs", "images"):
+        assert ort_side[key] == torch_side[key], key
+    assert torch_side["macs"] > 0 and torch_side["params_source"] == "counted"
+    assert (ort_side["runtime"], ort_side["params_source"], torch_side["runtime"]) == (
+        "onnxruntime", "recorded at export", "pytorch")
+    result = invoke("eval", onnx, "--data", data_dir, "--latency-runs", "1")
+    assert result.exit_code == 0, result.output
+    out = _flat(result.output)
+    assert "parameters (recorded at export)" in out and re.search(r"runtime\W+onnxruntime", out), out
+    assert re.search(r"latency batch 64 \(ms\)\W+\d", out), out
+
+
+def test_an_onnx_file_from_elsewhere_shows_what_it_stores(tmp_path, data_dir):
+    from dprp_surgery.accounting import count_params
+    from dprp_surgery.export import to_onnx
+
+    model = resnet20(num_classes=2).eval()
+    onnx = to_onnx(model, tmp_path / "plain.onnx", torch.zeros(1, 3, 32, 32), dynamic_batch=False)  # no recipe
+    result = invoke("eval", onnx, "--data", data_dir, "--no-latency", "--batch-size", "5", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["params_source"] == "onnx initializers" and data["macs"] is None
+    import onnx as onnx_lib
+
+    stored = sum(int(np.prod(t.dims)) for t in onnx_lib.load(str(onnx)).graph.initializer)
+    assert data["params"] == stored and 0.9 * count_params(model) < stored  # batch norms folded into the convs
+    result = invoke("eval", onnx, "--data", data_dir, "--no-latency")
+    out = _flat(result.output)
+    assert result.exit_code == 0 and "stored values (ONNX initializers)" in out
+    assert "records no normalisation (not written by `dprp export --format onnx`)" in out
+
+
+def test_bad_onnx_input_to_eval_exits_2(tmp_path, data_dir):
+    corrupt = tmp_path / "m.onnx"
+    corrupt.write_bytes(b"\x08\x07onnx")
+    bad("eval", corrupt, "--data", data_dir, words=(f"cannot read {str(corrupt)!r} as an ONNX model", "Re-export it"))
+    onnx = tmp_path / "ok.onnx"
+    assert invoke("export", "cifar:resnet20", "--format", "onnx", "--out", onnx).exit_code == 0
+    bad("eval", onnx, "--data", data_dir, "--no-latency", "--image-size", "64",
+        words=(f"onnxruntime cannot run {str(onnx)!r} on input (", "3, 64, 64)", "(the model takes ('N', 3, 32, 32))",
+               "pass --image-size N with the size it was exported at"))
+    bad("eval", onnx, "--data", data_dir, "--num-classes", "3",
+        words=("--num-classes does not apply to the ONNX file", "drop --num-classes"))
 
 
 @pytest.mark.parametrize("command", ["compress", "eval"])
@@ -1175,10 +1236,13 @@ def test_a_malformed_pt2_record_is_ignored(tmp_path, meta):
     assert getattr(model, "_dprp_input_size", None) == ([3, 8, 8] if size_given else None)
 
 
-def test_help_lists_pt2_only_where_it_works():
+def test_help_lists_pt2_and_onnx_only_where_they_work():
     for command in ("inspect", "compress"):
         assert ".pt2" not in _flat(invoke(command, "--help").output).split("--input-size")[0]
+    for command in ("inspect", "compress", "export"):
+        assert ".onnx file" not in _flat(invoke(command, "--help").output)
     assert ".pt2 file" in _flat(invoke("eval", "--help").output)
+    assert ".onnx file" in _flat(invoke("eval", "--help").output)
 
 
 def test_the_help_lists_the_exit_codes_the_commands_use():

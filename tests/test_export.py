@@ -289,6 +289,56 @@ def test_graph_exports_record_what_running_them_needs(monkeypatch, tmp_path, ext
     assert json.loads(extra["dprp.json"]) == recorded
 
 
+@pytest.mark.parametrize("dynamic_batch", [True, False])
+def test_load_onnx_runs_like_the_model(r20, tmp_path, dynamic_batch):
+    from dprp_surgery.export import OnnxRuntimeModel, load_onnx
+
+    e = export(r20, "factorized")
+    path = to_onnx(e, tmp_path / "m.onnx", torch.randn(1, 3, 32, 32), dynamic_batch=dynamic_batch,
+                   metadata={"params": 7})
+    model = load_onnx(path, threads=1)
+    assert isinstance(model, OnnxRuntimeModel) and not model.training and list(model.parameters()) == []
+    assert model.fixed_batch == (None if dynamic_batch else 1) and model.input_shape[1:] == [3, 32, 32]
+    assert model.num_classes == 10 and model.metadata["params"] == 7 and model.metadata["input_size"] == [3, 32, 32]
+    x = torch.randn(5, 3, 32, 32)  # a batch the fixed-batch graph is run over in slices of 1
+    torch.testing.assert_close(model(x), e(x).detach(), atol=1e-4, rtol=1e-4)
+    assert model.eval() is model
+    with pytest.raises(NotImplementedError, match="cannot be trained"):
+        model.train()
+    with pytest.raises(ValueError, match=r"takes 1 input\(s\) \(input\), got 2"):
+        model(x, x)
+    with pytest.raises(ValueError, match=r"onnxruntime cannot run .*m\.onnx' on input \(5, 3, 16, 16\)"):
+        model(torch.randn(5, 3, 16, 16))
+
+
+def test_load_onnx_a_graph_with_several_outputs_returns_a_tuple(tmp_path):
+    from dprp_surgery.export import load_onnx
+
+    model = _TwoHeads().eval()
+    x = torch.randn(2, 3, 8, 8)
+    got = load_onnx(to_onnx(model, tmp_path / "two.onnx", x))(x)
+    ref = model(x)
+    assert isinstance(got, tuple) and len(got) == 2
+    torch.testing.assert_close(got[0], ref["out"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], ref["aux"], atol=1e-5, rtol=1e-5)
+
+
+def test_load_onnx_names_the_file_it_cannot_use(tmp_path, monkeypatch):
+    from dprp_surgery.export import load_onnx
+
+    with pytest.raises(ValueError, match=r"ONNX file .*nothere\.onnx' does not exist"):
+        load_onnx(tmp_path / "nothere.onnx")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x08\x07onnx")
+    with pytest.raises(ValueError, match=r"cannot read .*junk\.onnx' as an ONNX model"):
+        load_onnx(junk)
+    monkeypatch.setattr(importlib.import_module("dprp_surgery.export"), "ONNX_INLINE_LIMIT", 0)
+    path = to_onnx(nn.Conv2d(3, 4, 3), tmp_path / "ext.onnx", torch.randn(1, 3, 8, 8))
+    (tmp_path / "ext.onnx.data").unlink()  # the weights file that must travel with it
+    with pytest.raises(ValueError, match=r"onnxruntime cannot load .*ext\.onnx'.*keep that file beside it"):
+        load_onnx(path)
+
+
 class _TwoHeads(nn.Module):
     def __init__(self):
         super().__init__()

@@ -266,6 +266,26 @@ def test_pt2_spec(tmp_path):
         load_model(bad)
 
 
+def test_onnx_spec_runs_in_onnxruntime_with_its_recorded_recipe(tmp_path):
+    from dprp_surgery.export import OnnxRuntimeModel, to_onnx
+
+    model = resnet20().eval()
+    path = to_onnx(model, tmp_path / "M.ONNX", torch.zeros(1, 3, 40, 40),
+                   metadata={"arch": "cifar:resnet20", "mean": [0.5] * 3, "std": [0.25] * 3})
+    assert parse_model_spec(path).kind == "onnx"
+    loaded, arch = load_model(path)
+    assert isinstance(loaded, OnnxRuntimeModel) and arch == f"onnx:{path}"
+    x = torch.randn(3, 3, 40, 40)
+    torch.testing.assert_close(loaded(x), model(x), atol=1e-4, rtol=1e-4)
+    recipe = data_recipe(arch, loaded)
+    assert (recipe.mean, recipe.std, recipe.image_size) == ((0.5,) * 3, (0.25,) * 3, 40)
+    assert recipe.source == "recorded in the ONNX file (cifar:resnet20)"
+    plain = tmp_path / "plain.onnx"  # from another exporter: no record, the size from the graph's input
+    torch.onnx.export(model, (torch.zeros(1, 3, 36, 36),), str(plain), dynamo=True)
+    loaded, arch = load_model(plain)
+    assert loaded._dprp_input_size == [3, 36, 36] and data_recipe(arch, loaded).source == "ImageNet defaults"
+
+
 def test_run_dir_rebuilds_factorized_model(tmp_path):
     from dprp_surgery import DPRPConfig, factorize, svd_layers
 

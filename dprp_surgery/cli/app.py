@@ -40,7 +40,9 @@ MODEL_FORMS = (
     "a dprp artifact directory, a run directory, or a pickled module (with --trust-pickle)"
 )
 RUNNABLE_FORMS = f"{MODEL_FORMS}; or a .pt2 file (torch.export program)"
-"""What `dprp eval` and `dprp export` also take: a .pt2 runs, but holds no Conv/Linear modules to factorize."""
+"""What `dprp export` also takes: a .pt2 runs, but holds no Conv/Linear modules to factorize."""
+EVAL_FORMS = f"{RUNNABLE_FORMS}; or a .onnx file (run in onnxruntime)"
+"""What `dprp eval` takes: also an ONNX file, the form most models are shipped in."""
 
 
 class ExportMode(str, Enum):
@@ -64,6 +66,7 @@ class Format(str, Enum):
 # ----------------------------------------------------------------------------- shared options
 ModelArg = Annotated[str, typer.Argument(help=f"The model: {MODEL_FORMS}.", show_default=False)]
 RunnableModelArg = Annotated[str, typer.Argument(help=f"The model: {RUNNABLE_FORMS}.", show_default=False)]
+EvalModelArg = Annotated[str, typer.Argument(help=f"The model: {EVAL_FORMS}.", show_default=False)]
 EvalDataOpt = Annotated[str, typer.Option(
     "--data", "-d", help="Dataset to evaluate on: a directory with a val/ or test/ ImageFolder (train/ is not "
     "needed), a .tar.gz of one, or cifar10:DIR / cifar100:DIR.", show_default=False)]
@@ -339,9 +342,10 @@ def export_cmd(
 @app.command("eval", epilog=(
     "Examples:\n\n"
     "    dprp eval cifar:resnet20@cifar10_resnet20.th --data cifar10-jpeg.tar.gz --limit 1000\n\n"
-    "    dprp eval runs/r20 --data cifar10-jpeg.tar.gz --json"))
+    "    dprp eval runs/r20 --data cifar10-jpeg.tar.gz --json\n\n"
+    "    dprp eval r20.onnx --data cifar10-jpeg.tar.gz   # the shipped file, in onnxruntime"))
 def eval_cmd(
-    model: RunnableModelArg,
+    model: EvalModelArg,
     data: EvalDataOpt,
     limit: Annotated[int | None, typer.Option(
         "--limit", min=1, help="Evaluate a class-balanced subset of this many images.")] = None,
@@ -357,7 +361,12 @@ def eval_cmd(
     download: DownloadOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Top-1/top-5 on the evaluation split of DATA, parameters, MACs and latency at batch 1 and 64."""
+    """Top-1/top-5 on the evaluation split of DATA, parameters, MACs and latency at batch 1 and 64.
+
+    An ONNX file runs in onnxruntime (CPU, as many threads as PyTorch uses), with the input size and
+    normalisation that `dprp export --format onnx` recorded in it; its parameters and MACs are those
+    recorded at export (a file from elsewhere shows the values its initializers store, and no MACs).
+    """
     from .commands import run_eval
 
     run_eval(model=model, data=data, limit=limit, batch_size=batch_size, latency=latency,

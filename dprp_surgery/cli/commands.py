@@ -156,13 +156,20 @@ def _refuse_pt2(spec: str | None, command: str) -> None:
                          "artifact or run directory); a .pt2 runs in `dprp eval` and `dprp export`.")
 
 
-def _load(spec: str, *, arch: str | None, num_classes: int | None, trust_pickle: bool) -> tuple[nn.Module, str]:
-    if str(spec).lower().endswith(".onnx") and Path(spec).expanduser().is_file():
+def _load(spec: str, *, arch: str | None, num_classes: int | None, trust_pickle: bool, onnx: bool = False
+          ) -> tuple[nn.Module, str]:
+    """load_model for a command; an ONNX file only where `onnx` (it runs, inference only, in onnxruntime)."""
+    is_onnx = str(spec).lower().endswith(".onnx") and Path(spec).expanduser().is_file()
+    if is_onnx and not onnx:
         from .app import MODEL_FORMS
 
-        raise ValueError(f"{str(spec)!r} is an ONNX file, which dprp cannot load back into PyTorch, so it is not a "
-                         f"MODEL here; give the model it was exported from instead: {MODEL_FORMS}. (Evaluate ONNX "
-                         "files with onnxruntime.)")
+        raise ValueError(f"{str(spec)!r} is an ONNX file, which dprp cannot load back into PyTorch layers, so it is "
+                         f"not a MODEL here; give the model it was exported from instead: {MODEL_FORMS}. (`dprp eval` "
+                         "runs ONNX files in onnxruntime.)")
+    if is_onnx and (num_classes is not None or arch is not None):
+        flag = "--num-classes" if num_classes is not None else "--arch"
+        raise ValueError(f"{flag} does not apply to the ONNX file {str(spec)!r}: its graph fixes the architecture "
+                         f"and the classifier; drop {flag}.")
     model, model_arch = load_model(spec, num_classes=num_classes, trust_pickle=trust_pickle, arch=arch)
     if arch and model_arch.split(":", 1)[0] not in ARCH_KINDS:
         model_arch = arch  # a pickled/pt2 model whose architecture the user names
@@ -906,18 +913,20 @@ def run_export(*, source: str, out: Path, mode: str, fmt: str, objective: str, i
                   "unchanged; compress it first (dprp compress) to get a smaller model.")
         with _busy(f"Exporting {source} ({mode}, {fmt}) ...", not json_out):
             exported = export_model(net, mode, objective=objective, example_inputs=example)
+            params = count_params(exported)
+            macs, _ = _macs(exported, example)
             if fmt == "safetensors":
                 rebuildable = net_arch if net_arch.split(":", 1)[0] in ARCH_KINDS else None
                 path = save(exported, out, arch=rebuildable, config=getattr(net, "_dprp_config", None),
                             input_size=list(size))
-            else:  # what running the graph needs: the input size (recorded by both) and the normalisation
-                meta = {"arch": net_arch, "mean": list(recipe.mean), "std": list(recipe.std)}
+            else:  # what running the graph needs: the input size (recorded by both) and the normalisation;
+                # and its size, which `dprp eval` cannot count in an ONNX graph
+                meta = {"arch": net_arch, "mean": list(recipe.mean), "std": list(recipe.std), "params": params,
+                        "macs": macs}
                 path = (to_onnx if fmt == "onnx" else to_pt2)(exported, out, example, metadata=meta)
         forms: dict[str, int] = {}
         for entry in layer_forms(exported).values():
             forms[entry["form"]] = forms.get(entry["form"], 0) + 1
-        params = count_params(exported)
-        macs, _ = _macs(exported, example)
         result = {"source": source, "arch": net_arch, "mode": mode, "objective": objective, "format": fmt,
                   "out": str(path), "input_size": list(size), "layers": forms, "params": params, "macs": macs}
         if json_out:
@@ -928,6 +937,24 @@ def run_export(*, source: str, out: Path, mode: str, fmt: str, objective: str, i
 
 
 # ----------------------------------------------------------------------------- eval
+def _size_of(model: nn.Module, example: torch.Tensor) -> tuple[int, str, int | None]:
+    """(parameters, where that number comes from, MACs per image or None) of a model `dprp eval` measures."""
+    from ..export import OnnxRuntimeModel
+
+    if not isinstance(model, OnnxRuntimeModel):
+        return count_params(model), "counted", _macs(model, example)[0]
+    meta = model.metadata
+
+    def recorded(key: str) -> int | None:
+        v = meta.get(key)
+        return v if type(v) is int and v >= 0 else None
+
+    params = recorded("params")
+    if params is None:
+        return model.stored_values, "onnx initializers", None  # a graph's MACs are not counted here
+    return params, "recorded at export", recorded("macs")
+
+
 def run_eval(*, model: str, data: str, limit: int | None, batch_size: int, latency: bool, latency_runs: int = 5,
              image_size: int | None,
              arch: str | None, num_classes: int | None, trust_pickle: bool, json_out: bool,
@@ -938,7 +965,7 @@ def run_eval(*, model: str, data: str, limit: int | None, batch_size: int, laten
         if Path(model).is_dir() and (Path(model) / "run.json").is_file() and (Path(model) / "model").is_dir():
             spec = str(Path(model) / "model")  # the exported artifact is what gets deployed
             _note(f"Evaluating the exported model {spec}.")
-        net, net_arch = _load(spec, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle)
+        net, net_arch = _load(spec, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle, onnx=True)
         if (own := getattr(net, NEW_HEAD_ATTR, None)) is not None:
             raise ValueError(f"--num-classes {num_classes} replaces the {own}-way classifier of {model!r} by a new, "
                              "untrained one, whose accuracy means nothing; drop --num-classes to evaluate the weights "
@@ -960,23 +987,27 @@ def run_eval(*, model: str, data: str, limit: int | None, batch_size: int, laten
                   f"and a prediction of any of the other {outputs - val.num_classes} outputs counts as wrong. "
                   "Check the model was trained with this class order.")
         _check_trained_classes(model, val.classes, data)
-        program = net_arch.startswith("pt2:")
+        kind = net_arch.split(":", 1)[0]
+        program = kind in ("pt2", "onnx")
         if program and recipe.source == "ImageNet defaults":
-            _note(f"{model} records no normalisation (not written by `dprp export --format pt2`): the images are "
+            _note(f"{model} records no normalisation (not written by `dprp export --format {kind}`): the images are "
                   "normalised with ImageNet's mean and std, which may not be what the model was trained with.")
         loader = TensorLoader(val, batch_size, mean=recipe.mean, std=recipe.std)
         try:
             top1, top5 = evaluate(net, loader, progress=not json_out)
         except Exception as exc:
+            if kind == "onnx" and isinstance(exc, ValueError):  # onnxruntime refused the images' shape
+                raise ValueError(f"{_first_line(exc)}; pass --image-size N with the size it was exported at.") from None
             if program and "guard" in str(exc).lower():  # a program exported for another input size
                 raise ValueError(f"{model!r} (a torch.export program) does not take {tuple(val.image_shape)} images "
                                  f"({_first_line(exc)}); pass --image-size N with the size it was exported at."
                                  ) from None
             raise
         example = torch.zeros(1, *val.image_shape)
-        macs, _ = _macs(net, example)
+        params, params_source, macs = _size_of(net, example)
         result: dict[str, Any] = {"model": model, "arch": net_arch, "data": data, "images": len(val), "top1": top1,
-                                  "top5": top5, "params": count_params(net), "macs": macs}
+                                  "top5": top5, "params": params, "params_source": params_source, "macs": macs,
+                                  "runtime": "onnxruntime" if kind == "onnx" else "pytorch"}
         if latency:
             g = torch.Generator().manual_seed(0)
             for b in (1, 64):
@@ -992,8 +1023,11 @@ def run_eval(*, model: str, data: str, limit: int | None, batch_size: int, laten
         table.add_column("value", justify="right")
         table.add_row("top-1 (%)", f"{top1:.2f}")
         table.add_row("top-5 (%)", f"{top5:.2f}")
-        table.add_row("parameters", f"{result['params']:,}")
-        table.add_row("MACs / image", _si(macs))
+        table.add_row({"counted": "parameters", "recorded at export": "parameters (recorded at export)",
+                       "onnx initializers": "stored values (ONNX initializers)"}[params_source], f"{params:,}")
+        table.add_row("MACs / image" + (" (recorded at export)" if kind == "onnx" and macs is not None else ""),
+                      _si(macs))
+        table.add_row("runtime", result["runtime"])
         if latency:
             table.add_row("latency batch 1 (ms)", f"{result['latency_ms_b1']:.2f}")
             table.add_row("latency batch 64 (ms)", f"{result['latency_ms_b64']:.1f}")
