@@ -25,6 +25,7 @@ _EXPORTS: dict[str, str] = {
     "DPRPTrainer": "trainer", "CompressionResult": "trainer", "NonFiniteLossError": "trainer", "compress": "trainer",
     "cap_factor_steps": "trainer",
     "export": "export", "save": "export", "load": "export", "to_onnx": "export", "to_pt2": "export",
+    "load_onnx": "export",
     "summarize": "accounting", "Summary": "accounting", "LayerRow": "accounting",
     "load_model": "io",
 }
@@ -49,7 +50,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .accounting import LayerRow, Summary, summarize
     from .config import DPRPConfig
-    from .export import export, load, save, to_onnx, to_pt2
+    from .export import export, load, load_onnx, save, to_onnx, to_pt2
     from .io import load_model
     from .layers import SVDConv1d, SVDConv2d, SVDLayer, SVDLinear
     from .losses import DPRPRegularizer

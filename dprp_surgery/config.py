@@ -6,6 +6,8 @@ Configs are frozen, keyword-only, validated on construction and round-trip throu
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import difflib
 import json
@@ -13,6 +15,7 @@ import logging
 import math
 import numbers
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -270,7 +273,9 @@ class DPRPConfig:
         self._warn_inert_settings()
 
     def _warn_inert_settings(self) -> None:
-        """Log a warning for settings that are valid but have no effect on training."""
+        """Log a warning for settings that are valid but have no effect on training (not for recorded configs)."""
+        if _RECORDED.get():
+            return
         if self.reg_cooldown_epochs > 0 and self.reg_cooldown_epochs >= self.epochs:
             log.warning("DPRPConfig.reg_cooldown_epochs=%d >= epochs=%d: every epoch is in the cool-down, so "
                         "lambda_comp is 0 and no pruning runs (nothing is compressed); lower reg_cooldown_epochs "
@@ -417,6 +422,22 @@ class DPRPConfig:
         _check_field_names(overrides)
         return cls(**{**PRESETS[name], **overrides})
 
+
+_RECORDED: contextvars.ContextVar[bool] = contextvars.ContextVar("dprp_recorded_config", default=False)
+
+
+@contextlib.contextmanager
+def recorded_configs() -> Iterator[None]:
+    """Within it, configs are rebuilt from a finished run's record: no warnings about settings without effect.
+
+    Those warnings are for the person configuring a run; `dprp eval` or `dprp export` of a run that trained
+    one epoch with ``reg_cooldown_epochs=1`` should not repeat them.
+    """
+    token = _RECORDED.set(True)
+    try:
+        yield
+    finally:
+        _RECORDED.reset(token)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},

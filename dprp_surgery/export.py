@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -47,7 +48,7 @@ from ._format import first_line as _first_line
 from .accounting import example_tuple, layer_input, run_example
 from .config import require_module
 from .layers import MATRICIZATIONS, TWINS, SVDLayer, _realised_factors, layer_from_spec
-from .surgery import EXPORT_RECORDS_ATTR
+from .surgery import EXPORT_RECORDS_ATTR, copy_model
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +277,7 @@ def export(model: nn.Module, mode: str = "dense", *, objective: str = "params",
     if mode == "auto" and objective in ("macs", "latency") and example_inputs is None:
         raise ValueError(f"export(mode='auto', objective={objective!r}) needs example_inputs to know each layer's "
                          "input shape")
-    new = copy.deepcopy(model)
+    new = copy_model(model)
     entries = layer_forms(new)
     aliases = _aliases(new)
     shapes: dict[str, tuple[int, ...]] = {}
@@ -364,7 +365,7 @@ def _fastest_whole_model(model: nn.Module, alternatives: dict[str, dict[str, nn.
     for form in ("dense", "factorized"):
         if all(decisions[name]["form"] == form for name in alternatives):
             continue  # the mix is already this form everywhere
-        twin = copy.deepcopy(model)
+        twin = copy_model(model)
         for name, forms in alternatives.items():
             if decisions[name]["form"] != form:
                 _swap(twin, names_of[name], copy.deepcopy(forms[form]), *_flags(twin.get_submodule(name)))
@@ -920,19 +921,26 @@ def to_onnx(model: nn.Module, path: str | os.PathLike[str], example_inputs: Any,
     return Path(path).expanduser()
 
 
+_ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64,
+              "tensor(bfloat16)": torch.bfloat16, "tensor(int64)": torch.int64, "tensor(int32)": torch.int32,
+              "tensor(uint8)": torch.uint8, "tensor(int8)": torch.int8, "tensor(bool)": torch.bool}
+"""onnxruntime's input type names and the torch dtype an input is cast to before it is fed."""
+
+
 class OnnxRuntimeModel(nn.Module):
     """An ONNX model run by onnxruntime on the CPU, called like the module it was exported from.
 
-    Made by `load_onnx`. It takes and returns float32 CPU tensors: ``model(x)`` feeds `x` (and
-    further positional tensors) to the graph's inputs in order and returns its one output, or a tuple of
-    several. A graph exported with a fixed batch size (``to_onnx(..., dynamic_batch=False)``) is run in
-    slices of that size, the last one padded, so any batch works. It runs inference only: ``.train()``
-    raises NotImplementedError, and it has no parameters.
+    Made by `load_onnx`. ``model(x)`` feeds `x` (and further positional tensors) to the graph's inputs in
+    order, each cast to the input's type (a float16 graph gets float16), and returns its one output as a
+    CPU tensor, or a tuple of several. A graph exported with a fixed batch size
+    (``to_onnx(..., dynamic_batch=False)``) is run in slices of that size, the last one padded, so any
+    batch works. It runs inference only: ``.train()`` raises NotImplementedError, and it has no parameters.
 
     Attributes:
         path: The ONNX file.
         metadata: The ``"dprp"`` metadata that `to_onnx` wrote (an empty dict for other files).
         input_shape: The first input's shape, None for a symbolic dimension.
+        num_inputs: The number of graph inputs.
         fixed_batch: The batch size the graph was exported with, or None when it is symbolic.
         num_classes: The size of the first output's last dimension when the graph fixes it, else None.
         stored_values: Elements in the graph's initializers (its weights and constants; the exporter
@@ -945,10 +953,13 @@ class OnnxRuntimeModel(nn.Module):
         self.path = path
         self.metadata = metadata
         self.stored_values = stored_values
-        self._input_names = [i.name for i in session.get_inputs()]
-        self.input_shape = [d if isinstance(d, int) else None for d in session.get_inputs()[0].shape]
+        inputs = session.get_inputs()
+        self._input_names = [i.name for i in inputs]
+        self._input_dtypes = [_ORT_TYPES.get(i.type) for i in inputs]
+        self.num_inputs = len(inputs)
+        self.input_shape = [d if isinstance(d, int) else None for d in inputs[0].shape]
         first = self.input_shape[0] if self.input_shape else None
-        self.fixed_batch = first if first and len(self._input_names) == 1 else None
+        self.fixed_batch = first if first and self.num_inputs == 1 else None
         out_shape = session.get_outputs()[0].shape
         last = out_shape[-1] if out_shape else None
         self.num_classes = last if isinstance(last, int) and len(out_shape) == 2 else None
@@ -962,13 +973,16 @@ class OnnxRuntimeModel(nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Run the graph on `inputs` (one tensor per graph input)."""
-        if len(inputs) != len(self._input_names):
-            raise ValueError(f"{str(self.path)!r} takes {len(self._input_names)} input(s) "
+        if len(inputs) != self.num_inputs:
+            raise ValueError(f"{str(self.path)!r} takes {self.num_inputs} input(s) "
                              f"({', '.join(self._input_names)}), got {len(inputs)}")
-        arrays = [x.detach().to("cpu", torch.float32).contiguous().numpy() for x in inputs]
+        arrays = [x.detach().to("cpu", dtype or x.dtype).contiguous().numpy()
+                  for x, dtype in zip(inputs, self._input_dtypes)]
         shapes = ", ".join(str(tuple(a.shape)) for a in arrays)
         if self.fixed_batch is None or arrays[0].shape[0] == self.fixed_batch:
             outs = self._run(arrays, shapes)
+        elif arrays[0].shape[0] == 0:
+            outs = [o[:0] for o in self._run([_np_zeros(self.fixed_batch, arrays[0])], shapes)]
         else:
             outs = self._run_in_slices(arrays[0], shapes)
         tensors = tuple(torch.from_numpy(o) for o in outs)
@@ -981,7 +995,7 @@ class OnnxRuntimeModel(nn.Module):
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
             expected = tuple("N" if d is None else d for d in self.input_shape)
             raise ValueError(f"onnxruntime cannot run {str(self.path)!r} on input {shapes} (the model takes "
-                             f"{expected}): {_first_line(exc)}") from None
+                             f"{expected}): {_ort_message(exc)}") from None
 
     def _run_in_slices(self, x: Any, shapes: str) -> list[Any]:
         """Run a fixed-batch graph over `x` in slices of its batch size, padding the last with zeros."""
@@ -993,7 +1007,7 @@ class OnnxRuntimeModel(nn.Module):
             chunk = x[start:start + b]
             n = chunk.shape[0]
             if n < b:
-                chunk = np.concatenate([chunk, np.zeros((b - n, *chunk.shape[1:]), dtype=chunk.dtype)])
+                chunk = np.concatenate([chunk, _np_zeros(b - n, chunk)])
             parts.append([o[:n] for o in self._run([chunk], shapes)])
         return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
 
@@ -1002,11 +1016,26 @@ class OnnxRuntimeModel(nn.Module):
         return f"path={str(self.path)!r}, input_shape={tuple('N' if d is None else d for d in self.input_shape)}"
 
 
+def _np_zeros(n: int, like: Any) -> Any:
+    """n zero samples shaped and typed like the samples of the array `like`."""
+    import numpy as np
+
+    return np.zeros((n, *like.shape[1:]), dtype=like.dtype)
+
+
+def _ort_message(exc: BaseException) -> str:
+    """onnxruntime's message without its "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT :" preamble, on one line."""
+    text = " ".join(str(exc).split())
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : [A-Z_]+ : ", "", text)
+    return text[:600] if text else type(exc).__name__
+
+
 def load_onnx(path: str | os.PathLike[str], *, threads: int | None = None) -> OnnxRuntimeModel:
     """Open an ONNX file (e.g. one written by `to_onnx`) in onnxruntime, as a module for inference.
 
     Args:
-        path: The .onnx file; its external data file (``PATH.data``), if any, must lie beside it.
+        path: The .onnx file; the external data files it names (`to_onnx` writes ``NAME.onnx.data`` for
+            large models), if any, must lie beside it under the names it was written with.
         threads: onnxruntime's intra-op threads (None: ``torch.get_num_threads()``, so that timings compare
             with PyTorch's in the same process).
 
@@ -1014,7 +1043,7 @@ def load_onnx(path: str | os.PathLike[str], *, threads: int | None = None) -> On
         An `OnnxRuntimeModel` on the CPU execution provider.
 
     Raises:
-        ValueError: The file is missing, is not an ONNX model, or onnxruntime cannot load it (e.g. its
+        ValueError: The file is missing or empty, is not an ONNX model, or onnxruntime cannot load it (e.g. an
             external data file is missing), naming the file.
     """
     import onnx
@@ -1023,17 +1052,28 @@ def load_onnx(path: str | os.PathLike[str], *, threads: int | None = None) -> On
     p = Path(path).expanduser()
     if not p.is_file():
         raise ValueError(f"ONNX file {str(path)!r} does not exist (or is not a file); check the path.")
+    if p.stat().st_size == 0:
+        raise ValueError(f"ONNX file {str(path)!r} is empty; re-export it with `dprp export --format onnx`.")
     try:
         proto = onnx.load(str(p), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
         raise ValueError(f"cannot read {str(path)!r} as an ONNX model ({type(exc).__name__}: {_first_line(exc)}); "
                          "is it corrupt or truncated? Re-export it with `dprp export --format onnx`.") from None
     stored = 0
+    external: set[str] = set()
     for init in proto.graph.initializer:
         n = 1
         for d in init.dims:
             n *= int(d)
         stored += n
+        external.update(e.value for e in init.external_data if e.key == "location")
+    missing = sorted(name for name in external if not (p.parent / name).is_file())
+    if missing and p.is_symlink() and all((p.resolve().parent / name).is_file() for name in external):
+        p, missing = p.resolve(), []  # a link to a file whose weights lie beside the file, not the link
+    if missing:
+        raise ValueError(f"ONNX file {str(path)!r} keeps its weights in {', '.join(repr(m) for m in missing)}, which "
+                         f"is not in {str(p.parent)!r}: put that file beside it (it keeps the name it was "
+                         "written with, even when the .onnx file is renamed).")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = int(threads or torch.get_num_threads())
     opts.inter_op_num_threads = 1
@@ -1041,8 +1081,7 @@ def load_onnx(path: str | os.PathLike[str], *, threads: int | None = None) -> On
     try:
         session = ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"onnxruntime cannot load {str(path)!r} ({_first_line(exc)}); if it was written with its "
-                         f"weights in {p.name}.data, keep that file beside it.") from None
+        raise ValueError(f"onnxruntime cannot load {str(path)!r}: {_ort_message(exc)}") from None
     meta: Any = {}
     raw = session.get_modelmeta().custom_metadata_map.get("dprp")
     if raw:

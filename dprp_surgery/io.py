@@ -90,6 +90,8 @@ SPEC_FORMS: tuple[str, ...] = (
 
 _ARCH_ATTR = "_dprp_arch"
 _RECIPE_ATTR = "_dprp_normalisation"  # a .pt2 or ONNX graph's recorded mean/std (to_pt2's/to_onnx's metadata)
+CLASSES_ATTR = "_dprp_classes"
+"""Set by `load_model` on a .pt2 or ONNX graph that records the class names it was trained on (`dprp export`)."""
 NEW_HEAD_ATTR = "_dprp_new_head"
 """Set by `load_model` on a model whose weights' classifier it replaced (num_classes=N): the weights' class count."""
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "weights")
@@ -884,7 +886,8 @@ def _apply_recorded(module: nn.Module, meta: Any, where: str, fallback_size: lis
     meta = meta if isinstance(meta, Mapping) else {}
     size = meta.get("input_size")
     if not (isinstance(size, list) and size and all(type(v) is int and v > 0 for v in size)):  # no bools
-        size = list(fallback_size) if fallback_size and all(isinstance(v, int) for v in fallback_size) else None
+        chw = fallback_size and len(fallback_size) == 3 and all(isinstance(v, int) for v in fallback_size)
+        size = list(fallback_size) if chw and fallback_size[1] == fallback_size[2] else None  # square CHW only
     if size:
         object.__setattr__(module, "_dprp_input_size", list(size))
     mean, std = meta.get("mean"), meta.get("std")
@@ -893,6 +896,9 @@ def _apply_recorded(module: nn.Module, meta: Any, where: str, fallback_size: lis
             and all(type(v) in (int, float) and math.isfinite(v) for v in (*mean, *std)) and all(v > 0 for v in std)):
         object.__setattr__(module, _RECIPE_ATTR, {"mean": [float(v) for v in mean], "std": [float(v) for v in std],
                                                   "arch": meta.get("arch"), "where": where})
+    classes = meta.get("classes")
+    if isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes):
+        object.__setattr__(module, CLASSES_ATTR, list(classes))
 
 
 def _load_file(path: Path, trust_pickle: bool) -> tuple[nn.Module, str]:
@@ -937,7 +943,7 @@ def load_run(run_dir: str | os.PathLike[str]) -> tuple[nn.Module, str]:
     Raises:
         ValueError: Missing/corrupt run.json or checkpoint, or weights that do not fit.
     """
-    from .config import DPRPConfig
+    from .config import DPRPConfig, recorded_configs
     from .layers import SVDLayer
     from .pruning import match_ranks
     from .surgery import factorize, keep_dense
@@ -963,7 +969,8 @@ def load_run(run_dir: str | os.PathLike[str]) -> tuple[nn.Module, str]:
         raise ValueError(f"{str(root / 'run.json')!r} records no rebuildable architecture (arch={arch!r}); "
                          "export the model from the run with the Python API instead.")
     config_dict = ckpt.get("config") if isinstance(ckpt.get("config"), Mapping) else info.get("config")
-    config = DPRPConfig.from_dict(dict(config_dict)) if isinstance(config_dict, Mapping) else DPRPConfig()
+    with recorded_configs():  # the run's own settings, warned about when it was configured
+        config = DPRPConfig.from_dict(dict(config_dict)) if isinstance(config_dict, Mapping) else DPRPConfig()
     if not any(k.endswith(".s") and f"{k[:-2]}.U" in state for k in state):
         # a dense run (a fine-tune baseline trained without factorization): the weights fit the architecture as is
         model = build_arch(arch, info.get("num_classes"))

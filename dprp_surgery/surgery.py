@@ -400,10 +400,27 @@ def _shared_weights(model: nn.Module) -> set[int]:
 
 
 # ----------------------------------------------------------------------------- applying
+def copy_model(model: nn.Module) -> nn.Module:
+    """copy.deepcopy(model) whose parameters are leaves with the original's requires_grad flags.
+
+    A plain deep copy of a ``torch.jit.script``-ed submodule clones its parameters with autograd, so they
+    come out as non-leaf tensors that no optimizer takes and whose flags cannot be set; copying without
+    grad and setting the flags back gives leaves.
+    """
+    with torch.no_grad():
+        new = copy.deepcopy(model)
+    originals = dict(model.named_parameters(remove_duplicate=False))
+    for name, p in new.named_parameters(remove_duplicate=False):
+        want = originals[name].requires_grad if name in originals else True
+        if p.requires_grad != want:
+            p.requires_grad_(want)
+    return new
+
+
 def _deepcopy(model: nn.Module) -> nn.Module:
-    """copy.deepcopy(model); a FactorizationError naming the module that holds a computed (non-leaf) tensor."""
+    """copy_model(model); a FactorizationError naming the module that holds a computed (non-leaf) tensor."""
     try:
-        return copy.deepcopy(model)
+        return copy_model(model)
     except RuntimeError as exc:
         if "deepcopy" not in str(exc):
             raise

@@ -900,7 +900,79 @@ def test_an_onnx_file_from_elsewhere_shows_what_it_stores(tmp_path, data_dir):
     result = invoke("eval", onnx, "--data", data_dir, "--no-latency")
     out = _flat(result.output)
     assert result.exit_code == 0 and "stored values (ONNX initializers)" in out
-    assert "records no normalisation (not written by `dprp export --format onnx`)" in out
+    assert "records no normalisation (`dprp export --format onnx` records it)" in out
+
+
+class _Pooled(torch.nn.Module):
+    """A (N, 3, 1, 1) output: its labels broadcast to top-1 500% when taken for (N, classes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.p = torch.nn.Conv2d(3, 3, 1), torch.nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        return self.c(self.p(x) * 100)
+
+
+class _TwoInputs(torch.nn.Module):
+    def forward(self, x, y):
+        return x.mean((2, 3)) + y.mean((2, 3))
+
+
+class _TwoOutputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = resnet20(num_classes=2), torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.a(x), self.b(x)
+
+
+def test_eval_scores_only_class_score_outputs(tmp_path, data_dir):
+    # a (N, 3, 1, 1) output scored top-1 500%; a 1-D one, a dense map or several outputs crashed with exit 1
+    from dprp_surgery.export import to_onnx, to_pt2
+
+    x = torch.zeros(1, 3, 32, 32)
+    pooled = to_onnx(_Pooled(), tmp_path / "pooled.onnx", x)
+    bad("eval", pooled, "--data", data_dir, "--no-latency",
+        words=("the model's output has shape (16, 3, 1, 1) for a batch of 16 images, not (batch, classes)",))
+    program = tmp_path / "pooled.pt2"
+    to_pt2(_Pooled(), program, x)
+    bad("eval", program, "--data", data_dir, "--no-latency", words=("not (batch, classes)",))
+    fixed = tmp_path / "fixed.pt2"  # exported for batch 1: the message said to change the image size
+    torch.export.save(torch.export.export(resnet20(), (x,)), str(fixed))
+    bad("eval", fixed, "--data", data_dir, "--no-latency",
+        words=("was exported for a fixed batch size", "re-export it with a dynamic batch"))
+    two = to_onnx(_TwoOutputs().eval(), tmp_path / "two.onnx", x)  # the first output holds the class scores
+    result = invoke("eval", two, "--data", data_dir, "--no-latency", "--json")
+    assert result.exit_code == 0, result.output
+    assert 0 <= json.loads(result.stdout)["top1"] <= 100
+    inputs = to_onnx(_TwoInputs(), tmp_path / "inputs.onnx", (x, x))
+    bad("eval", inputs, "--data", data_dir, words=("takes 2 inputs (input, input_1)", "one batch of images"))
+    nhwc = to_onnx(_ChannelsLast(), tmp_path / "nhwc.onnx", torch.zeros(1, 32, 32, 3))
+    bad("eval", nhwc, "--data", data_dir, words=("takes input of shape (N, 32, 32, 3)", "channels last",
+                                                  "dprp eval feeds NCHW image batches"))
+
+
+class _ChannelsLast(torch.nn.Module):
+    def forward(self, x):
+        return x.permute(0, 3, 1, 2).mean((2, 3))
+
+
+def test_eval_of_onnx_names_the_size_it_takes_and_checks_the_class_order(run_dir, data_dir, tmp_path):
+    onnx = tmp_path / "r.onnx"
+    assert invoke("export", run_dir, "--format", "onnx", "--out", onnx).exit_code == 0
+    bad("eval", onnx, "--data", data_dir, "--no-latency", "--image-size", "40",
+        words=("takes 32x32 images (input (N, 3, 32, 32)), but the images were decoded at 40x40",
+               "drop --image-size 40 or pass --image-size 32"))
+    renamed = tmp_path / "renamed"
+    shutil.copytree(data_dir, renamed)
+    for split in ("train", "val"):
+        (renamed / split / "cat").rename(renamed / split / "zebra")
+    for model in (run_dir, onnx):  # a run checks the data's classes against those it was trained on; so does its ONNX
+        result = invoke("eval", model, "--data", renamed, "--no-latency")
+        assert result.exit_code == 0, result.output
+        assert "differ from those" in _flat(result.output) and "'dog' against 'cat'" in _flat(result.output)
 
 
 def test_bad_onnx_input_to_eval_exits_2(tmp_path, data_dir):
@@ -910,8 +982,8 @@ def test_bad_onnx_input_to_eval_exits_2(tmp_path, data_dir):
     onnx = tmp_path / "ok.onnx"
     assert invoke("export", "cifar:resnet20", "--format", "onnx", "--out", onnx).exit_code == 0
     bad("eval", onnx, "--data", data_dir, "--no-latency", "--image-size", "64",
-        words=(f"onnxruntime cannot run {str(onnx)!r} on input (", "3, 64, 64)", "(the model takes ('N', 3, 32, 32))",
-               "pass --image-size N with the size it was exported at"))
+        words=(f"{str(onnx)!r} takes 32x32 images (input (N, 3, 32, 32)), but the images were decoded at 64x64",
+               "drop --image-size 64 or pass --image-size 32"))
     bad("eval", onnx, "--data", data_dir, "--num-classes", "3",
         words=("--num-classes does not apply to the ONNX file", "drop --num-classes"))
 

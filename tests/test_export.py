@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import re
+import shutil
 import warnings
 
 import numpy as np
@@ -323,6 +324,26 @@ def test_load_onnx_a_graph_with_several_outputs_returns_a_tuple(tmp_path):
     torch.testing.assert_close(got[1], ref["aux"], atol=1e-5, rtol=1e-5)
 
 
+def test_load_onnx_feeds_each_input_its_own_type(tmp_path):
+    # every input was cast to float32: a float16 graph could never run
+    from dprp_surgery.export import load_onnx
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten()).half().eval()
+    x = torch.randn(2, 3, 8, 8)
+    got = load_onnx(to_onnx(model, tmp_path / "half.onnx", x.half()))(x)
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), model(x.half()).float(), atol=2e-3, rtol=2e-3)
+
+
+def test_load_onnx_a_fixed_batch_graph_takes_an_empty_batch(tmp_path):
+    from dprp_surgery.export import load_onnx
+
+    model = load_onnx(to_onnx(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)), tmp_path / "f.onnx",
+                              torch.zeros(4, 3, 2, 2), dynamic_batch=False))
+    assert model.fixed_batch == 4 and model(torch.zeros(0, 3, 2, 2)).shape == (0, 3)
+    assert model(torch.zeros(6, 3, 2, 2)).shape == (6, 3)
+
+
 def test_load_onnx_names_the_file_it_cannot_use(tmp_path, monkeypatch):
     from dprp_surgery.export import load_onnx
 
@@ -334,9 +355,23 @@ def test_load_onnx_names_the_file_it_cannot_use(tmp_path, monkeypatch):
         load_onnx(junk)
     monkeypatch.setattr(importlib.import_module("dprp_surgery.export"), "ONNX_INLINE_LIMIT", 0)
     path = to_onnx(nn.Conv2d(3, 4, 3), tmp_path / "ext.onnx", torch.randn(1, 3, 8, 8))
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    link = moved / "link.onnx"  # a link to the file: its weights lie beside the file, not the link
+    link.symlink_to(path)
+    torch.testing.assert_close(load_onnx(link)(torch.ones(1, 3, 8, 8)).shape, torch.Size([1, 4, 6, 6]))
+    renamed = moved / "renamed.onnx"  # renamed with its weights file: the graph still names ext.onnx.data
+    shutil.copy(path, renamed)
+    shutil.copy(tmp_path / "ext.onnx.data", moved / "renamed.onnx.data")
+    with pytest.raises(ValueError, match=r"renamed\.onnx' keeps its weights in 'ext\.onnx\.data', which is not in"):
+        load_onnx(renamed)
     (tmp_path / "ext.onnx.data").unlink()  # the weights file that must travel with it
-    with pytest.raises(ValueError, match=r"onnxruntime cannot load .*ext\.onnx'.*keep that file beside it"):
+    with pytest.raises(ValueError, match=r"ext\.onnx' keeps its weights in 'ext\.onnx\.data'.*put that file beside"):
         load_onnx(path)
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty\.onnx' is empty"):
+        load_onnx(empty)
 
 
 class _TwoHeads(nn.Module):
@@ -983,3 +1018,12 @@ def test_a_saved_artifact_gets_the_umask_mode_like_any_new_file(tmp_path, umask)
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
     assert mode(art) == 0o777 & ~umask  # was 0700 (tempfile.mkdtemp) whatever the umask
     assert {mode(f) for f in art.iterdir()} == {0o666 & ~umask}
+
+
+def test_every_public_name_resolves_and_load_onnx_is_one():
+    # README pointed to dprp_surgery.export.load_onnx, but the package attribute `export` is the function
+    import dprp_surgery
+    from dprp_surgery.export import load_onnx
+
+    assert all(getattr(dprp_surgery, name) is not None for name in dprp_surgery.__all__)
+    assert dprp_surgery.load_onnx is load_onnx and "load_onnx" in dir(dprp_surgery)

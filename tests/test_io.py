@@ -286,17 +286,23 @@ def test_onnx_spec_runs_in_onnxruntime_with_its_recorded_recipe(tmp_path):
     assert loaded._dprp_input_size == [3, 36, 36] and data_recipe(arch, loaded).source == "ImageNet defaults"
 
 
-def test_run_dir_rebuilds_factorized_model(tmp_path):
+def test_run_dir_rebuilds_factorized_model(tmp_path, caplog):
     from dprp_surgery import DPRPConfig, factorize, svd_layers
 
-    config = DPRPConfig(scheme="channel")
+    config = DPRPConfig(scheme="channel", epochs=1, reg_cooldown_epochs=1)  # warned about once, when configured
     model = factorize(resnet20(), config)
     for _, layer in svd_layers(model):
         layer.truncate_(max(1, layer.rank // 2))
     torch.save({"model": model.state_dict(), "ranks": {n: m.rank for n, m in svd_layers(model)},
                 "config": config.to_dict(), "epoch": 0, "history": []}, tmp_path / "checkpoint.pt")
     (tmp_path / "run.json").write_text(json.dumps({"arch": "cifar:resnet20", "num_classes": 10}))
-    loaded, arch = load_model(tmp_path)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dprp_surgery.config"):
+        loaded, arch = load_model(tmp_path)
+    assert not caplog.records  # `dprp eval`/`export` of the finished run repeated the warning
+    with caplog.at_level("WARNING", logger="dprp_surgery.config"):
+        DPRPConfig.from_dict(config.to_dict())
+    assert "every epoch is in the cool-down" in caplog.text  # configuring a run still warns
     assert arch == "cifar:resnet20"
     assert {n: m.rank for n, m in svd_layers(loaded)} == {n: m.rank for n, m in svd_layers(model)}
     x = torch.randn(2, 3, 32, 32)

@@ -618,3 +618,27 @@ def test_a_model_holding_a_computed_tensor_names_it_and_the_fix():
         with pytest.raises(FactorizationError, match=r"module '0' holds 'weight', a tensor computed from its "
                            r"parameters .*torch.nn.utils.remove_weight_norm\(layer\)"):
             factorize(model)
+
+
+def test_a_scripted_layer_stays_dense_and_trainable():
+    # the copy factorize made of a torch.jit.script-ed layer held non-leaf parameters: summarize raised and
+    # compress's optimizer refused "can't optimize a non-leaf Tensor"
+    from dprp_surgery import export, summarize
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated; users still have such models
+        scripted = torch.jit.script(nn.Conv2d(8, 8, 3))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), scripted, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    model[1].bias.requires_grad_(False)
+    fact = factorize(model)
+    flags = {n: (p.is_leaf, p.requires_grad) for n, p in fact.named_parameters()}
+    assert flags["1.weight"] == (True, True) and flags["1.bias"] == (True, False)
+    assert all(leaf for leaf, _ in flags.values())
+    x = torch.randn(2, 3, 12, 12)
+    torch.testing.assert_close(fact(x), model(x), atol=1e-5, rtol=1e-4)
+    assert summarize(fact, x).params > 0
+    before = fact[1].weight.detach().clone()
+    fact(x).sum().backward()
+    torch.optim.SGD([p for p in fact.parameters() if p.requires_grad], lr=0.1).step()
+    assert not torch.equal(fact[1].weight, before)
+    assert all(p.is_leaf for p in export(fact, "dense").parameters())

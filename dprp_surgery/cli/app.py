@@ -311,14 +311,14 @@ app.command("compress", epilog=(
     "    dprp export runs/r20/model --mode factorized --format pt2 --out r20.pt2"))
 def export_cmd(
     source: Annotated[str, typer.Argument(
-        help="A run directory, a dprp artifact, or any model spec (see `dprp inspect --help`); also a .pt2 file, "
-             "which then needs --input-size.", show_default=False)],
+        help="A run directory, a dprp artifact, or any model spec (see `dprp inspect --help`); also a .pt2 file "
+             "(one written elsewhere than by `dprp export` needs --input-size).", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output: a directory for safetensors, a file for onnx/pt2.",
                                       show_default=False)],
     mode: ModeOpt = ExportMode.dense,
     fmt: Annotated[Format, typer.Option(
         "--format", "-f", help="safetensors: a pickle-free dprp artifact directory (reload with "
-        "dprp_surgery.export.load or pass it as MODEL); onnx: an ONNX file (dynamic batch); pt2: a torch.export "
+        "dprp_surgery.load or pass it as MODEL); onnx: an ONNX file (dynamic batch); pt2: a torch.export "
         "program.",
         case_sensitive=False)] = Format.safetensors,
     objective: ObjectiveOpt = Objective.params,

@@ -28,14 +28,15 @@ from rich.table import Table
 from torch import nn
 
 from .._files import write_bytes_atomic
+from .._format import first_line as _first_line
 from ..accounting import count_params, summarize
 from ..config import DPRPConfig, _content, _json_load, _yaml_floats, _yaml_load
 from ..data import TensorImageDataset, TensorLoader, open_data, progress_bar
 from ..io import (
     ARCH_KINDS,
+    CLASSES_ATTR,
     NEW_HEAD_ATTR,
     DataRecipe,
-    _first_line,
     check_writable,
     data_recipe,
     infer_num_classes,
@@ -356,7 +357,7 @@ def evaluate(model: nn.Module, loader: TensorLoader, progress: bool = False, lab
             task = bar.add_task(label, total=len(loader))
             for x, y in loader:
                 x, y = x.to(device), y.to(device)
-                logits = model(x)
+                logits = _class_scores(model(x), len(y))
                 k = min(5, logits.shape[1])
                 top = logits.topk(k, dim=1).indices
                 correct1 += (top[:, 0] == y).sum().item()
@@ -368,6 +369,22 @@ def evaluate(model: nn.Module, loader: TensorLoader, progress: bool = False, lab
     if total == 0:
         raise ValueError("the evaluation data is empty.")
     return 100.0 * correct1 / total, 100.0 * correct5 / total
+
+
+def _class_scores(out: Any, batch: int) -> torch.Tensor:
+    """The (batch, classes) scores in a model's output (the first of several), else a ValueError saying why not."""
+    first = out
+    while isinstance(first, (tuple, list, dict)) and first:
+        first = next(iter(first.values())) if isinstance(first, dict) else first[0]
+    several = " (the first of its outputs)" if first is not out else ""
+    if not isinstance(first, torch.Tensor):
+        raise ValueError(f"the model returned {type(first).__name__}{several}, not a tensor of class scores; "
+                         "dprp eval scores classifiers: evaluate a model whose output is (batch, classes).")
+    if first.ndim != 2 or first.shape[0] != batch:
+        raise ValueError(f"the model's output{several} has shape {tuple(first.shape)} for a batch of {batch} "
+                         "images, not (batch, classes); dprp eval scores classifiers: evaluate a model whose "
+                         "output is (batch, classes) logits.")
+    return first
 
 
 @torch.inference_mode()
@@ -865,21 +882,29 @@ def run_compress(*, model: str | None, data: str | None, out: Path | None, confi
                                  "teacher": _absolute_spec(teacher), "new_head": new_head}, teacher=teacher_net)
 
 
-def _check_trained_classes(model: str, classes: list[str], data: str) -> None:
-    """Note when a run's recorded class names differ from the data's (the labels are then matched by position)."""
+def _run_classes(model: str) -> tuple[Path | None, list[str] | None]:
+    """The run directory of a run or its RUN_DIR/model artifact, and the class names it recorded."""
     run = Path(model)
     if not (run / "run.json").is_file() and (run.parent / "run.json").is_file() and run.name == "model":
         run = run.parent  # RUN_DIR/model: the run's artifact
     if not (run / "run.json").is_file():
-        return
+        return None, None
     with contextlib.suppress(ValueError, OSError):
         trained = read_run_info(run).get("classes")
-        if isinstance(trained, list) and trained and list(trained) != list(classes):
-            differ = next(i for i, (a, b) in enumerate(zip([*trained, None], [*classes, None])) if a != b)
-            _note(f"The classes of {data} differ from those {run} was trained on (first at position {differ}: "
-                  f"{classes[differ] if differ < len(classes) else '-'!r} against "
-                  f"{trained[differ] if differ < len(trained) else '-'!r}): label i is the data's i-th class folder "
-                  "in sorted order, so renamed or reordered classes are scored against the wrong outputs.")
+        if isinstance(trained, list) and trained and all(isinstance(c, str) for c in trained):
+            return run, list(trained)
+    return run, None
+
+
+def _check_trained_classes(model: str, classes: list[str], data: str, recorded: list[str] | None = None) -> None:
+    """Note when a run's (or a graph's recorded) class names differ from the data's (labels match by position)."""
+    run, trained = (Path(model), recorded) if recorded else _run_classes(model)
+    if trained and list(trained) != list(classes):
+        differ = next(i for i, (a, b) in enumerate(zip([*trained, None], [*classes, None])) if a != b)
+        _note(f"The classes of {data} differ from those {run} was trained on (first at position {differ}: "
+              f"{classes[differ] if differ < len(classes) else '-'!r} against "
+              f"{trained[differ] if differ < len(trained) else '-'!r}): label i is the data's i-th class folder "
+              "in sorted order, so renamed or reordered classes are scored against the wrong outputs.")
 
 
 def _load_teacher(spec: str, trust_pickle: bool) -> nn.Module:
@@ -923,6 +948,8 @@ def run_export(*, source: str, out: Path, mode: str, fmt: str, objective: str, i
                 # and its size, which `dprp eval` cannot count in an ONNX graph
                 meta = {"arch": net_arch, "mean": list(recipe.mean), "std": list(recipe.std), "params": params,
                         "macs": macs}
+                if (classes := _run_classes(source)[1]) is not None:
+                    meta["classes"] = classes  # for dprp eval's check of the data's class order
                 path = (to_onnx if fmt == "onnx" else to_pt2)(exported, out, example, metadata=meta)
         forms: dict[str, int] = {}
         for entry in layer_forms(exported).values():
@@ -932,11 +959,57 @@ def run_export(*, source: str, out: Path, mode: str, fmt: str, objective: str, i
         if json_out:
             _emit_json(result)
         else:
-            _out().print(f"Wrote {fmt} to {path}: {params:,} parameters, {_si(macs)} MACs per image; layers "
-                         + (", ".join(f"{v} {k}" for k, v in forms.items()) or "none factorized") + ".")
+            listed = ", ".join(f"{v} {k}" for k, v in forms.items()) or "none factorized"
+            if net_arch.startswith("pt2:"):
+                listed = "not listed (a .pt2 program's layers are graph operations)"
+            _out().print(f"Wrote {fmt} to {path}: {params:,} parameters, {_si(macs)} MACs per image; layers {listed}.")
 
 
 # ----------------------------------------------------------------------------- eval
+def _check_onnx_inputs(net: nn.Module, model: str) -> None:
+    """Refuse, before the data is decoded, an ONNX graph `dprp eval` cannot feed (several inputs, no CHW size)."""
+    from ..export import OnnxRuntimeModel
+
+    if not isinstance(net, OnnxRuntimeModel):
+        return
+    if net.num_inputs != 1:
+        raise ValueError(f"{model!r} takes {net.num_inputs} inputs ({', '.join(net._input_names)}); dprp eval feeds "
+                         "one batch of images: evaluate a graph with a single image input.")
+    shape = net.input_shape[1:]
+    channels_last = len(shape) == 3 and shape[2] in (1, 3, 4) and shape[0] not in (None, 1, 3, 4)
+    if len(shape) != 3 or channels_last:
+        looks = " (it looks channels last, NHWC)" if channels_last else ""
+        raise ValueError(f"{model!r} takes input of shape {_shape_text(net.input_shape)}{looks}, not (N, C, H, W) "
+                         "images; dprp eval feeds NCHW image batches.")
+
+
+def _check_onnx_image_shape(net: nn.Module, model: str, image: tuple[int, ...], image_size: int | None) -> None:
+    """Refuse decoded images of another size than an ONNX graph's fixed input, saying which size it takes."""
+    from ..export import OnnxRuntimeModel
+
+    if not isinstance(net, OnnxRuntimeModel):
+        return
+    wanted = net.input_shape[1:]
+    if all(w is None or w == d for w, d in zip(wanted, image)):
+        return
+    c, h, w = wanted
+    if c is not None and c != image[0]:
+        raise ValueError(f"{model!r} takes {c}-channel images (input {_shape_text(net.input_shape)}); the data has "
+                         f"{image[0]} channels.")
+    if h is not None and w is not None and h != w:
+        raise ValueError(f"{model!r} takes {h}x{w} images (input {_shape_text(net.input_shape)}); dprp eval decodes "
+                         "square images only: export the model at a square input size.")
+    size = h or w
+    how = f"drop --image-size {image_size} or pass --image-size {size}" if image_size else f"pass --image-size {size}"
+    raise ValueError(f"{model!r} takes {size}x{size} images (input {_shape_text(net.input_shape)}), but the images "
+                     f"were decoded at {image[1]}x{image[2]}: {how}.")
+
+
+def _shape_text(shape: Sequence[int | None]) -> str:
+    """(N, 3, 32, 32) for a shape with symbolic dimensions as None."""
+    return "(" + ", ".join("N" if d is None else str(d) for d in shape) + ")"
+
+
 def _size_of(model: nn.Module, example: torch.Tensor) -> tuple[int, str, int | None]:
     """(parameters, where that number comes from, MACs per image or None) of a model `dprp eval` measures."""
     from ..export import OnnxRuntimeModel
@@ -971,6 +1044,7 @@ def run_eval(*, model: str, data: str, limit: int | None, batch_size: int, laten
                              "untrained one, whose accuracy means nothing; drop --num-classes to evaluate the weights "
                              "as they are.")
         _set_training(net, False)
+        _check_onnx_inputs(net, model)
         recipe = data_recipe(net_arch, net)
         trained = getattr(net, "_dprp_input_size", None)  # the size an artifact was compressed at
         size = image_size or (int(trained[-1]) if trained else recipe.image_size)
@@ -986,18 +1060,21 @@ def run_eval(*, model: str, data: str, limit: int | None, batch_size: int, laten
                   f"i-th class folder in sorted order ({shown}), "
                   f"and a prediction of any of the other {outputs - val.num_classes} outputs counts as wrong. "
                   "Check the model was trained with this class order.")
-        _check_trained_classes(model, val.classes, data)
+        _check_onnx_image_shape(net, model, tuple(val.image_shape), image_size)
+        _check_trained_classes(model, val.classes, data, getattr(net, CLASSES_ATTR, None))
         kind = net_arch.split(":", 1)[0]
         program = kind in ("pt2", "onnx")
         if program and recipe.source == "ImageNet defaults":
-            _note(f"{model} records no normalisation (not written by `dprp export --format {kind}`): the images are "
+            _note(f"{model} records no normalisation (`dprp export --format {kind}` records it): the images are "
                   "normalised with ImageNet's mean and std, which may not be what the model was trained with.")
         loader = TensorLoader(val, batch_size, mean=recipe.mean, std=recipe.std)
         try:
             top1, top5 = evaluate(net, loader, progress=not json_out)
         except Exception as exc:
-            if kind == "onnx" and isinstance(exc, ValueError):  # onnxruntime refused the images' shape
-                raise ValueError(f"{_first_line(exc)}; pass --image-size N with the size it was exported at.") from None
+            if program and "guard" in str(exc).lower() and ".size()[0]" in str(exc):  # a fixed batch size
+                raise ValueError(f"{model!r} (a torch.export program) was exported for a fixed batch size "
+                                 f"({_first_line(exc)}); re-export it with a dynamic batch (`dprp export --format "
+                                 "pt2` writes one).") from None
             if program and "guard" in str(exc).lower():  # a program exported for another input size
                 raise ValueError(f"{model!r} (a torch.export program) does not take {tuple(val.image_shape)} images "
                                  f"({_first_line(exc)}); pass --image-size N with the size it was exported at."
@@ -1009,6 +1086,9 @@ def run_eval(*, model: str, data: str, limit: int | None, batch_size: int, laten
                                   "top5": top5, "params": params, "params_source": params_source, "macs": macs,
                                   "runtime": "onnxruntime" if kind == "onnx" else "pytorch"}
         if latency:
+            if (fixed := getattr(net, "fixed_batch", None)) is not None:
+                _note(f"{model} was exported with a fixed batch of {fixed}: each timed batch runs in slices of "
+                      f"{fixed} (batch 1 padded to {fixed}); export it with a dynamic batch to time batch 1 itself.")
             g = torch.Generator().manual_seed(0)
             for b in (1, 64):
                 x = torch.randn(b, *val.image_shape, generator=g)
