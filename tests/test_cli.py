@@ -593,6 +593,10 @@ def test_compress_with_a_teacher(run_dir, data_dir, tmp_path, monkeypatch):
         "--teacher", "cifar:resnet20", words=("--teacher", "10 outputs", "2 classes"))
     bad("compress", "cifar:resnet20", "--data", data_dir, "--out", tmp_path / "w", "--distill", "0.5",
         "--teacher", tmp_path / "r20.pt2", words=("--teacher", "r20.pt2", "dprp artifact"))
+    onnx = tmp_path / "r20.onnx"
+    onnx.write_bytes(b"\x08\x07onnx")  # the message said "not a MODEL here", without naming --teacher
+    bad("compress", "cifar:resnet20", "--data", data_dir, "--out", tmp_path / "v", "--distill", "0.5",
+        "--teacher", onnx, words=("--teacher", "r20.onnx", "an ONNX file cannot be a teacher", "dprp artifact"))
 
 
 @pytest.mark.parametrize("progress", [False, True])

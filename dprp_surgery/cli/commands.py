@@ -908,9 +908,10 @@ def _check_trained_classes(model: str, classes: list[str], data: str, recorded: 
 
 
 def _load_teacher(spec: str, trust_pickle: bool) -> nn.Module:
-    """The --teacher model (any MODEL form but a .pt2 program)."""
-    if spec.endswith(".pt2"):  # torch.export programs cannot be put in eval mode or copied like modules
-        raise ValueError(f"--teacher {spec!r}: a .pt2 program cannot be a teacher; give a dprp artifact or run "
+    """The --teacher model (any MODEL form but a .pt2 program or an ONNX file)."""
+    graph = {".pt2": "a .pt2 program", ".onnx": "an ONNX file"}.get(Path(spec).suffix.lower())
+    if graph:  # torch.export programs cannot be put in eval mode or copied like modules; ONNX runs outside torch
+        raise ValueError(f"--teacher {spec!r}: {graph} cannot be a teacher; give a dprp artifact or run "
                          "directory, a state dict with its architecture (timm:NAME@FILE), or a model spec.")
     return _load(spec, arch=None, num_classes=None, trust_pickle=trust_pickle)[0]
 
