@@ -105,12 +105,15 @@ class TensorImageDataset(Dataset):
         images: The ``(N, C, H, W)`` uint8 tensor.
         targets: The ``(N,)`` int64 tensor.
         classes: The list of class names.
+        source_size: ``(H, W)`` of the images as stored (the first file of an image folder) before any
+            resize at decode time; None when unknown.
 
     Raises:
         ValueError: If shapes, dtypes or label ranges are inconsistent.
     """
 
-    def __init__(self, images: Tensor, targets: Tensor | Sequence[int], classes: Sequence[str]) -> None:
+    def __init__(self, images: Tensor, targets: Tensor | Sequence[int], classes: Sequence[str],
+                 source_size: tuple[int, int] | None = None) -> None:
         if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
             got = (
                 f"{images.dtype} tensor of shape {tuple(images.shape)}"
@@ -135,6 +138,7 @@ class TensorImageDataset(Dataset):
         self.images = images
         self.targets = targets
         self.classes = classes
+        self.source_size = source_size
 
     def __len__(self) -> int:
         """Number of images."""
@@ -300,6 +304,17 @@ def _decode_one(path: str, size: int | None) -> np.ndarray:
         raise ValueError(
             f"Cannot read image {path!r}: {type(exc).__name__}: {exc}. Delete or replace the file."
         ) from None
+
+
+def _stored_size(path: str) -> tuple[int, int] | None:
+    """(H, W) of an image file as stored, from its header (no decode); None if it cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return int(im.size[1]), int(im.size[0])
+    except Exception:  # noqa: BLE001 - only for a note; unreadable files are reported by the decoder
+        return None
 
 
 def _decode_chunk(
@@ -594,12 +609,14 @@ def load_image_folder(
         if ds is not None and len(ds) == len(files) and ds.classes == classes:
             logger.info("Loaded %d images of %s from cache %s in %.2fs",
                         len(ds), root_path, cache_file, time.perf_counter() - t0)
+            ds.source_size = _stored_size(files[0])
             return ds
     t0 = time.perf_counter()
     n_workers = workers if workers is not None else (os.cpu_count() or 1)
     arr = _decode_files(files, image_size, max(1, int(n_workers)), progress, root_path.name)
     # decoded straight into (N, 3, H, W): the tensor shares that buffer, no second full-size copy
-    ds = TensorImageDataset(torch.from_numpy(arr), torch.tensor(targets, dtype=torch.int64), classes)
+    ds = TensorImageDataset(torch.from_numpy(arr), torch.tensor(targets, dtype=torch.int64), classes,
+                            source_size=_stored_size(files[0]))
     logger.info("Decoded %d images of %s in %.2fs", len(ds), root_path, time.perf_counter() - t0)
     if cache:
         _save_cache(cache_file, ds, root_path, selection)
@@ -903,9 +920,11 @@ def _open_torchvision_cifar(kind: str, root: str, download: bool, image_size: in
                 f"Check the network, or download it elsewhere and copy {cls.base_folder}/ there."
             ) from exc
         images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+        source = (int(images.shape[2]), int(images.shape[3]))
         if image_size is not None:
             images = _resize_uint8(images, image_size)
-        out.append(TensorImageDataset(images, torch.tensor(ds.targets, dtype=torch.int64), list(ds.classes)))
+        out.append(TensorImageDataset(images, torch.tensor(ds.targets, dtype=torch.int64), list(ds.classes),
+                                      source_size=source))
     return out[0], out[1]
 
 
@@ -1042,7 +1061,7 @@ def subset(dataset: TensorImageDataset, n: int, seed: int = 0) -> TensorImageDat
     """
     idx = torch.from_numpy(_subset_indices(dataset.targets.numpy(), n, seed))
     return TensorImageDataset(dataset.images.index_select(0, idx), dataset.targets.index_select(0, idx),
-                              list(dataset.classes))
+                              list(dataset.classes), source_size=dataset.source_size)
 
 
 def _subset_indices(targets: np.ndarray, n: int, seed: int) -> np.ndarray:

@@ -1324,3 +1324,24 @@ def test_help_lists_pt2_and_onnx_only_where_they_work():
 def test_the_help_lists_the_exit_codes_the_commands_use():
     out = _flat(invoke("--help").output)
     assert "Exit codes: 0 success, 2 bad usage or input, 1 failure during the work" in out and "130 interrupted" in out
+
+
+def test_eval_and_compress_note_when_the_recipe_enlarges_small_images(tmp_path, data_dir):
+    # 32-px images went to a timm model's 224 px (here resnet10t's 176) with no word of the 30x compute
+    import timm
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "r10t.safetensors"
+    save_file(timm.create_model("resnet10t", num_classes=2).state_dict(), str(weights))
+    spec = f"timm:resnet10t@{weights}"
+    out = _flat(invoke("eval", spec, "--data", data_dir, "--no-latency", "--limit", "4").output)
+    assert "are 32x32; they are resized to 176x176, the input size of timm:resnet10t" in out
+    assert "30x the pixels" in out and "Pass --image-size 32 to evaluate at their own size" in out
+    result = invoke("eval", spec, "--data", data_dir, "--no-latency", "--limit", "4", "--image-size", "32")
+    assert result.exit_code == 0 and "they are resized" not in _flat(result.output)
+    result = invoke("eval", "cifar:resnet20", "--data", data_dir, "--no-latency", "--limit", "4")
+    assert result.exit_code == 0 and "they are resized" not in _flat(result.output)  # CIFAR models take 32 px
+    result = invoke("compress", spec, "--data", data_dir, "--out", tmp_path / "run", "--epochs", "1",
+                    "--limit-train", "4", "--limit-val", "2", "--batch-size", "4")
+    assert result.exit_code == 0, result.output
+    assert "Pass --image-size 32 to train at their own size" in _flat(result.output)

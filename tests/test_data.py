@@ -882,3 +882,15 @@ def test_the_image_cache_file_gets_the_umask_mode(tiny, cache: Path, umask: int)
         os.umask(old)
     files = [f for f in cache.rglob("*") if f.is_file()]
     assert files and {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o666 & ~umask}  # mkstemp gave 0600
+
+
+def test_datasets_remember_the_size_their_images_were_stored_at(tmp_path: Path, cache: Path) -> None:
+    # a timm model's recipe resized 32-px images to 224 px (49x the compute) with nothing to say so: the size as
+    # stored is kept beside the decoded images (for the CLI's note), from a fresh decode and from the cache
+    root = tmp_path / "wide"
+    _make_folder(root, size=(6, 10))
+    for fresh in (True, False):
+        ds = load_image_folder(root, image_size=16, cache_dir=cache, progress=False)
+        assert ds.image_shape == (3, 16, 16) and ds.source_size == (6, 10), fresh
+    assert subset(ds, 3).source_size == (6, 10)
+    assert TensorImageDataset(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), [0], ["a"]).source_size is None

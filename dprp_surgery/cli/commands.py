@@ -847,6 +847,8 @@ def run_compress(*, model: str | None, data: str | None, out: Path | None, confi
             train, val = open_data(data, image_size=recipe.image_size, progress=not quiet and not json_out,
                                    download=download, train_limit=limit_train, eval_limit=limit_val,
                                    seed=config.seed)  # only the chosen images of a folder are decoded
+        if image_size is None and recipe.source != "the input size recorded in MODEL":
+            _note_upscaling(train, data, recipe, net_arch, "train")
         missing = sorted(set(range(train.num_classes)) - set(train.targets.tolist()))
         if missing and limit_train:  # a class-balanced subset smaller than the class count
             names = ", ".join(train.classes[i] for i in missing[:5]) + (" ..." if len(missing) > 5 else "")
@@ -967,6 +969,18 @@ def run_export(*, source: str, out: Path, mode: str, fmt: str, objective: str, i
 
 
 # ----------------------------------------------------------------------------- eval
+def _note_upscaling(ds: TensorImageDataset, data: str, recipe: DataRecipe, arch: str, verb: str) -> None:
+    """Note when the recipe's input size enlarges the data's images to 4x their pixels or more (and the compute)."""
+    stored, size = ds.source_size, recipe.image_size
+    if stored is None or size is None or size * size < 4 * stored[0] * stored[1]:
+        return
+    h, w = stored
+    _note(f"The images of {data} are {w}x{h}; they are resized to {size}x{size}, the input size of {arch} "
+          f"({recipe.source}): {size * size / (h * w):.0f}x the pixels, and about as much more compute per image. "
+          f"Pass --image-size {max(h, w)} to {verb} at their own size (a model pretrained at {size} px may then "
+          "score lower).")
+
+
 def _check_onnx_inputs(net: nn.Module, model: str) -> None:
     """Refuse, before the data is decoded, an ONNX graph `dprp eval` cannot feed (several inputs, no CHW size)."""
     from ..export import OnnxRuntimeModel
@@ -1051,6 +1065,8 @@ def run_eval(*, model: str, data: str, limit: int | None, batch_size: int, laten
         size = image_size or (int(trained[-1]) if trained else recipe.image_size)
         _, val = open_data(data, image_size=size, progress=not json_out, download=download, eval_limit=limit,
                            train_limit=0)  # the training split is not evaluated (nor needed)
+        if image_size is None and not trained:
+            _note_upscaling(val, data, recipe, net_arch, "evaluate")
         outputs = infer_num_classes(net)
         if outputs is not None and outputs < val.num_classes:
             raise ValueError(f"the model has {outputs} outputs but {data!r} has {val.num_classes} classes; evaluate it "
