@@ -940,6 +940,7 @@ class OnnxRuntimeModel(nn.Module):
         path: The ONNX file.
         metadata: The ``"dprp"`` metadata that `to_onnx` wrote (an empty dict for other files).
         input_shape: The first input's shape, None for a symbolic dimension.
+        input_names: The graph inputs' names, in order.
         num_inputs: The number of graph inputs.
         fixed_batch: The batch size the graph was exported with, or None when it is symbolic.
         num_classes: The size of the first output's last dimension when the graph fixes it, else None.
@@ -954,7 +955,7 @@ class OnnxRuntimeModel(nn.Module):
         self.metadata = metadata
         self.stored_values = stored_values
         inputs = session.get_inputs()
-        self._input_names = [i.name for i in inputs]
+        self.input_names = [i.name for i in inputs]
         self._input_dtypes = [_ORT_TYPES.get(i.type) for i in inputs]
         self.num_inputs = len(inputs)
         self.input_shape = [d if isinstance(d, int) else None for d in inputs[0].shape]
@@ -975,7 +976,7 @@ class OnnxRuntimeModel(nn.Module):
         """Run the graph on `inputs` (one tensor per graph input)."""
         if len(inputs) != self.num_inputs:
             raise ValueError(f"{str(self.path)!r} takes {self.num_inputs} input(s) "
-                             f"({', '.join(self._input_names)}), got {len(inputs)}")
+                             f"({', '.join(self.input_names)}), got {len(inputs)}")
         arrays = [x.detach().to("cpu", dtype or x.dtype).contiguous().numpy()
                   for x, dtype in zip(inputs, self._input_dtypes)]
         shapes = ", ".join(str(tuple(a.shape)) for a in arrays)
@@ -991,11 +992,10 @@ class OnnxRuntimeModel(nn.Module):
     def _run(self, arrays: list[Any], shapes: str) -> list[Any]:
         """session.run, with onnxruntime's shape and type errors turned into a ValueError naming the file."""
         try:
-            return self.session.run(None, dict(zip(self._input_names, arrays)))
+            return self.session.run(None, dict(zip(self.input_names, arrays)))
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-            expected = tuple("N" if d is None else d for d in self.input_shape)
             raise ValueError(f"onnxruntime cannot run {str(self.path)!r} on input {shapes} (the model takes "
-                             f"{expected}): {_ort_message(exc)}") from None
+                             f"{self.input_shape_text}): {_ort_message(exc)}") from None
 
     def _run_in_slices(self, x: Any, shapes: str) -> list[Any]:
         """Run a fixed-batch graph over `x` in slices of its batch size, padding the last with zeros."""
@@ -1011,9 +1011,14 @@ class OnnxRuntimeModel(nn.Module):
             parts.append([o[:n] for o in self._run([chunk], shapes)])
         return [np.concatenate([p[i] for p in parts]) for i in range(len(parts[0]))]
 
+    @property
+    def input_shape_text(self) -> str:
+        """The first input's shape as text, symbolic dimensions as N: ``(N, 3, 32, 32)``."""
+        return "(" + ", ".join("N" if d is None else str(d) for d in self.input_shape) + ")"
+
     def extra_repr(self) -> str:
         """The file and its input shape."""
-        return f"path={str(self.path)!r}, input_shape={tuple('N' if d is None else d for d in self.input_shape)}"
+        return f"path={str(self.path)!r}, input_shape={self.input_shape_text}"
 
 
 def _np_zeros(n: int, like: Any) -> Any:

@@ -847,7 +847,7 @@ def run_compress(*, model: str | None, data: str | None, out: Path | None, confi
             train, val = open_data(data, image_size=recipe.image_size, progress=not quiet and not json_out,
                                    download=download, train_limit=limit_train, eval_limit=limit_val,
                                    seed=config.seed)  # only the chosen images of a folder are decoded
-        if image_size is None and recipe.source != "the input size recorded in MODEL":
+        if image_size is None and not recorded_size:  # an artifact's own size is not the recipe's choice
             _note_upscaling(train, data, recipe, net_arch, "train")
         missing = sorted(set(range(train.num_classes)) - set(train.targets.tolist()))
         if missing and limit_train:  # a class-balanced subset smaller than the class count
@@ -988,13 +988,13 @@ def _check_onnx_inputs(net: nn.Module, model: str) -> None:
     if not isinstance(net, OnnxRuntimeModel):
         return
     if net.num_inputs != 1:
-        raise ValueError(f"{model!r} takes {net.num_inputs} inputs ({', '.join(net._input_names)}); dprp eval feeds "
+        raise ValueError(f"{model!r} takes {net.num_inputs} inputs ({', '.join(net.input_names)}); dprp eval feeds "
                          "one batch of images: evaluate a graph with a single image input.")
     shape = net.input_shape[1:]
     channels_last = len(shape) == 3 and shape[2] in (1, 3, 4) and shape[0] not in (None, 1, 3, 4)
     if len(shape) != 3 or channels_last:
         looks = " (it looks channels last, NHWC)" if channels_last else ""
-        raise ValueError(f"{model!r} takes input of shape {_shape_text(net.input_shape)}{looks}, not (N, C, H, W) "
+        raise ValueError(f"{model!r} takes input of shape {net.input_shape_text}{looks}, not (N, C, H, W) "
                          "images; dprp eval feeds NCHW image batches.")
 
 
@@ -1009,20 +1009,15 @@ def _check_onnx_image_shape(net: nn.Module, model: str, image: tuple[int, ...], 
         return
     c, h, w = wanted
     if c is not None and c != image[0]:
-        raise ValueError(f"{model!r} takes {c}-channel images (input {_shape_text(net.input_shape)}); the data has "
+        raise ValueError(f"{model!r} takes {c}-channel images (input {net.input_shape_text}); the data has "
                          f"{image[0]} channels.")
     if h is not None and w is not None and h != w:
-        raise ValueError(f"{model!r} takes {h}x{w} images (input {_shape_text(net.input_shape)}); dprp eval decodes "
+        raise ValueError(f"{model!r} takes {h}x{w} images (input {net.input_shape_text}); dprp eval decodes "
                          "square images only: export the model at a square input size.")
     size = h or w
     how = f"drop --image-size {image_size} or pass --image-size {size}" if image_size else f"pass --image-size {size}"
-    raise ValueError(f"{model!r} takes {size}x{size} images (input {_shape_text(net.input_shape)}), but the images "
+    raise ValueError(f"{model!r} takes {size}x{size} images (input {net.input_shape_text}), but the images "
                      f"were decoded at {image[1]}x{image[2]}: {how}.")
-
-
-def _shape_text(shape: Sequence[int | None]) -> str:
-    """(N, 3, 32, 32) for a shape with symbolic dimensions as None."""
-    return "(" + ", ".join("N" if d is None else str(d) for d in shape) + ")"
 
 
 def _size_of(model: nn.Module, example: torch.Tensor) -> tuple[int, str, int | None]:
